@@ -1,0 +1,319 @@
+"""JSON-RPC 2.0 frames: parsing with validation, and compact serialization.
+
+Theory of operation: a WebSocket message (text, or binary holding UTF-8) is parsed once into
+one of four attrs models, decided by which members are present, as pygls/lsprotocol do:
+
+* ``method`` and ``id``: :class:`Request`
+* ``method`` and no ``id``: :class:`Notification`
+* no ``method``, ``result``: :class:`Result`
+* no ``method``, ``error``: :class:`ErrorResponse`
+
+Anything else is a :class:`FrameError` carrying the JSON-RPC error the sender should get
+(``-32700`` for text that is not JSON, ``-32600`` for JSON that is not one valid JSON-RPC
+object). ``params``, ``result``, ``error.data`` and unknown top-level members are kept as
+parsed and written back untouched. An absent member is :data:`MISSING`, which is not the same
+as JSON ``null``.
+
+Exactness: orjson turns integers outside the 64-bit range into floats, and refuses to write
+them. A frame whose text holds a run of 19 or more digits is therefore parsed (and written)
+with the standard library instead, so huge integer ids and arguments survive unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Final, TypeAlias
+
+import attrs
+import orjson
+
+__all__ = [
+    "MISSING",
+    "ErrorObject",
+    "ErrorResponse",
+    "Frame",
+    "FrameError",
+    "Id",
+    "Missing",
+    "Notification",
+    "Request",
+    "Response",
+    "Result",
+    "dumps",
+    "error_frame",
+    "parse_frame",
+]
+
+
+class Missing(enum.Enum):
+    """Marks a member that is absent from the frame (as opposed to JSON ``null``)."""
+
+    MISSING = "MISSING"
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = Missing.MISSING
+
+#: A request id as JSON-RPC allows it: a string or a number (booleans excluded).
+Id: TypeAlias = str | int | float
+
+# JSON-RPC error codes used by the relay (protocol.md section 6).
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+INTERNAL_ERROR: Final = -32603
+TOOL_NOT_CONNECTED: Final = -32001
+FORWARD_FAILED: Final = -32002
+CONNECTION_ERROR: Final = -32003
+AUTHENTICATION_ERROR: Final = -32004
+NO_CALLER: Final = -32005
+REQUEST_TIMEOUT: Final = -32006
+
+_RESERVED: Final = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
+_LONG_DIGITS: Final = re.compile(rb"\d{19}")
+
+
+@attrs.frozen
+class Request:
+    """A call that expects exactly one response with the same ``id``."""
+
+    id: Id
+    method: str
+    params: Any = MISSING
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The frame as a JSON-ready dict."""
+        out: dict[str, Any] = {"jsonrpc": "2.0", "id": self.id, "method": self.method}
+        if self.params is not MISSING:
+            out["params"] = self.params
+        out.update(self.extra)
+        return out
+
+
+@attrs.frozen
+class Notification:
+    """A one-way message: no ``id``, never answered."""
+
+    method: str
+    params: Any = MISSING
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The frame as a JSON-ready dict."""
+        out: dict[str, Any] = {"jsonrpc": "2.0", "method": self.method}
+        if self.params is not MISSING:
+            out["params"] = self.params
+        out.update(self.extra)
+        return out
+
+
+@attrs.frozen
+class Result:
+    """A successful response. ``id`` may be MISSING or None on malformed peers' frames."""
+
+    id: Id | None | Missing
+    result: Any
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The frame as a JSON-ready dict."""
+        out: dict[str, Any] = {"jsonrpc": "2.0"}
+        if self.id is not MISSING:
+            out["id"] = self.id
+        out["result"] = self.result
+        out.update(self.extra)
+        return out
+
+
+@attrs.frozen
+class ErrorObject:
+    """The ``error`` member of an error response."""
+
+    code: int
+    message: str
+    data: Any = MISSING
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The error object as a JSON-ready dict."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not MISSING:
+            out["data"] = self.data
+        out.update(self.extra)
+        return out
+
+
+@attrs.frozen
+class ErrorResponse:
+    """A failed response. It has no ``result`` member."""
+
+    id: Id | None | Missing
+    error: ErrorObject
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The frame as a JSON-ready dict."""
+        out: dict[str, Any] = {"jsonrpc": "2.0"}
+        if self.id is not MISSING:
+            out["id"] = self.id
+        out["error"] = self.error.to_json()
+        out.update(self.extra)
+        return out
+
+
+Response: TypeAlias = Result | ErrorResponse
+Frame: TypeAlias = Request | Notification | Result | ErrorResponse
+
+
+@attrs.frozen
+class FrameError(Exception):
+    """A remote error: the frame is not acceptable. ``code`` and ``reason`` say what to answer."""
+
+    code: int
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def to_response(self) -> ErrorResponse:
+        """The JSON-RPC error to send back (``id`` is null: the frame's id is not trusted)."""
+        message = "Parse error" if self.code == PARSE_ERROR else "Invalid Request"
+        return ErrorResponse(
+            id=None, error=ErrorObject(code=self.code, message=message, data=self.reason)
+        )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def _loads(data: bytes) -> Any:
+    """Parse JSON exactly: orjson normally, the stdlib for integers orjson would round."""
+    if _LONG_DIGITS.search(data) is None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
+    try:
+        return json.loads(
+            data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except UnicodeDecodeError:
+        raise FrameError(PARSE_ERROR, "not UTF-8 text") from None
+    except RecursionError:
+        raise FrameError(PARSE_ERROR, "not JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact single-line JSON, UTF-8, exact for integers of any size."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _is_id(value: object) -> bool:
+    return type(value) is str or type(value) is int or type(value) is float
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _extra(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in _RESERVED}
+
+
+def parse_frame(data: str | bytes) -> Frame:
+    """Parse one WebSocket message into a frame.
+
+    Args:
+        data: the message; text, or binary holding UTF-8 JSON. A trailing newline is fine.
+
+    Returns:
+        The frame model.
+
+    Raises:
+        FrameError: the message is not JSON (``-32700``) or not one valid JSON-RPC 2.0
+            object (``-32600``); ``reason`` says why.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    obj = _loads(raw)
+    if not isinstance(obj, dict):
+        if isinstance(obj, list):
+            raise FrameError(INVALID_REQUEST, "batches (JSON arrays) are not supported")
+        raise FrameError(INVALID_REQUEST, f"a frame must be a JSON object, not {_describe(obj)}")
+    if obj.get("jsonrpc") != "2.0":
+        raise FrameError(INVALID_REQUEST, 'missing or wrong "jsonrpc": must be "2.0"')
+    method = obj.get("method", MISSING)
+    params = obj.get("params", MISSING)
+    if method is not MISSING:
+        if type(method) is not str:
+            raise FrameError(INVALID_REQUEST, f'"method" must be a string, not {_describe(method)}')
+        if "result" in obj or "error" in obj:
+            raise FrameError(INVALID_REQUEST, 'a request cannot carry "result" or "error"')
+        if "id" not in obj:
+            return Notification(method=method, params=params, extra=_extra(obj))
+        rid = obj["id"]
+        if not _is_id(rid):
+            raise FrameError(
+                INVALID_REQUEST, f'"id" must be a string or a number, not {_describe(rid)}'
+            )
+        return Request(id=rid, method=method, params=params, extra=_extra(obj))
+    rid = obj.get("id", MISSING)
+    if rid is not MISSING and rid is not None and not _is_id(rid):
+        raise FrameError(INVALID_REQUEST, f'"id" must be a string or a number, not {_describe(rid)}')
+    has_result = "result" in obj
+    if has_result and "error" in obj:
+        raise FrameError(INVALID_REQUEST, 'a response has "result" or "error", not both')
+    if has_result:
+        return Result(id=rid, result=obj["result"], extra=_extra(obj))
+    if "error" not in obj:
+        raise FrameError(INVALID_REQUEST, 'no "method", "result" or "error" member')
+    err = obj["error"]
+    if not isinstance(err, dict):
+        raise FrameError(INVALID_REQUEST, f'"error" must be an object, not {_describe(err)}')
+    code = err.get("code")
+    message = err.get("message")
+    if type(code) is not int:
+        raise FrameError(INVALID_REQUEST, '"error.code" must be an integer')
+    if type(message) is not str:
+        raise FrameError(INVALID_REQUEST, '"error.message" must be a string')
+    error = ErrorObject(
+        code=code,
+        message=message,
+        data=err.get("data", MISSING),
+        extra={k: v for k, v in err.items() if k not in ("code", "message", "data")},
+    )
+    return ErrorResponse(id=rid, error=error, extra=_extra(obj))
+
+
+def error_frame(rid: Id | None, code: int, message: str, data: Any = MISSING) -> bytes:
+    """Serialize an error response with the given id."""
+    return dumps(
+        ErrorResponse(id=rid, error=ErrorObject(code=code, message=message, data=data)).to_json()
+    )

@@ -1,0 +1,451 @@
+"""The Trio server: sockets, tasks, channels and timeouts around the routing core.
+
+Structure (every task has an owner)::
+
+    serve_relay                       server nursery
+    ├── timer                         wakes at the router's next deadline
+    ├── closer tasks                  one per connection being closed, bounded by a timeout
+    └── accept loop (serve_listeners)
+        └── one task per TCP connection: HTTP head -> plain answer, or WebSocket
+            └── connection nursery
+                ├── reader (the connection task itself): receive -> router -> dispatch
+                └── writer: outbox channel -> batched send_all
+
+Bounded channels and what happens when they are full:
+
+* a **tool's outbox** (``outbox_size`` frames): callers block on it (backpressure on the
+  callers of that agent only) for at most ``forward_timeout``; then the request is answered
+  ``-32002`` (Forward failed). Frames from timers or from teardown never block: if the outbox
+  is full they are counted as failed the same way.
+* a **caller's outbox** (``outbox_size`` frames): never blocks the sender (a tool must not stall
+  because one of its callers stopped reading). When full, that caller is closed with 1013 and
+  its requests are cancelled at the tool.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import itertools
+import logging
+import math
+from typing import NoReturn
+
+import attrs
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, RejectData
+from wsproto.events import Request as WsRequest
+
+from . import __version__
+from ._auth import AesTokenAuthenticator, Authenticator, AuthError, Endpoint, redact
+from ._config import RelayConfig
+from ._frames import AUTHENTICATION_ERROR
+from ._http import BadRequest, HttpRequest, read_request_head, respond
+from ._routing import Action, Close, Role, Router, Send
+from ._transport import ConnectionClosed, WsprotoWebSocket
+
+__all__ = ["serve_relay"]
+
+log = logging.getLogger("trio_mcp_relay.server")
+
+#: How long a closing connection gets to answer our close frame before it is dropped.
+CLOSE_TIMEOUT = 2.0
+#: Close code for a caller that stopped reading (its outbox is full).
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_POLICY_VIOLATION = 1008
+_MAX_BATCH = 256
+
+_PATHS = {
+    "/mcp_endpoint/mcp": Role.TOOL,
+    "/mcp_endpoint/mcp/": Role.TOOL,
+    "/mcp_endpoint/call": Role.CALLER,
+    "/mcp_endpoint/call/": Role.CALLER,
+}
+
+
+@attrs.define(eq=False)
+class _Peer:
+    conn: int
+    role: Role
+    agent: str
+    ws: WsprotoWebSocket
+    outbox: trio.MemorySendChannel[bytes]
+    scope: trio.CancelScope
+    done: trio.Event = attrs.Factory(trio.Event)
+    closing: bool = False
+
+
+class _Relay:
+    def __init__(self, config: RelayConfig, authenticator: Authenticator | None) -> None:
+        if authenticator is None:
+            if not config.key:
+                raise ValueError("RelayConfig.key is required when no authenticator is given")
+            authenticator = AesTokenAuthenticator(config.key)
+        self.config = config
+        self.authenticator = authenticator
+        self.router = Router(tool_request_timeout=config.tool_request_timeout)
+        self._peers: dict[int, _Peer] = {}
+        self._ids = itertools.count(1)
+        self._timer_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # ---------------------------------------------------------------- dispatch
+
+    async def _dispatch(self, actions: list[Action]) -> None:
+        for action in actions:
+            if type(action) is Send:
+                peer = self._peers.get(action.conn)
+                if peer is None:
+                    continue
+                if peer.role is Role.TOOL:
+                    await self._send_to_tool(peer, action)
+                else:
+                    self._send_to_caller(peer, action.data)
+            else:
+                assert isinstance(action, Close)
+                self._close(action.conn, action.code, action.reason)
+
+    def _dispatch_nowait(self, actions: list[Action]) -> None:
+        for action in actions:
+            if type(action) is Send:
+                peer = self._peers.get(action.conn)
+                if peer is None:
+                    continue
+                if peer.role is Role.TOOL:
+                    try:
+                        peer.outbox.send_nowait(action.data)
+                    except trio.WouldBlock:
+                        self._tool_send_failed(peer, action)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        pass
+                else:
+                    self._send_to_caller(peer, action.data)
+            else:
+                assert isinstance(action, Close)
+                self._close(action.conn, action.code, action.reason)
+
+    async def _send_to_tool(self, peer: _Peer, action: Send) -> None:
+        try:
+            peer.outbox.send_nowait(action.data)
+            return
+        except trio.WouldBlock:
+            pass
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        with trio.move_on_after(self.config.forward_timeout):
+            try:
+                await peer.outbox.send(action.data)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+            return
+        self._tool_send_failed(peer, action)
+
+    def _tool_send_failed(self, peer: _Peer, action: Send) -> None:
+        if action.request is not None:
+            log.warning("agent %s: tool is not reading; request failed", peer.agent)
+            self._dispatch_nowait(self.router.forward_failed(peer.conn, action.request))
+        else:
+            log.warning("agent %s: tool is not reading; a notification was dropped", peer.agent)
+
+    def _send_to_caller(self, peer: _Peer, data: bytes) -> None:
+        try:
+            peer.outbox.send_nowait(data)
+        except trio.WouldBlock:
+            log.warning("agent %s: caller %d is not reading; closing it", peer.agent, peer.conn)
+            self._close(peer.conn, CLOSE_TRY_AGAIN_LATER, "caller is not reading (outbox full)")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def _close(self, conn: int, code: int, reason: str) -> None:
+        peer = self._peers.get(conn)
+        if peer is None or peer.closing:
+            return
+        peer.closing = True
+        assert self._nursery is not None
+        self._nursery.start_soon(self._close_peer, peer, code, reason)
+
+    async def _close_peer(self, peer: _Peer, code: int, reason: str) -> None:
+        # Unregister at once so nothing more is routed to it, then close politely.
+        self._unregister(peer)
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await peer.ws.close(code, reason)
+            except ConnectionClosed:
+                pass
+            await peer.done.wait()
+        peer.scope.cancel()
+
+    def _unregister(self, peer: _Peer) -> None:
+        if self._peers.get(peer.conn) is not peer:
+            return
+        del self._peers[peer.conn]
+        if peer.role is Role.TOOL:
+            actions = self.router.tool_disconnected(peer.conn)
+        else:
+            actions = self.router.caller_disconnected(peer.conn)
+        self._dispatch_nowait(actions)
+
+    async def _timer(self) -> NoReturn:
+        while True:
+            deadline = self.router.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._timer_wake.wait()
+            self._timer_wake = trio.Event()
+            self._dispatch_nowait(self.router.expire(trio.current_time()))
+
+    # ---------------------------------------------------------------- connections
+
+    async def handle_stream(self, stream: trio.SocketStream) -> None:
+        try:
+            remote = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            remote = "?"
+        try:
+            with trio.move_on_after(self.config.handshake_timeout) as scope:
+                request = await read_request_head(stream)
+            if scope.cancelled_caught:
+                log.debug("%s: no request head within the handshake timeout", remote)
+                return
+            if request.is_websocket:
+                await self._websocket(stream, request, remote)
+            else:
+                await self._http(stream, request)
+        except BadRequest as exc:
+            log.debug("%s: bad request: %s", remote, exc)
+            await respond(stream, 400, {"error": "bad request"})
+        except Exception:
+            log.exception("%s: connection failed", remote)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _cors_headers(self, request: HttpRequest) -> list[tuple[str, str]]:
+        if not self.config.enable_cors:
+            return []
+        origin = request.headers.get("origin")
+        allowed = self.config.allowed_origins
+        if "*" in allowed:
+            value = "*"
+        elif origin is not None and origin in allowed:
+            value = origin
+        else:
+            return []
+        return [
+            ("access-control-allow-origin", value),
+            ("access-control-allow-methods", "GET, OPTIONS"),
+            ("access-control-allow-headers", "*"),
+            ("vary", "Origin"),
+        ]
+
+    async def _http(self, stream: trio.SocketStream, request: HttpRequest) -> None:
+        cors = self._cors_headers(request)
+        path = request.path
+        if request.method == "OPTIONS":
+            await respond(stream, 204, headers=cors)
+            return
+        if request.method not in ("GET", "HEAD"):
+            await respond(stream, 405, {"error": "method not allowed"}, headers=cors)
+            return
+        head_only = request.method == "HEAD"
+        if path == "/":
+            await respond(stream, 307, headers=[("location", "/mcp_endpoint/"), *cors])
+        elif path in ("/mcp_endpoint", "/mcp_endpoint/"):
+            body = {
+                "jsonrpc": "2.0",
+                "result": {
+                    "message": "MCP Endpoint Server",
+                    "version": __version__,
+                    "status": "running",
+                },
+                "id": None,
+            }
+            await respond(stream, 200, body, headers=cors, head_only=head_only)
+        elif path in ("/mcp_endpoint/health", "/mcp_endpoint/health/"):
+            key = request.query.get("key", "")
+            expected = self.config.key or ""
+            if expected and hmac.compare_digest(key.encode(), expected.encode()):
+                body = {
+                    "jsonrpc": "2.0",
+                    "result": {"status": "success", "connections": self.router.stats()},
+                    "id": None,
+                }
+                await respond(stream, 200, body, headers=cors, head_only=head_only)
+            else:
+                body = {
+                    "jsonrpc": "2.0",
+                    "error": {
+                        "code": AUTHENTICATION_ERROR,
+                        "message": "Authentication error",
+                        "data": {"details": "the key is missing or wrong"},
+                    },
+                    "id": None,
+                }
+                await respond(stream, 403, body, headers=cors, head_only=head_only)
+        else:
+            await respond(stream, 404, {"error": "not found", "path": path}, headers=cors)
+
+    async def _websocket(self, stream: trio.SocketStream, request: HttpRequest, remote: str) -> None:
+        ws_conn = WSConnection(ConnectionType.SERVER)
+        ws_conn.receive_data(request.raw)
+        events = list(ws_conn.events())
+        if not events or not isinstance(events[0], WsRequest):
+            await respond(stream, 400, {"error": "bad WebSocket handshake"})
+            return
+        ws_request = events[0]
+        role = _PATHS.get(request.path)
+        if role is None:
+            await self._reject(stream, ws_conn, 404, "no WebSocket endpoint at this path")
+            return
+        origin = request.headers.get("origin")
+        allowed = self.config.allowed_origins
+        if origin is not None and "*" not in allowed and origin not in allowed:
+            log.info("%s: refused handshake from origin %s", remote, origin)
+            await self._reject(stream, ws_conn, 403, "origin not allowed")
+            return
+        subprotocol = "mcp" if "mcp" in ws_request.subprotocols else None
+        await stream.send_all(ws_conn.send(AcceptConnection(subprotocol=subprotocol)))
+        ws = WsprotoWebSocket(
+            stream, ws_conn, remote=remote, max_message_size=self.config.max_message_size
+        )
+        ws._events.extend(events[1:])
+        endpoint = Endpoint.TOOL if role is Role.TOOL else Endpoint.CALLER
+        try:
+            agent = await self._authenticate(request.query.get("token", ""), endpoint)
+        except AuthError as exc:
+            log.info("%s: %s connection refused: %s", remote, endpoint.value, exc.reason)
+            await self._refuse(ws, exc.reason)
+            return
+        log.info("%s: %s connected for agent %s", remote, endpoint.value, agent)
+        try:
+            await self._run_peer(ws, role, agent)
+        finally:
+            log.info("%s: %s for agent %s disconnected", remote, endpoint.value, agent)
+
+    async def _reject(
+        self, stream: trio.SocketStream, ws_conn: WSConnection, status: int, why: str
+    ) -> None:
+        from ._frames import dumps
+
+        body = dumps({"error": why})
+        data = ws_conn.send(
+            RejectConnection(
+                status_code=status,
+                headers=[(b"content-type", b"application/json"), (b"connection", b"close")],
+                has_body=True,
+            )
+        )
+        data += ws_conn.send(RejectData(data=body))
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _authenticate(self, token: str, endpoint: Endpoint) -> str:
+        if not token:
+            raise AuthError("missing token")
+        agent = self.authenticator(token, endpoint)
+        if inspect.isawaitable(agent):
+            agent = await agent
+        if not isinstance(agent, str) or not agent:
+            raise AuthError("token has no agentId")
+        return agent
+
+    async def _refuse(self, ws: WsprotoWebSocket, reason: str) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await ws.close(CLOSE_POLICY_VIOLATION, reason)
+                while True:
+                    await ws.receive()
+            except ConnectionClosed:
+                pass
+
+    async def _run_peer(self, ws: WsprotoWebSocket, role: Role, agent: str) -> None:
+        conn = next(self._ids)
+        send, receive = trio.open_memory_channel[bytes](self.config.outbox_size)
+        async with trio.open_nursery() as nursery:
+            peer = _Peer(conn, role, agent, ws, send, nursery.cancel_scope)
+            self._peers[conn] = peer
+            try:
+                if role is Role.TOOL:
+                    self._dispatch_nowait(self.router.tool_connected(conn, agent))
+                else:
+                    self._dispatch_nowait(self.router.caller_connected(conn, agent))
+                nursery.start_soon(self._writer, peer, receive)
+                await self._reader(peer)
+            finally:
+                self._unregister(peer)
+                peer.done.set()
+                nursery.cancel_scope.cancel()
+
+    async def _reader(self, peer: _Peer) -> None:
+        router = self.router
+        while True:
+            try:
+                message = await peer.ws.receive()
+            except ConnectionClosed as exc:
+                log.debug("connection %d closed: %d %s", peer.conn, exc.code, exc.reason)
+                return
+            actions = router.received(peer.conn, message, trio.current_time())
+            if router.take_deadline_change():
+                self._timer_wake.set()
+            if actions:
+                await self._dispatch(actions)
+
+    async def _writer(self, peer: _Peer, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        async with receive:
+            async for first in receive:
+                batch = [first]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                try:
+                    await peer.ws.send_many(batch)
+                except ConnectionClosed:
+                    peer.scope.cancel()
+                    return
+
+
+async def serve_relay(
+    config: RelayConfig,
+    *,
+    authenticator: Authenticator | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Run the relay until cancelled.
+
+    Start it with ``port = await nursery.start(serve_relay, config)``: it reports the bound
+    port (useful with ``config.port == 0``) once it is accepting connections.
+
+    Args:
+        config: listening address, key and limits.
+        authenticator: maps ``(token, endpoint)`` to an agent id, or raises
+            :class:`~trio_mcp_relay.AuthError`; may be a coroutine function. Replaces the
+            reference server's AES token scheme (which needs ``config.key``).
+        task_status: for ``nursery.start``.
+
+    Resource handling:
+        Every connection runs in its own nursery inside the server's; cancelling the task
+        running ``serve_relay`` closes every socket before it returns. Each connection's
+        outbox is a bounded memory channel (``config.outbox_size``).
+
+    Error handling:
+        A peer's misbehaviour ends that peer's connection (a JSON-RPC error or a close code)
+        and is logged; an unexpected exception in one connection is logged and closes only
+        that connection. Failing to bind the port raises ``OSError``.
+    """
+    relay = _Relay(config, authenticator)
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
+    async with trio.open_nursery() as nursery:
+        relay._nursery = nursery
+        nursery.start_soon(relay._timer)
+        port = int(listeners[0].socket.getsockname()[1])
+        log.info("listening on %s:%d", config.host, port)
+        if config.key:
+            log.info(
+                "health check: /mcp_endpoint/health?key=%s (key redacted)", redact(config.key)
+            )
+        task_status.started(port)
+        await trio.serve_listeners(relay.handle_stream, listeners, handler_nursery=nursery)
+    raise AssertionError("unreachable")  # pragma: no cover

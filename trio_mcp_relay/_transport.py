@@ -1,0 +1,229 @@
+"""The WebSocket layer: a small interface, and its server implementation on wsproto.
+
+The relay only needs four verbs of a WebSocket (:class:`WebSocket`): receive a message, send
+messages, ping, close. :class:`WsprotoWebSocket` implements them by driving the wsproto state
+machine directly on a Trio stream, with no extra task and no queue between the socket and the
+caller of :meth:`~WsprotoWebSocket.receive`: control frames (ping, close) are answered inside
+``receive``, so a connection whose reader is running always answers pings.
+
+Outgoing text frames are encoded here rather than by wsproto: a server frame is an unmasked
+header plus the payload, and the relay's payloads are already UTF-8 bytes, so this saves a
+decode/encode round trip per frame and lets several frames leave in one ``send_all``.
+No extension (permessage-deflate) is ever negotiated, so the RSV bits are always zero.
+
+Errors: every transport failure (reset, EOF, protocol violation) surfaces as
+:class:`ConnectionClosed` with the close code, 1006 when the peer vanished without one.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+import trio
+from wsproto import ConnectionState, WSConnection
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Message,
+    Ping,
+    Pong,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError
+
+__all__ = ["ConnectionClosed", "WebSocket", "WsprotoWebSocket", "encode_text_frame"]
+
+ABNORMAL_CLOSURE: Final = 1006
+MESSAGE_TOO_BIG: Final = 1009
+_READ_SIZE: Final = 65536
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed; ``code`` and ``reason`` are the close frame's (1006: none)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class WebSocket(Protocol):
+    """What the relay needs of a WebSocket connection. Swap the implementation here."""
+
+    remote: str
+
+    async def receive(self) -> str | bytes:
+        """The next whole message. Raises ConnectionClosed when the connection ends."""
+        ...
+
+    async def send_many(self, messages: Sequence[bytes]) -> None:
+        """Send UTF-8 JSON messages as text frames, in order. Raises ConnectionClosed."""
+        ...
+
+    async def ping(self, payload: bytes = b"") -> None:
+        """Send a ping frame (the pong is seen by ``receive``; see ``last_pong``)."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the close handshake; ``receive`` then ends with ConnectionClosed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Drop the underlying stream at once."""
+        ...
+
+
+def encode_text_frame(payload: bytes) -> bytes:
+    """One unmasked, final text frame (server to client, RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+def _truncate_reason(reason: str) -> str:
+    encoded = reason.encode()[:123]
+    return encoded.decode("utf-8", "ignore")
+
+
+class WsprotoWebSocket:
+    """A server-side WebSocket on a Trio stream whose handshake wsproto has completed.
+
+    Args:
+        stream: the byte stream (already past the HTTP upgrade).
+        ws: the wsproto connection, in state OPEN.
+        remote: the peer's address, for logs.
+        max_message_size: larger messages close the connection with 1009.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
+        *,
+        remote: str,
+        max_message_size: int,
+    ) -> None:
+        self._stream = stream
+        self._ws = ws
+        self.remote = remote
+        self._max = max_message_size
+        self._events: deque[Event] = deque()
+        self._parts: list[str | bytes] = []
+        self._size = 0
+        self._send_lock = trio.StrictFIFOLock()
+        self._closed: ConnectionClosed | None = None
+        #: trio.current_time() of the last pong received (None: none yet).
+        self.last_pong: float | None = None
+
+    @property
+    def closed(self) -> ConnectionClosed | None:
+        """How the connection ended, once it has."""
+        return self._closed
+
+    async def _send_raw(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+
+    async def _send_event(self, event: Event) -> None:
+        try:
+            data = self._ws.send(event)
+        except LocalProtocolError as exc:
+            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection is closing") from exc
+        await self._send_raw(data)
+
+    async def receive(self) -> str | bytes:
+        """The next whole message (str for text, bytes for binary frames)."""
+        while True:
+            if self._closed is not None:
+                raise self._closed
+            while self._events:
+                event = self._events.popleft()
+                if isinstance(event, Message):
+                    message = await self._on_message(event)
+                    if message is not None:
+                        return message
+                elif isinstance(event, Ping):
+                    await self._send_event(event.response())
+                elif isinstance(event, Pong):
+                    self.last_pong = trio.current_time()
+                elif isinstance(event, CloseConnection):
+                    await self._on_close(event)
+            await self._read()
+
+    async def _read(self) -> None:
+        try:
+            data = await self._stream.receive_some(_READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self._ws.receive_data(None)
+        else:
+            self._ws.receive_data(data)
+        self._events.extend(self._ws.events())
+
+    async def _on_message(self, event: Message) -> str | bytes | None:  # type: ignore[type-arg]
+        self._size += len(event.data)
+        if self._size > self._max:
+            await self._fail(MESSAGE_TOO_BIG, f"message larger than {self._max} bytes")
+        self._parts.append(event.data)
+        if not event.message_finished:
+            return None
+        parts, self._parts, self._size = self._parts, [], 0
+        if isinstance(event, TextMessage):
+            return parts[0] if len(parts) == 1 else "".join(parts)  # type: ignore[arg-type]
+        assert isinstance(event, BytesMessage)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
+
+    async def _on_close(self, event: CloseConnection) -> None:
+        state = self._ws.state
+        if state is ConnectionState.REMOTE_CLOSING:
+            # The peer started the close: answer it, then we are done.
+            try:
+                await self._send_event(event.response())
+            except ConnectionClosed:
+                pass
+        elif state is ConnectionState.OPEN:
+            # wsproto found a protocol violation (bad UTF-8, bad frame): close with its code.
+            await self._fail(event.code, event.reason or "protocol error")
+        self._closed = ConnectionClosed(event.code, event.reason or "")
+        raise self._closed
+
+    async def _fail(self, code: int, reason: str) -> None:
+        try:
+            await self.close(code, reason)
+        except ConnectionClosed:
+            pass
+        self._closed = ConnectionClosed(code, reason)
+        raise self._closed
+
+    async def send_many(self, messages: Sequence[bytes]) -> None:
+        """Send each message as one text frame; all in one write."""
+        if self._ws.state is not ConnectionState.OPEN:
+            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection is closing")
+        if len(messages) == 1:
+            await self._send_raw(encode_text_frame(messages[0]))
+        else:
+            await self._send_raw(b"".join([encode_text_frame(m) for m in messages]))
+
+    async def ping(self, payload: bytes = b"") -> None:
+        """Send a ping frame."""
+        await self._send_event(Ping(payload=payload))
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame if the connection is still open (no wait for the reply)."""
+        if self._ws.state is ConnectionState.OPEN:
+            await self._send_event(CloseConnection(code=code, reason=_truncate_reason(reason)))
+
+    async def aclose(self) -> None:
+        """Close the TCP stream."""
+        await trio.aclose_forcefully(self._stream)

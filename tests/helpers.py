@@ -1,0 +1,110 @@
+"""Test helpers: start a relay on port 0 and open WebSocket peers to it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from trio_mcp_relay._auth import caller_url, encrypt_token, tool_url
+from trio_mcp_relay._config import RelayConfig
+from trio_mcp_relay._server import serve_relay
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+@attrs.frozen
+class RunningRelay:
+    """A relay started for a test."""
+
+    port: int
+    config: RelayConfig
+
+    @property
+    def base(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tool_url(self, agent: str) -> str:
+        return tool_url(self.base, KEY, agent)
+
+    def caller_url(self, agent: str) -> str:
+        return caller_url(self.base, KEY, agent)
+
+    def token(self, agent: str) -> str:
+        return encrypt_token(KEY, agent)
+
+
+async def start_relay(nursery: trio.Nursery, **overrides: Any) -> RunningRelay:
+    """Start serve_relay in ``nursery`` on 127.0.0.1:0 and return where it listens."""
+    config = RelayConfig(**{"host": "127.0.0.1", "port": 0, "key": KEY, **overrides})
+    port = await nursery.start(serve_relay, config)
+    return RunningRelay(port=port, config=config)
+
+
+@asynccontextmanager
+async def peer(url: str) -> AsyncIterator[WebSocketConnection]:
+    """A trio-websocket client connection."""
+    async with open_websocket_url(url) as ws:
+        yield ws
+
+
+async def send(ws: WebSocketConnection, obj: Any) -> None:
+    await ws.send_message(json.dumps(obj))
+
+
+async def recv(ws: WebSocketConnection) -> Any:
+    return json.loads(await ws.get_message())
+
+
+@attrs.frozen
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def http_get(port: int, target: str, headers: dict[str, str] | None = None,
+                   method: str = "GET") -> HttpResponse:
+    """One plain HTTP/1.1 request to the relay, read until the server closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return HttpResponse(int(status_line.split()[1]), parsed, body)
+
+
+async def health(relay: RunningRelay) -> dict[str, Any]:
+    """The health endpoint's ``connections`` counts."""
+    response = await http_get(relay.port, f"/mcp_endpoint/health?key={KEY}")
+    return response.json()["result"]["connections"]  # type: ignore[no-any-return]
+
+
+async def wait_for_counts(relay: RunningRelay, *, tools: int, callers: int) -> None:
+    """Poll the health endpoint until the relay has registered these connections."""
+    while True:
+        counts = await health(relay)
+        if counts["tool_connections"] == tools and counts["robot_connections"] == callers:
+            return
+        await trio.sleep(0.01)

@@ -1,0 +1,35 @@
+"""The README's promises: its embedding example runs, its first commands stay true."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_embedding_example_runs() -> None:
+    match = re.search(
+        r"<!-- embedding-example -->\n```python\n(.*?)```\n<!-- /embedding-example -->", README, re.S
+    )
+    assert match, "README lost its embedding example"
+    result = subprocess.run(
+        [sys.executable, "-c", match.group(1)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == 'caller got {"jsonrpc":"2.0","id":0,"result":{}}'
+
+
+def test_readme_starts_with_the_two_commands_ci_runs() -> None:
+    first_block = README.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    assert first_block[0].startswith("pip install . && trio-mcp-relay serve")
+    test_command = first_block[1].split("#")[0].strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    install, run = (part.strip() for part in test_command.split("&&"))
+    assert install.replace("pip install", "python -m pip install") in ci.replace(
+        "--quiet --disable-pip-version-check ", ""
+    )
+    assert ci.rstrip().endswith(run)

@@ -51,10 +51,18 @@ async def start_relay(nursery: trio.Nursery, **overrides: Any) -> RunningRelay:
 
 
 @asynccontextmanager
-async def peer(url: str) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client connection."""
-    async with open_websocket_url(url) as ws:
-        yield ws
+async def peer(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
+    """A trio-websocket client connection (``kwargs`` go to ``open_websocket_url``)."""
+    ws: WebSocketConnection | None = None
+    try:
+        async with open_websocket_url(url, **kwargs) as ws:
+            yield ws
+    finally:
+        # trio-websocket 0.12 never closes a client's socket when the server started the
+        # close handshake (its reader stops at EOF and aclose() returns early): close it
+        # here, or the socket is reported as a ResourceWarning, an error under pytest.
+        if ws is not None:
+            await trio.aclose_forcefully(ws._stream)
 
 
 async def send(ws: WebSocketConnection, obj: Any) -> None:

@@ -8,6 +8,7 @@ closed (no keep-alive: the endpoints are probes, not an API).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -89,7 +90,7 @@ async def read_request_head(stream: trio.abc.ReceiveStream) -> HttpRequest:
         if not data:
             raise BadRequest("connection closed before the request head was complete")
         raw += data
-        conn.receive_data(data)
+        conn.receive_data(bytes(data))
 
 
 def _status_reason(status: int) -> bytes:
@@ -129,13 +130,12 @@ async def respond(
     ]
     if body is not None:
         all_headers.append(("content-type", "application/json"))
-    data = conn.send(h11.Response(status_code=status, headers=all_headers, reason=_status_reason(status)))
+    response = h11.Response(status_code=status, headers=all_headers, reason=_status_reason(status))
+    data = conn.send(response)
     assert data is not None
     if payload and not head_only:
         more = conn.send(h11.Data(data=payload))
         assert more is not None
         data += more
-    try:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass

@@ -24,12 +24,13 @@ Bounded channels and what happens when they are full:
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import inspect
 import itertools
 import logging
 import math
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -134,10 +135,8 @@ class _Relay:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return
         with trio.move_on_after(self.config.forward_timeout):
-            try:
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
                 await peer.outbox.send(action.data)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
             return
         self._tool_send_failed(peer, action)
 
@@ -169,10 +168,8 @@ class _Relay:
         # Unregister at once so nothing more is routed to it, then close politely.
         self._unregister(peer)
         with trio.move_on_after(CLOSE_TIMEOUT):
-            try:
+            with contextlib.suppress(ConnectionClosed):
                 await peer.ws.close(code, reason)
-            except ConnectionClosed:
-                pass
             await peer.done.wait()
         peer.scope.cancel()
 
@@ -198,7 +195,8 @@ class _Relay:
 
     async def handle_stream(self, stream: trio.SocketStream) -> None:
         try:
-            remote = "%s:%s" % stream.socket.getpeername()[:2]
+            host, port = stream.socket.getpeername()[:2]
+            remote = f"{host}:{port}"
         except OSError:
             remote = "?"
         try:
@@ -250,7 +248,7 @@ class _Relay:
         if path == "/":
             await respond(stream, 307, headers=[("location", "/mcp_endpoint/"), *cors])
         elif path in ("/mcp_endpoint", "/mcp_endpoint/"):
-            body = {
+            body: dict[str, Any] = {
                 "jsonrpc": "2.0",
                 "result": {
                     "message": "MCP Endpoint Server",
@@ -284,7 +282,9 @@ class _Relay:
         else:
             await respond(stream, 404, {"error": "not found", "path": path}, headers=cors)
 
-    async def _websocket(self, stream: trio.SocketStream, request: HttpRequest, remote: str) -> None:
+    async def _websocket(
+        self, stream: trio.SocketStream, request: HttpRequest, remote: str
+    ) -> None:
         ws_conn = WSConnection(ConnectionType.SERVER)
         ws_conn.receive_data(request.raw)
         events = list(ws_conn.events())
@@ -335,10 +335,8 @@ class _Relay:
             )
         )
         data += ws_conn.send(RejectData(data=body))
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     async def _authenticate(self, token: str, endpoint: Endpoint) -> str:
         if not token:
@@ -443,9 +441,7 @@ async def serve_relay(
         port = int(listeners[0].socket.getsockname()[1])
         log.info("listening on %s:%d", config.host, port)
         if config.key:
-            log.info(
-                "health check: /mcp_endpoint/health?key=%s (key redacted)", redact(config.key)
-            )
+            log.info("health check: /mcp_endpoint/health?key=%s (key redacted)", redact(config.key))
         task_status.started(port)
         await trio.serve_listeners(relay.handle_stream, listeners, handler_nursery=nursery)
     raise AssertionError("unreachable")  # pragma: no cover

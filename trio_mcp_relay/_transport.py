@@ -17,13 +17,15 @@ Errors: every transport failure (reset, EOF, protocol violation) surfaces as
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import deque
 from collections.abc import Sequence
 from typing import Final, Protocol
 
 import trio
-from wsproto import ConnectionState, WSConnection
+from wsproto import WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import (
     BytesMessage,
     CloseConnection,
@@ -153,7 +155,10 @@ class WsprotoWebSocket:
                     if message is not None:
                         return message
                 elif isinstance(event, Ping):
-                    await self._send_event(event.response())
+                    # Once our close frame has left, wsproto refuses to send a pong: a ping
+                    # that crossed it goes unanswered and the close handshake goes on.
+                    if self._ws.state is ConnectionState.OPEN:
+                        await self._send_event(event.response())
                 elif isinstance(event, Pong):
                     self.last_pong = trio.current_time()
                 elif isinstance(event, CloseConnection):
@@ -168,11 +173,17 @@ class WsprotoWebSocket:
         if not data:
             self._ws.receive_data(None)
         else:
-            self._ws.receive_data(data)
+            self._ws.receive_data(bytes(data))
         self._events.extend(self._ws.events())
 
     async def _on_message(self, event: Message) -> str | bytes | None:  # type: ignore[type-arg]
-        self._size += len(event.data)
+        data = event.data
+        # The limit is in bytes, as on the wire; wsproto hands text over already decoded.
+        # (str.isascii is O(1) in CPython: ASCII text, the common case, is not re-encoded.)
+        if isinstance(data, str) and not data.isascii():
+            self._size += len(data.encode())
+        else:
+            self._size += len(data)
         if self._size > self._max:
             await self._fail(MESSAGE_TOO_BIG, f"message larger than {self._max} bytes")
         self._parts.append(event.data)
@@ -188,10 +199,8 @@ class WsprotoWebSocket:
         state = self._ws.state
         if state is ConnectionState.REMOTE_CLOSING:
             # The peer started the close: answer it, then we are done.
-            try:
+            with contextlib.suppress(ConnectionClosed):
                 await self._send_event(event.response())
-            except ConnectionClosed:
-                pass
         elif state is ConnectionState.OPEN:
             # wsproto found a protocol violation (bad UTF-8, bad frame): close with its code.
             await self._fail(event.code, event.reason or "protocol error")
@@ -199,10 +208,8 @@ class WsprotoWebSocket:
         raise self._closed
 
     async def _fail(self, code: int, reason: str) -> None:
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await self.close(code, reason)
-        except ConnectionClosed:
-            pass
         self._closed = ConnectionClosed(code, reason)
         raise self._closed
 

@@ -1,0 +1,300 @@
+"""A cheap WebSocket load generator for MCP endpoint relays (used by bench.py and soak.py).
+
+It runs on asyncio (uvloop when installed) with raw protocols and a minimal RFC 6455 client
+codec, so that it costs the machine far less CPU than the relay it measures: the generator and
+the relay share the same cores.
+
+Model: for each agent, one tool connection that answers every ``tools/call`` at once, and
+``callers`` caller connections that each keep ``window`` requests in flight, with ids
+deliberately equal across callers. Each response is checked: it must reach the caller that sent
+it, with that caller's own id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from trio_mcp_relay import encrypt_token
+
+
+def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One masked client frame (RFC 6455 section 5.3)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    if not n:
+        return head + mask
+    repeated = (mask * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "little") ^ int.from_bytes(repeated, "little")).to_bytes(
+        n, "little"
+    )
+    return head + mask + masked
+
+
+class WsClient(asyncio.Protocol):
+    """A WebSocket client connection calling ``on_message(bytes)`` for each text frame."""
+
+    def __init__(self, host: str, port: int, target: str, on_message: Callable[[bytes], None]):
+        self.request = (
+            f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n\r\n"
+        ).encode()
+        self.on_message = on_message
+        self.buffer = bytearray()
+        self.upgraded = False
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.request)
+
+    def send(self, payload: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(client_frame(payload))
+
+    def send_many(self, payloads: list[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.write(b"".join(client_frame(p) for p in payloads))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(client_frame(struct.pack("!H", 1000), opcode=0x8))
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError("closed during handshake"))
+        if not self.closed.done():
+            self.closed.set_result(1006)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(self.buffer[:end]).split(b"\r\n", 1)[0]
+            del self.buffer[: end + 4]
+            if b" 101 " not in status + b" ":
+                self.opened.set_exception(ConnectionError(status.decode(errors="replace")))
+                return
+            self.upgraded = True
+            self.opened.set_result(None)
+        self._frames()
+
+    def _frames(self) -> None:
+        buf = self.buffer
+        i = 0
+        while len(buf) - i >= 2:
+            b0, b1 = buf[i], buf[i + 1]
+            n = b1 & 0x7F
+            j = i + 2
+            if n == 126:
+                if len(buf) - j < 2:
+                    break
+                (n,) = struct.unpack_from("!H", buf, j)
+                j += 2
+            elif n == 127:
+                if len(buf) - j < 8:
+                    break
+                (n,) = struct.unpack_from("!Q", buf, j)
+                j += 8
+            if len(buf) - j < n:
+                break
+            opcode = b0 & 0x0F
+            payload = bytes(buf[j : j + n])
+            i = j + n
+            if opcode in (0x1, 0x2):
+                self.on_message(payload)
+            elif opcode == 0x9 and self.transport is not None:  # ping -> pong
+                self.transport.write(client_frame(payload, opcode=0xA))
+            elif opcode == 0x8:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+                if not self.closed.done():
+                    self.closed.set_result(code)
+                self.close()
+        del buf[:i]
+
+
+async def connect(
+    host: str, port: int, target: str, on_message: Callable[[bytes], None]
+) -> WsClient:
+    """Open a WebSocket and wait for the upgrade."""
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(
+        lambda: WsClient(host, port, target, on_message), host, port
+    )
+    await proto.opened
+    return proto
+
+
+def token_for(key: str, agent: str) -> str:
+    """The URL-quoted reference token for an agent (manager-api style: md5 agent id)."""
+    return quote(encrypt_token(key, agent, md5=True), safe="")
+
+
+@dataclass
+class Stats:
+    """What a run measured."""
+
+    calls: int = 0
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def percentile(self, p: float) -> float:
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def echo_tool(proto_ref: list[WsClient]) -> Callable[[bytes], None]:
+    """A tool that answers every request with a fixed result, echoing the arguments' size."""
+
+    def on_message(data: bytes) -> None:
+        frame = orjson.loads(data)
+        if "id" in frame and "method" in frame:
+            proto_ref[0].send(
+                orjson.dumps(
+                    {"jsonrpc": "2.0", "id": frame["id"], "result": {"content": frame["params"]}}
+                )
+            )
+
+    return on_message
+
+
+class Caller:
+    """A caller keeping ``window`` calls in flight until ``n`` have completed."""
+
+    def __init__(self, stats: Stats, n: int, window: int, size: int, name: str) -> None:
+        self.stats, self.n, self.window, self.name = stats, n, window, name
+        self.text = "x" * max(0, size - 90)
+        self.sent: dict[int, float] = {}
+        self.next_id = 1
+        self.done_count = 0
+        self.proto: WsClient | None = None
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def request(self, rid: int) -> bytes:
+        return orjson.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": rid,
+                "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"who": self.name, "text": self.text}},
+            }
+        )
+
+    def start(self) -> None:
+        batch = []
+        for _ in range(self.window):
+            batch.append(self._next())
+        assert self.proto is not None
+        self.proto.send_many(batch)
+
+    def _next(self) -> bytes:
+        rid = self.next_id
+        self.next_id += 1
+        self.sent[rid] = time.perf_counter()
+        return self.request(rid)
+
+    def on_message(self, data: bytes) -> None:
+        frame: dict[str, Any] = orjson.loads(data)
+        rid = frame.get("id")
+        started = self.sent.pop(rid, None) if isinstance(rid, int) else None
+        if started is None or "result" not in frame:
+            self.stats.errors.append(f"{self.name}: unexpected {data[:120]!r}")
+            return
+        if frame["result"]["content"]["arguments"]["who"] != self.name:
+            self.stats.errors.append(f"{self.name}: got another caller's response")
+        self.stats.latencies.append(time.perf_counter() - started)
+        self.stats.calls += 1
+        self.done_count += 1
+        if self.next_id <= self.n:
+            assert self.proto is not None
+            self.proto.send(self._next())
+        elif not self.sent and not self.finished.done():
+            self.finished.set_result(None)
+
+
+async def run_load(
+    *,
+    host: str,
+    port: int,
+    key: str,
+    agents: int,
+    callers: int,
+    window: int,
+    n: int,
+    size: int,
+    tag: str = "bench",
+) -> tuple[Stats, float]:
+    """Connect agents' tools and callers, run the calls, return stats and wall time."""
+    stats = Stats()
+    tools: list[WsClient] = []
+    all_callers: list[Caller] = []
+    for a in range(agents):
+        token = token_for(key, f"{tag}-agent-{a}")
+        ref: list[WsClient] = []
+        tool = await connect(host, port, f"/mcp_endpoint/mcp/?token={token}", echo_tool(ref))
+        ref.append(tool)
+        tools.append(tool)
+        for c in range(callers):
+            caller = Caller(stats, n, window, size, f"a{a}c{c}")
+            caller.proto = await connect(
+                host, port, f"/mcp_endpoint/call/?token={token}", caller.on_message
+            )
+            all_callers.append(caller)
+    await asyncio.sleep(0.2)  # let the relay register everyone
+    started = time.perf_counter()
+    for caller in all_callers:
+        caller.start()
+    await asyncio.gather(*(c.finished for c in all_callers))
+    wall = time.perf_counter() - started
+    for caller in all_callers:
+        assert caller.proto is not None
+        caller.proto.close()
+    for tool in tools:
+        tool.close()
+    return stats, wall
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process and its waited-for children, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def md5_hex(text: str) -> str:
+    """manager-api's agent id form."""
+    return hashlib.md5(text.encode()).hexdigest()

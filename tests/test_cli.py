@@ -1,0 +1,215 @@
+"""The ``trio-mcp-relay`` command line, with the server replaced by fakes."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import NoReturn
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import trio
+import trio.testing
+from typer.testing import CliRunner
+
+from trio_mcp_relay import _cli
+from trio_mcp_relay._auth import decrypt_agent_id
+from trio_mcp_relay._cli import app, banner, run_with_banner
+from trio_mcp_relay._config import CONFIG_FILE_NAME, RelayConfig
+
+KEY = "0123456789abcdef0123456789abcdef"
+ENV_NAMES = (
+    "HOST",
+    "PORT",
+    "SERVER_KEY",
+    "LOG_LEVEL",
+    "ENABLE_CORS",
+    "ALLOWED_ORIGINS",
+    "DATA_DIR",
+)
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI reads os.environ: keep the developer's HOST or PORT out of the tests."""
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+
+
+# --- Help -----------------------------------------------------------------------------------
+
+
+def test_help() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "serve" in result.stdout
+    assert "Xiaozhi MCP endpoint" in result.stdout
+
+
+def test_no_arguments_shows_help() -> None:
+    result = runner.invoke(app, [])
+    assert "Usage" in result.output
+    assert "serve" in result.output
+
+
+def test_serve_help_documents_every_option() -> None:
+    result = runner.invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for option in (
+        "--host",
+        "--port",
+        "--key",
+        "--config",
+        "--data-dir",
+        "--log-level",
+        "--max-message-size",
+        "--handshake-timeout",
+        "--forward-timeout",
+        "--tool-request-timeout",
+    ):
+        assert option in text
+    for env_name in ("HOST", "PORT", "SERVER_KEY", "DATA_DIR", "LOG_LEVEL"):
+        assert f"Env: {env_name}." in text
+    assert "[server]" in text  # brackets survive help formatting
+    assert text.count("Default:") == 10
+
+
+# --- Configuration errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--port", "70000"], {}, "error: --port: 70000 is not a port number"),
+        (["--log-level", "loud"], {}, "error: --log-level: 'LOUD' is not one of"),
+        (["--forward-timeout", "0"], {}, "error: --forward-timeout: 0.0 is not a positive"),
+        ([], {"PORT": "abc"}, "error: PORT (environment): 'abc' is not an integer"),
+        ([], {"ENABLE_CORS": "perhaps"}, "error: ENABLE_CORS (environment): 'perhaps'"),
+        (["--key", ""], {}, "error: --key: must not be empty"),
+    ],
+)
+def test_config_error_exits_2_naming_the_setting(
+    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    result = runner.invoke(app, ["serve", "--data-dir", str(tmp_path), *args], env=env)
+    assert result.exit_code == 2
+    assert expected in result.stderr
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_file_error_names_option_and_file(tmp_path: Path) -> None:
+    cfg = tmp_path / CONFIG_FILE_NAME
+    cfg.write_text("[server]\nport = eighty\n", encoding="utf-8")
+    result = runner.invoke(app, ["serve", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"error: [server] port in {cfg}: 'eighty' is not an integer" in result.stderr
+
+
+def test_missing_explicit_config_file_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.cfg"
+    result = runner.invoke(app, ["serve", "--config", str(missing)])
+    assert result.exit_code == 2
+    assert "--config" in result.stderr
+    assert str(missing) in result.stderr
+
+
+def test_malformed_flag_type_is_a_usage_error() -> None:
+    result = runner.invoke(app, ["serve", "--port", "abc"])
+    assert result.exit_code == 2
+    assert "--port" in result.stderr
+
+
+# --- Serving, with a fake server ------------------------------------------------------------
+
+
+def config(**overrides: object) -> RelayConfig:
+    values: dict[str, object] = {"host": "0.0.0.0", "port": 0, "key": KEY}
+    values.update(overrides)
+    return RelayConfig(**values)  # type: ignore[arg-type]
+
+
+def test_banner_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_cli, "local_ip", lambda: "192.0.2.10")
+    lines = banner(config(), 8123)
+    assert lines[0] == "trio-mcp-relay listening on 0.0.0.0:8123"
+    assert lines[1] == f"health:  http://192.0.2.10:8123/mcp_endpoint/health?key={KEY}"
+    for line, label, path in (
+        (lines[2], "tool:    ", "/mcp_endpoint/mcp/"),
+        (lines[3], "caller:  ", "/mcp_endpoint/call/"),
+    ):
+        assert line.startswith(label)
+        url = urlsplit(line.removeprefix(label))
+        assert (url.scheme, url.netloc, url.path) == ("ws", "192.0.2.10:8123", path)
+        assert decrypt_agent_id(KEY, parse_qs(url.query)["token"][0]) == "single_module"
+    assert len(lines) == 4
+
+
+@pytest.mark.parametrize(
+    ("host", "url_host"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("::", "192.0.2.10")]
+)
+def test_banner_urls_use_a_specific_bind_address(
+    monkeypatch: pytest.MonkeyPatch, host: str, url_host: str
+) -> None:
+    monkeypatch.setattr(_cli, "local_ip", lambda: "192.0.2.10")
+    assert f"http://{url_host}:1/mcp_endpoint/health" in banner(config(host=host), 1)[1]
+
+
+async def fake_serve_relay(
+    config: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> NoReturn:
+    task_status.started(4321)
+    await trio.sleep_forever()
+
+
+async def test_run_with_banner_prints_once_listening(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_cli, "local_ip", lambda: "192.0.2.10")
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_with_banner, config(), fake_serve_relay)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    out = capsys.readouterr().out.splitlines()
+    assert out == banner(config(), 4321)
+
+
+def test_serve_prints_banner_and_exits_0_on_keyboard_interrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[RelayConfig] = []
+
+    async def interrupted(
+        config: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        seen.append(config)
+        task_status.started(4321)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cli, "_load_server", lambda: interrupted)
+    args = ["serve", "--data-dir", str(tmp_path), "--port", "0", "--key", KEY, "--host", "::1"]
+    result = runner.invoke(app, [*args, "--max-message-size", "2048", "--log-level", "debug"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == banner(seen[0], 4321)
+    assert seen[0].max_message_size == 2048
+    assert seen[0].log_level == "DEBUG"
+    assert result.stderr == ""
+
+
+def test_serve_reports_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def port_taken(
+        config: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    monkeypatch.setattr(_cli, "_load_server", lambda: port_taken)
+    result = runner.invoke(
+        app, ["serve", "--data-dir", str(tmp_path), "--port", "8004", "--host", "127.0.0.1"]
+    )
+    assert result.exit_code == 1
+    assert "error: cannot serve on 127.0.0.1:8004: Address already in use" in result.stderr
+    assert result.stdout == ""

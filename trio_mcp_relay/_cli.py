@@ -1,0 +1,237 @@
+"""The ``trio-mcp-relay`` command.
+
+``trio-mcp-relay serve`` loads the configuration (flags, environment, the reference's
+``data/.mcp-endpoint-server.cfg``), starts the relay, and once it is listening prints the URLs
+a user copies into the xiaozhi console and into tool configs, as the reference server does at
+start-up. The banner goes to stdout with ``print``, never through logging, so log shipping never
+carries the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Protocol, cast
+
+import trio
+import typer
+
+from trio_mcp_relay._auth import caller_url, health_url, tool_url
+from trio_mcp_relay._config import ConfigError, RelayConfig, load_config, local_ip
+
+__all__ = ["app", "main"]
+
+BANNER_AGENT = "single_module"
+"""The agent whose tool URL the banner shows: the reference's single-module deployment."""
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+app = typer.Typer(
+    name="trio-mcp-relay",
+    help="A Trio relay for the Xiaozhi MCP endpoint protocol "
+    "(wire-compatible with xinnan-tech/mcp-endpoint-server).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+
+class _ServeRelay(Protocol):
+    """The shape of ``trio_mcp_relay._server.serve_relay`` that the CLI relies on."""
+
+    def __call__(
+        self, config: RelayConfig, *, task_status: trio.TaskStatus[int] = ...
+    ) -> Awaitable[Any]: ...
+
+
+@app.callback()
+def _root() -> None:
+    """A Trio relay for the Xiaozhi MCP endpoint protocol.
+
+    Tools (MCP servers) dial /mcp_endpoint/mcp/?token=..., callers (MCP clients) dial
+    /mcp_endpoint/call/?token=..., and the relay forwards JSON-RPC between them.
+    """
+
+
+def _url_host(config: RelayConfig) -> str:
+    """The host to put in the printed URLs.
+
+    The reference always prints its outward IP. That is right for a wildcard bind; for a
+    specific address (say 127.0.0.1) only that address can be reached.
+    """
+    host = local_ip() if config.host in _WILDCARD_HOSTS else config.host
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def banner(config: RelayConfig, port: int) -> list[str]:
+    """The start-up lines: where the relay listens and the URLs to copy.
+
+    Args:
+        config: The loaded configuration (its key must be set).
+        port: The port actually bound (differs from ``config.port`` when that is 0).
+
+    Returns:
+        The lines to print, without newlines.
+    """
+    if config.key is None:
+        raise ValueError("the configuration has no key; load it with load_config()")
+    address = f"{_url_host(config)}:{port}"
+    return [
+        f"trio-mcp-relay listening on {config.host}:{port}",
+        f"health:  {health_url(f'http://{address}', config.key)}",
+        f"tool:    {tool_url(f'ws://{address}', config.key, BANNER_AGENT)}",
+        f"caller:  {caller_url(f'ws://{address}', config.key, BANNER_AGENT)}",
+    ]
+
+
+async def run_with_banner(config: RelayConfig, serve_relay: _ServeRelay) -> None:
+    """Run ``serve_relay`` and print the banner once it is listening.
+
+    Returns (after cancelling the relay) when the process receives SIGTERM, so that
+    ``docker stop`` shuts the relay down cleanly.
+
+    Args:
+        config: The loaded configuration.
+        serve_relay: The server entry point; it reports its port via ``task_status``.
+    """
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(serve_relay, config)
+        for line in banner(config, port):
+            print(line, flush=True)
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _exit_on_os_error(group: BaseExceptionGroup[OSError], config: RelayConfig) -> NoReturn:
+    for exc in group.exceptions:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"error: cannot serve on {config.host}:{config.port}: {detail}", file=sys.stderr)
+    raise typer.Exit(1)
+
+
+def _load_server() -> _ServeRelay:
+    # Imported only when serving: the server pulls in the whole networking stack, which
+    # --help and configuration errors do not need, and this module must import without it.
+    module = importlib.import_module("trio_mcp_relay._server")
+    return cast(_ServeRelay, module.serve_relay)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to listen on. Env: HOST. Default: 0.0.0.0."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="TCP port to listen on (0 picks a free one). Env: PORT. Default: 8004."),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            help="Server key: decrypts tokens and guards /mcp_endpoint/health. "
+            "Env: SERVER_KEY. Default: [server] key from the config file, or a new random "
+            "key saved there.",
+            show_default=False,
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Reference-format INI file ([server] host, port, key, log_level; [security] "
+            "allowed_origins, enable_cors); it must exist. No env var. "
+            "Default: <data dir>/.mcp-endpoint-server.cfg if it exists.",
+            dir_okay=False,
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory holding .mcp-endpoint-server.cfg. Env: DATA_DIR. Default: data.",
+            file_okay=False,
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help="DEBUG, INFO, WARNING, ERROR or CRITICAL. Env: LOG_LEVEL. Default: INFO."
+        ),
+    ] = None,
+    max_message_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Largest WebSocket message accepted, in bytes. No env var. "
+            "Default: 16777216 (16 MiB, as the reference)."
+        ),
+    ] = None,
+    handshake_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a new connection has to complete its handshake. No env var. Default: 10."
+        ),
+    ] = None,
+    forward_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a frame may wait to be handed to a slow peer. No env var. Default: 10."
+        ),
+    ] = None,
+    tool_request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a tool-initiated request waits for a caller to answer. No env var. "
+            "Default: 30."
+        ),
+    ] = None,
+) -> None:
+    """Run the relay until interrupted.
+
+    Prints the health, tool and caller URLs (for agent single_module) once listening. Flags
+    beat environment variables, which beat the config file, which beats the defaults.
+    """
+    flags: dict[str, object | None] = {
+        "host": host,
+        "port": port,
+        "key": key,
+        "log_level": log_level,
+        "max_message_size": max_message_size,
+        "handshake_timeout": handshake_timeout,
+        "forward_timeout": forward_timeout,
+        "tool_request_timeout": tool_request_timeout,
+    }
+    try:
+        relay_config = load_config(
+            flags=flags, environ=os.environ, config_file=config, data_dir=data_dir
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+    logging.basicConfig(level=relay_config.log_level, format=LOG_FORMAT)
+
+    serve_relay = _load_server()
+
+    failed: BaseExceptionGroup[OSError] | None = None
+    try:
+        trio.run(run_with_banner, relay_config, serve_relay)
+    except* KeyboardInterrupt:
+        pass
+    except* OSError as group:
+        failed = group
+    if failed is not None:
+        _exit_on_os_error(failed, relay_config)
+
+
+def main() -> None:
+    """Entry point of the ``trio-mcp-relay`` console script."""
+    app()

@@ -1,0 +1,468 @@
+"""Configuration: command-line flags, environment, the reference's INI file, defaults.
+
+Precedence, highest first: flags, environment, the config file, defaults. The file is the
+reference server's ``data/.mcp-endpoint-server.cfg`` read as it is, so a relay can replace a
+reference server in place and keep its key (and so every token already handed out):
+
+.. code-block:: ini
+
+    [server]
+    host = 0.0.0.0
+    port = 8004
+    key = 0123456789abcdef0123456789abcdef
+    debug = false
+    log_level = INFO
+
+    [security]
+    allowed_origins = *
+    enable_cors = true
+
+Every value goes through one cattrs converter into :class:`RelayConfig`, whose attrs
+validators hold the rules; a value that fails becomes a :class:`ConfigError` naming the
+setting the way its source spells it (``PORT (environment)``, ``[server] port in <file>``,
+``--port``).
+
+With no key anywhere, one is generated the way the reference does (32 hex characters) and
+written into the config file, so that tokens survive restarts.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import math
+import os
+import secrets
+import socket
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError
+
+from trio_mcp_relay._auth import redact
+
+__all__ = ["CONFIG_FILE_NAME", "ConfigError", "RelayConfig", "load_config", "local_ip"]
+
+CONFIG_FILE_NAME: Final = ".mcp-endpoint-server.cfg"
+"""The reference server's config file name, inside the data directory."""
+
+_LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+_BOOLEANS: Final = configparser.ConfigParser.BOOLEAN_STATES
+
+
+class ConfigError(Exception):
+    """A setting has a value the relay cannot use.
+
+    The message names the setting and where the value came from, e.g.
+    ``PORT (environment): 'abc' is not an integer``.
+    """
+
+
+class _InvalidValue(ValueError):
+    """Raised by the validators below; ``load_config`` adds the setting's name and source."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+def _upper(value: str) -> str:
+    return value.upper()
+
+
+def _one_of(choices: frozenset[str]) -> Callable[[object, attrs.Attribute[str], str], None]:
+    def check(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in choices:
+            names = ", ".join(sorted(choices))
+            raise _InvalidValue(attribute.name, f"{value!r} is not one of {names}")
+
+    return check
+
+
+def _not_empty(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value == "":
+        raise _InvalidValue(attribute.name, "must not be empty")
+
+
+def _port_number(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise _InvalidValue(attribute.name, f"{value} is not a port number (0 to 65535)")
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise _InvalidValue(attribute.name, f"{value!r} is not a positive number")
+
+
+def _key_text(_: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is None:
+        return
+    if value == "":
+        raise _InvalidValue(attribute.name, "must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _InvalidValue(attribute.name, "is not valid UTF-8 text") from None
+
+
+def _redact_key(key: str | None) -> str:
+    return "None" if key is None else repr(redact(key))
+
+
+@attrs.frozen
+class RelayConfig:
+    """Everything the relay needs to start.
+
+    Attributes:
+        host: Address to listen on.
+        port: TCP port to listen on; 0 picks a free one.
+        key: The server key: decrypts tokens and guards the health endpoint. ``None`` only
+            before :func:`load_config` has filled it in. Its ``repr`` is redacted.
+        data_dir: Directory of the reference-format config file.
+        log_level: One of DEBUG, INFO, WARNING, ERROR, CRITICAL (stored upper-case).
+        enable_cors: Answer CORS preflights and add CORS headers on the HTTP endpoints.
+        allowed_origins: Origins allowed by CORS; ``"*"`` allows any.
+        max_message_size: Largest WebSocket message accepted, in bytes.
+        handshake_timeout: Seconds a new connection has to finish its HTTP/WebSocket handshake.
+        forward_timeout: Seconds a frame may wait to be handed to a peer's outbox.
+        tool_request_timeout: Seconds a tool-initiated request waits for a caller's answer.
+        outbox_size: Frames queued per connection before the peer counts as not reading.
+    """
+
+    host: str = attrs.field(default="0.0.0.0", validator=_not_empty)
+    port: int = attrs.field(default=8004, validator=_port_number)
+    key: str | None = attrs.field(default=None, validator=_key_text, repr=_redact_key)
+    data_dir: Path = Path("data")
+    log_level: str = attrs.field(default="INFO", converter=_upper, validator=_one_of(_LOG_LEVELS))
+    enable_cors: bool = True
+    allowed_origins: tuple[str, ...] = ("*",)
+    max_message_size: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    forward_timeout: float = attrs.field(default=10.0, validator=_positive)
+    tool_request_timeout: float = attrs.field(default=30.0, validator=_positive)
+    outbox_size: int = attrs.field(default=256, validator=_positive)
+
+
+# --- Structuring -----------------------------------------------------------------------------
+# Values arrive as strings (environment, file) or already typed (flags). The hooks accept both
+# and are strict about the rest: cattrs' defaults would take bool("false") as True, a string as
+# a tuple of its characters, and a float as an int.
+
+
+def _structure_str(value: object, _: type) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not text")
+    return value
+
+
+def _structure_int(value: object, _: type) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value.strip())
+    raise ValueError(f"{value!r} is not an integer")
+
+
+def _structure_float(value: object, _: type) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value.strip())
+    raise ValueError(f"{value!r} is not a number")
+
+
+def _structure_bool(value: object, _: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+        return _BOOLEANS[value.strip().lower()]
+    raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+
+
+def _structure_origins(value: object, _: type) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(origin.strip() for origin in value.split(",") if origin.strip())
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ValueError(f"{value!r} is not a comma-separated list of origins")
+
+
+def _structure_path(value: object, _: type) -> Path:
+    if isinstance(value, Path):
+        return value
+    if isinstance(value, str):
+        return Path(value)
+    raise ValueError(f"{value!r} is not a path")
+
+
+_converter: Final = cattrs.Converter()
+_converter.register_structure_hook(str, _structure_str)
+_converter.register_structure_hook(int, _structure_int)
+_converter.register_structure_hook(float, _structure_float)
+_converter.register_structure_hook(bool, _structure_bool)
+_converter.register_structure_hook_func(lambda type_: type_ == tuple[str, ...], _structure_origins)
+_converter.register_structure_hook(Path, _structure_path)
+
+
+# --- Sources ---------------------------------------------------------------------------------
+
+_ENV_NAMES: Final = {
+    "host": "HOST",
+    "port": "PORT",
+    "key": "SERVER_KEY",
+    "log_level": "LOG_LEVEL",
+    "enable_cors": "ENABLE_CORS",
+    "allowed_origins": "ALLOWED_ORIGINS",
+    "data_dir": "DATA_DIR",
+}
+
+# The reference's [server] debug switches uvicorn's auto-reload, which has no counterpart
+# here: it is accepted and ignored, like every other key the relay does not use.
+_FILE_NAMES: Final = {
+    "host": ("server", "host"),
+    "port": ("server", "port"),
+    "key": ("server", "key"),
+    "log_level": ("server", "log_level"),
+    "allowed_origins": ("security", "allowed_origins"),
+    "enable_cors": ("security", "enable_cors"),
+}
+
+_FIELDS: Final = frozenset(field.name for field in attrs.fields(RelayConfig))
+
+
+@attrs.frozen
+class _Source:
+    """Where a value came from, so an error can name the setting as the user wrote it."""
+
+    kind: str
+    file: Path | None = None
+
+    def describe(self, field: str) -> str:
+        if self.kind == "flag":
+            return "--" + field.replace("_", "-")
+        if self.kind == "environment":
+            return f"{_ENV_NAMES[field]} (environment)"
+        if self.kind == "file":
+            section, option = _FILE_NAMES[field]
+            return f"[{section}] {option} in {self.file}"
+        return f"{field} ({self.kind})"
+
+
+_FLAG = _Source("flag")
+_ENVIRONMENT = _Source("environment")
+_GENERATED = _Source("generated")
+
+
+def _config_parser() -> configparser.ConfigParser:
+    # No interpolation: values are taken literally, so a "%" in a key or an origin is not an
+    # error. Inline comments after whitespace are allowed because the reference's own docs
+    # write "port = 8004  # ..." (the reference would then silently fall back to 8004).
+    return configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+
+
+def _read_file(path: Path) -> dict[str, str]:
+    parser = _config_parser()
+    try:
+        with path.open(encoding="utf-8-sig") as stream:
+            parser.read_file(stream)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    except configparser.Error as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}: {first_line}") from None
+    values = {}
+    for field, (section, option) in _FILE_NAMES.items():
+        value = parser.get(section, option, fallback=None)
+        if value is not None:
+            values[field] = value
+    return values
+
+
+def _resolve_data_dir(
+    flags: Mapping[str, object | None], environ: Mapping[str, str], data_dir: Path | None
+) -> tuple[Path, _Source]:
+    """The data directory comes first: it says where the config file is."""
+    if data_dir is not None:
+        given: object = data_dir
+        source = _FLAG
+    elif flags.get("data_dir") is not None:
+        given, source = flags["data_dir"], _FLAG
+    elif "DATA_DIR" in environ:
+        given, source = environ["DATA_DIR"], _ENVIRONMENT
+    else:
+        return RelayConfig().data_dir, _Source("default")
+    try:
+        path = _structure_path(given, Path)
+    except ValueError as exc:
+        raise ConfigError(f"{source.describe('data_dir')}: {exc}") from None
+    if str(given) == "":
+        raise ConfigError(f"{source.describe('data_dir')}: must not be empty")
+    return path, source
+
+
+def load_config(
+    *,
+    flags: Mapping[str, object | None],
+    environ: Mapping[str, str],
+    config_file: Path | None,
+    data_dir: Path | None,
+) -> RelayConfig:
+    """Merge flags, environment, config file and defaults into a :class:`RelayConfig`.
+
+    Args:
+        flags: Command-line values by :class:`RelayConfig` field name; ``None`` means the
+            flag was not given.
+        environ: The environment, usually ``os.environ``. Read: ``HOST``, ``PORT``,
+            ``SERVER_KEY``, ``LOG_LEVEL``, ``ENABLE_CORS``, ``ALLOWED_ORIGINS`` (comma
+            separated) and ``DATA_DIR``.
+        config_file: A reference-format INI file that must exist; ``None`` reads
+            ``<data dir>/.mcp-endpoint-server.cfg`` if it exists.
+        data_dir: The data directory given on the command line, if any; it beats
+            ``flags["data_dir"]`` and ``DATA_DIR``.
+
+    Returns:
+        The configuration, always with a key. When no source gives one, a fresh 32-hex-digit
+        key is written into the config file (created with mode 0600 if needed, other content
+        kept) so the next load finds it.
+
+    Raises:
+        ConfigError: A value is malformed or out of range, the explicit config file does not
+            exist or cannot be parsed, or the generated key cannot be saved.
+        ValueError: ``flags`` holds a name that is not a :class:`RelayConfig` field.
+    """
+    unknown = set(flags) - _FIELDS
+    if unknown:
+        raise ValueError(f"unknown setting names in flags: {', '.join(sorted(unknown))}")
+
+    resolved_dir, dir_source = _resolve_data_dir(flags, environ, data_dir)
+    if config_file is None:
+        path = resolved_dir / CONFIG_FILE_NAME
+        from_file = _read_file(path) if path.exists() else {}
+    else:
+        path = config_file
+        if not path.exists():
+            raise ConfigError(f"--config: config file {path} does not exist")
+        from_file = _read_file(path)
+
+    merged: dict[str, tuple[object, _Source]] = {"data_dir": (resolved_dir, dir_source)}
+    file_source = _Source("file", path)
+    for field, value in from_file.items():
+        merged[field] = (value, file_source)
+    for field, env_name in _ENV_NAMES.items():
+        if field != "data_dir" and env_name in environ:
+            merged[field] = (environ[env_name], _ENVIRONMENT)
+    for field, flag_value in flags.items():
+        if field != "data_dir" and flag_value is not None:
+            merged[field] = (flag_value, _FLAG)
+
+    generated_key = "key" not in merged
+    if generated_key:
+        # The reference's own format: 32 hex characters (it uses uuid4().hex).
+        merged["key"] = (secrets.token_hex(16), _GENERATED)
+
+    config = _structure(merged)
+    if generated_key:
+        assert config.key is not None
+        _save_key(path, config.key)
+    return config
+
+
+def _structure(merged: Mapping[str, tuple[object, _Source]]) -> RelayConfig:
+    """Structure the merged values, turning every failure into one :class:`ConfigError`.
+
+    Type errors come from the converter's hooks, annotated by cattrs with the field name;
+    range errors come from the attrs validators as :class:`_InvalidValue`, which cattrs may
+    pass through as they are or inside its exception group.
+    """
+
+    def describe(field: str) -> str:
+        source = merged[field][1] if field in merged else _Source("default")
+        return source.describe(field)
+
+    values = {field: value for field, (value, _) in merged.items()}
+    problems: list[str] = []
+    try:
+        return _converter.structure(values, RelayConfig)
+    except ClassValidationError as group:
+        with_notes, without_notes = group.group_exceptions()
+        for exc, note in with_notes:
+            problems.append(f"{describe(str(note.name))}: {_first_line(exc)}")
+        for exc in without_notes:
+            if isinstance(exc, _InvalidValue):
+                problems.append(f"{describe(exc.field)}: {exc.detail}")
+            else:
+                problems.append(_first_line(exc))
+    except _InvalidValue as exc:
+        problems.append(f"{describe(exc.field)}: {exc.detail}")
+    raise ConfigError("; ".join(problems))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _save_key(path: Path, key: str) -> None:
+    """Write ``key = <key>`` into the ``[server]`` section of ``path``, keeping the rest.
+
+    The file is edited as text, not rewritten by configparser, so the user's comments and
+    layout survive. It is replaced atomically and ends up with mode 0600: it holds a secret.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig") if path.exists() else ""
+        lines = text.splitlines(keepends=True)
+        entry = f"key = {key}\n"
+        header = next(
+            (index for index, line in enumerate(lines) if line.strip() == "[server]"), None
+        )
+        if header is None:
+            if lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n"
+            lines += (["\n"] if lines else []) + ["[server]\n", entry]
+        else:
+            if not lines[header].endswith("\n"):
+                lines[header] += "\n"
+            lines.insert(header + 1, entry)
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mkstemp creates the file with mode 0600 and a name no one else can have taken.
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as stream:
+                stream.write("".join(lines))
+            os.chmod(temporary, 0o600)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    except OSError as exc:
+        raise ConfigError(
+            f"[server] key in {path}: cannot save the generated key: {exc.strerror or exc}"
+        ) from None
+
+
+def local_ip() -> str:
+    """Find this machine's outward-facing IPv4 address, as the reference does.
+
+    "Connecting" a UDP socket only asks the kernel for a route; no packet is sent.
+
+    Returns:
+        The source address of the default route, or ``"127.0.0.1"`` if there is none.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("8.8.8.8", 80))
+            address = probe.getsockname()[0]
+    except Exception:
+        return "127.0.0.1"
+    return address if isinstance(address, str) else "127.0.0.1"

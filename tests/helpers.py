@@ -83,8 +83,9 @@ class HttpResponse:
         return json.loads(self.body)
 
 
-async def http_get(port: int, target: str, headers: dict[str, str] | None = None,
-                   method: str = "GET") -> HttpResponse:
+async def http_get(
+    port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> HttpResponse:
     """One plain HTTP/1.1 request to the relay, read until the server closes."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:

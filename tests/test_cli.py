@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import NoReturn
 from urllib.parse import parse_qs, urlsplit
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -58,23 +59,18 @@ def test_serve_help_documents_every_option() -> None:
     result = runner.invoke(app, ["serve", "--help"])
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
-    for option in (
-        "--host",
-        "--port",
-        "--key",
-        "--config",
-        "--data-dir",
-        "--log-level",
-        "--max-message-size",
-        "--handshake-timeout",
-        "--forward-timeout",
-        "--tool-request-timeout",
-    ):
+    env_only = {"enable_cors", "allowed_origins"}
+    options = ["--config"] + [
+        "--" + field.name.replace("_", "-")
+        for field in attrs.fields(RelayConfig)
+        if field.name not in env_only
+    ]
+    for option in options:
         assert option in text
-    for env_name in ("HOST", "PORT", "SERVER_KEY", "DATA_DIR", "LOG_LEVEL"):
+    for env_name in ("HOST", "PORT", "SERVER_KEY", "DATA_DIR", "LOG_LEVEL", "ADMIN_KEY"):
         assert f"Env: {env_name}." in text
     assert "[server]" in text  # brackets survive help formatting
-    assert text.count("Default:") == 10
+    assert text.count("Default:") == len(options)
 
 
 # --- Configuration errors -------------------------------------------------------------------
@@ -159,7 +155,10 @@ def test_banner_urls_use_a_specific_bind_address(
 
 
 async def fake_serve_relay(
-    config: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    config: RelayConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     task_status.started(4321)
     await trio.sleep_forever()
@@ -184,7 +183,10 @@ def test_serve_prints_banner_and_exits_0_on_keyboard_interrupt(
     seen: list[RelayConfig] = []
 
     async def interrupted(
-        config: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        config: RelayConfig,
+        *,
+        shutdown: trio.Event | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         seen.append(config)
         task_status.started(4321)
@@ -202,7 +204,10 @@ def test_serve_prints_banner_and_exits_0_on_keyboard_interrupt(
 
 def test_serve_reports_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def port_taken(
-        config: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        config: RelayConfig,
+        *,
+        shutdown: trio.Event | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         raise OSError(errno.EADDRINUSE, "Address already in use")
 

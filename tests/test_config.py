@@ -98,6 +98,19 @@ def test_field_names_and_defaults() -> None:
         "forward_timeout": 10.0,
         "tool_request_timeout": 30.0,
         "outbox_size": 256,
+        "admin_key": None,
+        "ping_interval": 20.0,
+        "ping_timeout": 20.0,
+        "max_connections": 10000,
+        "max_callers_per_agent": 100,
+        "max_inflight_per_caller": 100,
+        "max_tool_requests": 32,
+        "request_timeout": 0.0,
+        "slow_caller_grace": 10.0,
+        "shutdown_grace": 10.0,
+        "auth_failures": 10,
+        "auth_window": 60.0,
+        "auth_ban": 60.0,
     }
 
 

@@ -13,7 +13,9 @@ README = (ROOT / "README.md").read_text()
 
 def test_embedding_example_runs() -> None:
     match = re.search(
-        r"<!-- embedding-example -->\n```python\n(.*?)```\n<!-- /embedding-example -->", README, re.S
+        r"<!-- embedding-example -->\n```python\n(.*?)```\n<!-- /embedding-example -->",
+        README,
+        re.S,
     )
     assert match, "README lost its embedding example"
     result = subprocess.run(

@@ -82,7 +82,9 @@ def test_captured_trace_round_trips(trace: str) -> None:
             expected_to_caller.append(json.loads(row["frame"]))
     # Every tool frame reached the caller, with the caller's own ids and tokens restored.
     assert len(replay.to_caller) == len(expected_to_caller)
-    caller_ids = [json.loads(r["frame"]).get("id") for r in load(trace) if r["dir"] == "caller->relay"]
+    caller_ids = [
+        json.loads(r["frame"]).get("id") for r in load(trace) if r["dir"] == "caller->relay"
+    ]
     for got, sent in zip(replay.to_caller, expected_to_caller, strict=True):
         if "id" in sent:
             assert type(got["id"]) is int and got["id"] in caller_ids
@@ -121,7 +123,9 @@ def test_xiaozhi_duplicate_ids_in_flight_route_to_the_right_request() -> None:
 
 
 def other(client_prefix: str) -> list[str]:
-    return [r["frame"] for r in load("other-clients.jsonl") if r["client"].startswith(client_prefix)]
+    return [
+        r["frame"] for r in load("other-clients.jsonl") if r["client"].startswith(client_prefix)
+    ]
 
 
 def test_manager_api_frames_forward_with_integer_ids() -> None:
@@ -135,7 +139,9 @@ def test_manager_api_frames_forward_with_integer_ids() -> None:
     ]
     assert replay.to_tool[2]["params"] is None  # null params pass through untouched
     for original in (1, 2):
-        replay.tool_sends(json.dumps({"jsonrpc": "2.0", "id": replay.tool_seen[original], "result": {}}))
+        replay.tool_sends(
+            json.dumps({"jsonrpc": "2.0", "id": replay.tool_seen[original], "result": {}})
+        )
     assert [f["id"] for f in replay.to_caller] == [1, 2]
 
 

@@ -47,7 +47,11 @@ class _ServeRelay(Protocol):
     """The shape of ``trio_mcp_relay._server.serve_relay`` that the CLI relies on."""
 
     def __call__(
-        self, config: RelayConfig, *, task_status: trio.TaskStatus[int] = ...
+        self,
+        config: RelayConfig,
+        *,
+        shutdown: trio.Event | None = ...,
+        task_status: trio.TaskStatus[int] = ...,
     ) -> Awaitable[Any]: ...
 
 
@@ -94,21 +98,33 @@ def banner(config: RelayConfig, port: int) -> list[str]:
 async def run_with_banner(config: RelayConfig, serve_relay: _ServeRelay) -> None:
     """Run ``serve_relay`` and print the banner once it is listening.
 
-    Returns (after cancelling the relay) when the process receives SIGTERM, so that
-    ``docker stop`` shuts the relay down cleanly.
+    The first SIGINT (Ctrl-C) or SIGTERM (``docker stop``) starts a graceful shutdown: stop
+    accepting, give in-flight requests ``shutdown_grace`` seconds, close every peer with 1001.
+    A second signal cuts the grace period short.
 
     Args:
         config: The loaded configuration.
         serve_relay: The server entry point; it reports its port via ``task_status``.
     """
-    async with trio.open_nursery() as nursery:
-        port: int = await nursery.start(serve_relay, config)
-        for line in banner(config, port):
-            print(line, flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+    shutdown = trio.Event()
+    log = logging.getLogger("trio_mcp_relay")
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve(*, task_status: trio.TaskStatus[int]) -> None:
+                await serve_relay(config, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the graceful shutdown is complete
+
+            port: int = await nursery.start(serve)
+            for line in banner(config, port):
+                print(line, flush=True)
+            async for signum in signals:
+                if shutdown.is_set():
+                    log.warning("second signal: stopping now")
+                    nursery.cancel_scope.cancel()
+                    break
+                log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+                shutdown.set()
 
 
 def _exit_on_os_error(group: BaseExceptionGroup[OSError], config: RelayConfig) -> NoReturn:
@@ -193,6 +209,79 @@ def serve(
             "Default: 30."
         ),
     ] = None,
+    admin_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Separate key for /mcp_endpoint/health, so the token key need not be shared "
+            "with monitoring. Env: ADMIN_KEY. Default: the server key.",
+            show_default=False,
+        ),
+    ] = None,
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a caller request may wait for the tool before the relay answers "
+            "-32006 and cancels it at the tool; 0 waits forever. Default: 0."
+        ),
+    ] = None,
+    ping_interval: Annotated[
+        float | None,
+        typer.Option(help="Seconds between WebSocket pings to each peer; 0 is off. Default: 20."),
+    ] = None,
+    ping_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds a peer has to answer a ping (else close 1011). Default: 20."),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(help="Open connections at most; more get HTTP 503. Default: 10000."),
+    ] = None,
+    max_callers_per_agent: Annotated[
+        int | None,
+        typer.Option(help="Callers per agent at most; more are closed (4002). Default: 100."),
+    ] = None,
+    max_inflight_per_caller: Annotated[
+        int | None,
+        typer.Option(help="Requests in flight per caller; more get -32007. Default: 100."),
+    ] = None,
+    max_tool_requests: Annotated[
+        int | None,
+        typer.Option(
+            help="Tool-initiated requests awaiting callers, per agent; more get -32007. "
+            "Default: 32."
+        ),
+    ] = None,
+    outbox_size: Annotated[
+        int | None,
+        typer.Option(help="Frames queued per connection before it counts as slow. Default: 256."),
+    ] = None,
+    slow_caller_grace: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a caller may leave its full outbox unread before it is closed "
+            "(1013). Default: 10."
+        ),
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds in-flight requests get on SIGINT/SIGTERM before the rest are "
+            "answered -32003. Default: 10."
+        ),
+    ] = None,
+    auth_failures: Annotated[
+        int | None,
+        typer.Option(
+            help="Failed authentications per address within --auth-window that get it refused "
+            "(HTTP 429) for --auth-ban seconds; 0 is off. Default: 10."
+        ),
+    ] = None,
+    auth_window: Annotated[
+        float | None, typer.Option(help="See --auth-failures, in seconds. Default: 60.")
+    ] = None,
+    auth_ban: Annotated[
+        float | None, typer.Option(help="See --auth-failures, in seconds. Default: 60.")
+    ] = None,
 ) -> None:
     """Run the relay until interrupted.
 
@@ -208,6 +297,20 @@ def serve(
         "handshake_timeout": handshake_timeout,
         "forward_timeout": forward_timeout,
         "tool_request_timeout": tool_request_timeout,
+        "admin_key": admin_key,
+        "request_timeout": request_timeout,
+        "ping_interval": ping_interval,
+        "ping_timeout": ping_timeout,
+        "max_connections": max_connections,
+        "max_callers_per_agent": max_callers_per_agent,
+        "max_inflight_per_caller": max_inflight_per_caller,
+        "max_tool_requests": max_tool_requests,
+        "outbox_size": outbox_size,
+        "slow_caller_grace": slow_caller_grace,
+        "shutdown_grace": shutdown_grace,
+        "auth_failures": auth_failures,
+        "auth_window": auth_window,
+        "auth_ban": auth_ban,
     }
     try:
         relay_config = load_config(

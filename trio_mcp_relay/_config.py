@@ -99,6 +99,11 @@ def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
         raise _InvalidValue(attribute.name, f"{value!r} is not a positive number")
 
 
+def _zero_or_positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise _InvalidValue(attribute.name, f"{value!r} is not zero or a positive number")
+
+
 def _key_text(_: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
     if value is None:
         return
@@ -132,6 +137,24 @@ class RelayConfig:
         forward_timeout: Seconds a frame may wait to be handed to a peer's outbox.
         tool_request_timeout: Seconds a tool-initiated request waits for a caller's answer.
         outbox_size: Frames queued per connection before the peer counts as not reading.
+        admin_key: Key for the health endpoint; ``None`` means the server key (as the
+            reference). Its ``repr`` is redacted.
+        ping_interval: Seconds between WebSocket pings to every peer; 0 turns pings off.
+        ping_timeout: Seconds a peer has to answer a ping before it is closed (1011).
+        max_connections: Open TCP connections at most; more are answered HTTP 503.
+        max_callers_per_agent: Caller connections per agent at most; more are closed (4002).
+        max_inflight_per_caller: Requests one caller may have in flight; more get ``-32007``.
+        max_tool_requests: Tool-initiated requests awaiting a caller, per agent; more get
+            ``-32007``.
+        request_timeout: Seconds a caller request may stay unanswered before the relay answers
+            ``-32006`` and cancels it at the tool; 0 (the default) waits for the tool forever.
+        slow_caller_grace: Seconds a caller's full outbox may stay full before it is closed
+            (1013).
+        shutdown_grace: Seconds a graceful shutdown waits for in-flight requests.
+        auth_failures: Failed authentications from one address within ``auth_window`` that
+            make the relay refuse that address (HTTP 429) for ``auth_ban`` seconds; 0 is off.
+        auth_window: See ``auth_failures``.
+        auth_ban: See ``auth_failures``.
     """
 
     host: str = attrs.field(default="0.0.0.0", validator=_not_empty)
@@ -146,6 +169,19 @@ class RelayConfig:
     forward_timeout: float = attrs.field(default=10.0, validator=_positive)
     tool_request_timeout: float = attrs.field(default=30.0, validator=_positive)
     outbox_size: int = attrs.field(default=256, validator=_positive)
+    admin_key: str | None = attrs.field(default=None, validator=_key_text, repr=_redact_key)
+    ping_interval: float = attrs.field(default=20.0, validator=_zero_or_positive)
+    ping_timeout: float = attrs.field(default=20.0, validator=_positive)
+    max_connections: int = attrs.field(default=10000, validator=_positive)
+    max_callers_per_agent: int = attrs.field(default=100, validator=_positive)
+    max_inflight_per_caller: int = attrs.field(default=100, validator=_positive)
+    max_tool_requests: int = attrs.field(default=32, validator=_positive)
+    request_timeout: float = attrs.field(default=0.0, validator=_zero_or_positive)
+    slow_caller_grace: float = attrs.field(default=10.0, validator=_positive)
+    shutdown_grace: float = attrs.field(default=10.0, validator=_zero_or_positive)
+    auth_failures: int = attrs.field(default=10, validator=_zero_or_positive)
+    auth_window: float = attrs.field(default=60.0, validator=_positive)
+    auth_ban: float = attrs.field(default=60.0, validator=_positive)
 
 
 # --- Structuring -----------------------------------------------------------------------------
@@ -221,6 +257,7 @@ _ENV_NAMES: Final = {
     "enable_cors": "ENABLE_CORS",
     "allowed_origins": "ALLOWED_ORIGINS",
     "data_dir": "DATA_DIR",
+    "admin_key": "ADMIN_KEY",
 }
 
 # The reference's [server] debug switches uvicorn's auto-reload, which has no counterpart
@@ -232,6 +269,7 @@ _FILE_NAMES: Final = {
     "log_level": ("server", "log_level"),
     "allowed_origins": ("security", "allowed_origins"),
     "enable_cors": ("security", "enable_cors"),
+    "admin_key": ("security", "admin_key"),
 }
 
 _FIELDS: Final = frozenset(field.name for field in attrs.fields(RelayConfig))

@@ -17,6 +17,9 @@ as JSON ``null``.
 Exactness: orjson turns integers outside the 64-bit range into floats, and refuses to write
 them. A frame whose text holds a run of 19 or more digits is therefore parsed (and written)
 with the standard library instead, so huge integer ids and arguments survive unchanged.
+Both parsers must accept exactly the frames :func:`dumps` can write back: nesting deeper than
+orjson writes (:data:`MAX_DEPTH`) and strings holding a lone UTF-16 surrogate (the stdlib
+parser takes ``"\\ud800"``, but no UTF-8 text can hold it) are ``-32700``.
 """
 
 from __future__ import annotations
@@ -74,9 +77,16 @@ CONNECTION_ERROR: Final = -32003
 AUTHENTICATION_ERROR: Final = -32004
 NO_CALLER: Final = -32005
 REQUEST_TIMEOUT: Final = -32006
+LIMIT_EXCEEDED: Final = -32007
 
 _RESERVED: Final = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
 _LONG_DIGITS: Final = re.compile(rb"\d{19}")
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+
+#: Deepest nesting of arrays and objects a frame may have, the frame itself counting as 1.
+#: orjson writes no deeper; the stdlib writer, which dumps would fall back to, recurses on the
+#: Python stack and fails at a depth that depends on the caller's stack.
+MAX_DEPTH: Final = 254
 
 
 @attrs.frozen
@@ -201,23 +211,57 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _nested_too_deeply(obj: Any, exact: bool) -> bool:
+    if not exact:
+        # What orjson parsed without a long digit run, only the depth can stop it writing,
+        # and trying is ten times faster than walking the tree in Python.
+        try:
+            orjson.dumps(obj)
+        except orjson.JSONEncodeError:
+            return True
+        return False
+    level = [obj] if isinstance(obj, dict | list) else []
+    for _ in range(MAX_DEPTH):
+        if not level:
+            return False
+        level = [
+            child
+            for container in level
+            for child in (container.values() if isinstance(container, dict) else container)
+            if isinstance(child, dict | list)
+        ]
+    return bool(level)
+
+
 def _loads(data: bytes) -> Any:
     """Parse JSON exactly: orjson normally, the stdlib for integers orjson would round."""
-    if _LONG_DIGITS.search(data) is None:
+    exact = _LONG_DIGITS.search(data) is not None
+    if not exact:
         try:
-            return orjson.loads(data)
+            obj = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
-    try:
-        return json.loads(
-            data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
-        )
-    except UnicodeDecodeError:
-        raise FrameError(PARSE_ERROR, "not UTF-8 text") from None
-    except RecursionError:
-        raise FrameError(PARSE_ERROR, "not JSON: nested too deeply") from None
-    except ValueError as exc:
-        raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
+    else:
+        try:
+            obj = json.loads(
+                data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+            )
+        except UnicodeDecodeError:
+            raise FrameError(PARSE_ERROR, "not UTF-8 text") from None
+        except RecursionError:
+            raise FrameError(PARSE_ERROR, "not JSON: nested too deeply") from None
+        except ValueError as exc:
+            raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
+    # Nesting deeper than MAX_DEPTH takes more than two bytes a level.
+    if len(data) > 2 * MAX_DEPTH and _nested_too_deeply(obj, exact):
+        raise FrameError(PARSE_ERROR, "not JSON: nested too deeply")
+    if exact and _SURROGATE_ESCAPE.search(data) is not None:
+        # orjson refuses lone surrogates itself; the stdlib parser lets them through.
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise FrameError(PARSE_ERROR, "not JSON: lone surrogate in a string") from None
+    return obj
 
 
 def dumps(obj: Any) -> bytes:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from collections.abc import Iterator
 from typing import Any, Final, TypeAlias
 
@@ -52,6 +53,7 @@ import attrs
 from ._frames import (
     CONNECTION_ERROR,
     FORWARD_FAILED,
+    LIMIT_EXCEEDED,
     MISSING,
     NO_CALLER,
     REQUEST_TIMEOUT,
@@ -112,6 +114,7 @@ class _Pending:
     caller: int
     caller_id: Id
     token: Any  # the caller's progress token, or MISSING
+    deadline: float | None = None
 
 
 @attrs.define(slots=True)
@@ -167,10 +170,32 @@ class Router:
 
     Args:
         tool_request_timeout: seconds a caller has to answer a request the tool sent it.
+        request_timeout: seconds a caller request may wait for the tool's answer before the
+            relay answers ``-32006`` itself and cancels it at the tool; 0 waits forever.
+        max_inflight_per_caller: requests one caller may have in flight; more get ``-32007``
+            (0: no limit).
+        max_tool_requests: tool-initiated requests awaiting a caller per agent; more get
+            ``-32007`` (0: no limit).
     """
 
-    def __init__(self, *, tool_request_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        tool_request_timeout: float = 30.0,
+        request_timeout: float = 0.0,
+        max_inflight_per_caller: int = 0,
+        max_tool_requests: int = 0,
+    ) -> None:
         self.tool_request_timeout = tool_request_timeout
+        self.request_timeout = request_timeout
+        self.max_inflight_per_caller = max_inflight_per_caller
+        self.max_tool_requests = max_tool_requests
+        #: Set during a graceful shutdown: new caller requests are refused with -32003.
+        self.draining = False
+        # Deadlines in the order they were set. Each timeout is a constant, so each queue is
+        # sorted; entries whose request completed first are skipped when they come up.
+        self._request_deadlines: deque[tuple[float, _Agent, int, _Pending]] = deque()
+        self._tool_request_deadlines: deque[tuple[float, _Agent, int, _ToolRequest]] = deque()
         self._agents: dict[str, _Agent] = {}
         self._tools: dict[int, _Agent] = {}
         self._callers: dict[int, _Caller] = {}
@@ -208,6 +233,11 @@ class Router:
         """Requests in flight in either direction, over all agents."""
         return sum(len(a.pending) + len(a.tool_requests) for a in self._agents.values())
 
+    def caller_count(self, agent: str) -> int:
+        """How many callers ``agent`` has connected."""
+        state = self._agents.get(agent)
+        return len(state.callers) if state else 0
+
     def take_deadline_change(self) -> bool:
         """Whether a deadline was added since the last call (then wake the timer)."""
         added, self._deadline_added = self._deadline_added, False
@@ -215,10 +245,24 @@ class Router:
 
     def next_deadline(self) -> float | None:
         """The earliest deadline :meth:`expire` acts on, or None if there is none."""
-        deadlines = [
-            r.deadline for a in self._agents.values() for r in a.tool_requests.values()
-        ]
-        return min(deadlines, default=None)
+        requests, tool_requests = self._request_deadlines, self._tool_request_deadlines
+        # Drop entries of requests answered in time (amortized O(1): each goes once).
+        while requests and not self._request_waiting(requests[0]):
+            requests.popleft()
+        while tool_requests and not self._tool_request_waiting(tool_requests[0]):
+            tool_requests.popleft()
+        fronts = [q[0][0] for q in (requests, tool_requests) if q]
+        return min(fronts, default=None)
+
+    @staticmethod
+    def _request_waiting(item: tuple[float, _Agent, int, _Pending]) -> bool:
+        _, state, key, entry = item
+        return state.pending.get(key) is entry
+
+    @staticmethod
+    def _tool_request_waiting(item: tuple[float, _Agent, int, _ToolRequest]) -> bool:
+        _, state, key, req = item
+        return state.tool_requests.get(key) is req
 
     # ------------------------------------------------------------------ connections
 
@@ -229,9 +273,8 @@ class Router:
         return state
 
     def _maybe_forget(self, agent: _Agent) -> None:
-        if agent.tool is None and not agent.callers and not agent.pending:
-            if not agent.tool_requests:
-                self._agents.pop(agent.name, None)
+        if agent.tool is None and not (agent.callers or agent.pending or agent.tool_requests):
+            self._agents.pop(agent.name, None)
 
     def tool_connected(self, conn: int, agent: str) -> list[Action]:
         """A tool connection for ``agent`` is up. It replaces (and closes) any previous one."""
@@ -333,14 +376,14 @@ class Router:
         if caller is not None:
             self._activity += 1
             caller.last_active = self._activity
-            return self._from_caller(caller, frame)
+            return self._from_caller(caller, frame, now)
         state = self._tools.get(conn)
         if state is not None and state.tool == conn:
             return self._from_tool(state, conn, frame, now)
         return []
 
     def _from_caller(
-        self, caller: _Caller, frame: Request | Notification | Result | ErrorResponse
+        self, caller: _Caller, frame: Request | Notification | Result | ErrorResponse, now: float
     ) -> list[Action]:
         state = self._agents[caller.agent]
         tool = state.tool
@@ -352,13 +395,32 @@ class Router:
                         error_frame(frame.id, TOOL_NOT_CONNECTED, "Tool not connected"),
                     )
                 ]
+            if self.draining:
+                why = "the relay is shutting down"
+                return [
+                    Send(
+                        caller.conn,
+                        error_frame(frame.id, CONNECTION_ERROR, "Connection error", why),
+                    )
+                ]
+            limit = self.max_inflight_per_caller
+            if limit and len(caller.inflight) >= limit:
+                why = f"max_inflight_per_caller: at most {limit} requests in flight per caller"
+                return [
+                    Send(caller.conn, error_frame(frame.id, LIMIT_EXCEEDED, "Limit exceeded", why))
+                ]
             tool_id = state.next_id
             state.next_id += 1
             token = _progress_token(frame.params)
             params = frame.params
             if token is not MISSING:
                 params = _with_progress_token(params, tool_id)
-            state.pending[tool_id] = _Pending(caller.conn, frame.id, token)
+            entry = state.pending[tool_id] = _Pending(caller.conn, frame.id, token)
+            if self.request_timeout:
+                entry.deadline = now + self.request_timeout
+                self._request_deadlines.append((entry.deadline, state, tool_id, entry))
+                if len(self._request_deadlines) == 1:
+                    self._deadline_added = True
             caller.inflight[tool_id] = None
             out = Request(id=tool_id, method=frame.method, params=params, extra=frame.extra)
             return [Send(tool, dumps(out.to_json()), request=tool_id)]
@@ -420,6 +482,10 @@ class Router:
             return self._notification_from_tool(state, frame)
         if frame.method == "ping":
             return [Send(conn, dumps(Result(id=frame.id, result={}).to_json()))]
+        limit = self.max_tool_requests
+        if limit and len(state.tool_requests) >= limit:
+            why = f"max_tool_requests: at most {limit} tool requests await callers per agent"
+            return [Send(conn, error_frame(frame.id, LIMIT_EXCEEDED, "Limit exceeded", why))]
         caller = self._choose_caller(state)
         if caller is None:
             return [
@@ -432,11 +498,12 @@ class Router:
             ]
         key = state.next_tool_request
         state.next_tool_request += 1
-        state.tool_requests[key] = _ToolRequest(
-            caller.conn, frame.id, frame.method, now + self.tool_request_timeout
-        )
+        deadline = now + self.tool_request_timeout
+        req = state.tool_requests[key] = _ToolRequest(caller.conn, frame.id, frame.method, deadline)
+        self._tool_request_deadlines.append((deadline, state, key, req))
         caller.owes.add(key)
-        self._deadline_added = True
+        if len(self._tool_request_deadlines) == 1:
+            self._deadline_added = True
         return [Send(caller.conn, dumps(attrs.evolve(frame, id=key).to_json()))]
 
     def _choose_caller(self, state: _Agent) -> _Caller | None:
@@ -448,7 +515,9 @@ class Router:
         tool_id = frame.id
         entry = state.pending.pop(tool_id, None) if type(tool_id) is int else None
         if entry is None:
-            log.debug("agent %s: tool response to id %r nobody awaits, dropped", state.name, tool_id)
+            log.debug(
+                "agent %s: tool response to id %r nobody awaits, dropped", state.name, tool_id
+            )
             return []
         assert type(tool_id) is int
         caller = self._callers[entry.caller]
@@ -479,12 +548,13 @@ class Router:
         self, state: _Agent, frame: Notification, params: dict[str, Any]
     ) -> list[Action]:
         wanted = params.get("requestId", MISSING)
-        for key, req in state.tool_requests.items():
-            if _same_id(req.tool_id, wanted):
-                break
-        else:
+        found = next(
+            ((k, r) for k, r in state.tool_requests.items() if _same_id(r.tool_id, wanted)), None
+        )
+        if found is None:
             log.debug("agent %s: tool cancelled unknown request %r", state.name, wanted)
             return []
+        key, req = found
         del state.tool_requests[key]
         self._callers[req.caller].owes.discard(key)
         out = attrs.evolve(frame, params={**params, "requestId": key})
@@ -511,20 +581,44 @@ class Router:
         ]
 
     def expire(self, now: float) -> list[Action]:
-        """Act on every deadline that has passed: tool requests no caller answered in time."""
+        """Act on every deadline that has passed.
+
+        Tool requests no caller answered in time: the tool gets ``-32006``, the caller
+        ``notifications/cancelled``. Caller requests past ``request_timeout``: the caller gets
+        ``-32006`` with its id, the tool ``notifications/cancelled``.
+        """
         actions: list[Action] = []
-        for state in list(self._agents.values()):
-            late = [k for k, r in state.tool_requests.items() if r.deadline <= now]
-            for key in late:
-                req = state.tool_requests.pop(key)
-                self._callers[req.caller].owes.discard(key)
-                params = {"requestId": key, "reason": "no answer in time"}
-                actions.append(Send(req.caller, _notification("notifications/cancelled", params)))
-                if state.tool is not None:
-                    why = f"no caller answered {req.method} within {self.tool_request_timeout:g} s"
-                    actions.append(
-                        Send(state.tool, error_frame(req.tool_id, REQUEST_TIMEOUT, "Timeout", why))
-                    )
+        queue = self._tool_request_deadlines
+        while queue and queue[0][0] <= now:
+            item = queue.popleft()
+            if not self._tool_request_waiting(item):
+                continue  # answered in time
+            _, state, key, req = item
+            del state.tool_requests[key]
+            self._callers[req.caller].owes.discard(key)
+            params = {"requestId": key, "reason": "no answer in time"}
+            actions.append(Send(req.caller, _notification("notifications/cancelled", params)))
+            if state.tool is not None:
+                why = f"no caller answered {req.method} within {self.tool_request_timeout:g} s"
+                actions.append(
+                    Send(state.tool, error_frame(req.tool_id, REQUEST_TIMEOUT, "Timeout", why))
+                )
+            self._maybe_forget(state)
+        requests = self._request_deadlines
+        while requests and requests[0][0] <= now:
+            waiting = requests.popleft()
+            if not self._request_waiting(waiting):
+                continue  # answered in time
+            _, state, tool_id, entry = waiting
+            del state.pending[tool_id]
+            del self._callers[entry.caller].inflight[tool_id]
+            why = f"the tool did not answer within {self.request_timeout:g} s"
+            actions.append(
+                Send(entry.caller, error_frame(entry.caller_id, REQUEST_TIMEOUT, "Timeout", why))
+            )
+            if state.tool is not None:
+                params = {"requestId": tool_id, "reason": "request timed out at the relay"}
+                actions.append(Send(state.tool, _notification("notifications/cancelled", params)))
         return actions
 
     def check_invariants(self) -> Iterator[str]:
@@ -549,4 +643,3 @@ class Router:
                 caller = state.callers.get(req.caller)
                 if caller is None or key not in caller.owes:
                     yield f"agent {state.name}: tool request {key} has no live caller"
-

@@ -2,14 +2,17 @@
 
 Structure (every task has an owner)::
 
-    serve_relay                       server nursery
-    ├── timer                         wakes at the router's next deadline
-    ├── closer tasks                  one per connection being closed, bounded by a timeout
-    └── accept loop (serve_listeners)
+    serve_relay                       waits for cancellation or the shutdown trigger
+    └── connections nursery           (shielded: closing peers politely outlives a cancel)
+        ├── timer                     wakes at the router's next deadline
+        ├── keepalive                 one task pings every peer and closes the silent ones
+        ├── closer tasks              one per connection being closed, bounded by a timeout
+        ├── accept loop (serve_listeners, in its own cancel scope: shutdown stops it first)
         └── one task per TCP connection: HTTP head -> plain answer, or WebSocket
             └── connection nursery
                 ├── reader (the connection task itself): receive -> router -> dispatch
-                └── writer: outbox channel -> batched send_all
+                ├── writer: outbox channel -> batched send_all (pings go this way too)
+                └── overflow drainer, only while a caller's outbox is full
 
 Bounded channels and what happens when they are full:
 
@@ -18,8 +21,21 @@ Bounded channels and what happens when they are full:
   ``-32002`` (Forward failed). Frames from timers or from teardown never block: if the outbox
   is full they are counted as failed the same way.
 * a **caller's outbox** (``outbox_size`` frames): never blocks the sender (a tool must not stall
-  because one of its callers stopped reading). When full, that caller is closed with 1013 and
-  its requests are cancelled at the tool.
+  because one of its callers stopped reading). When full, frames wait in an overflow queue
+  (at most ``outbox_size`` more) while a drainer task gives the caller ``slow_caller_grace``
+  seconds to catch up; if it does not, or the overflow fills too, the caller is closed with
+  1013 and its requests are cancelled at the tool. Nothing queued is reordered or dropped
+  while the caller is still connected.
+
+Closing a peer: it is unregistered from the router at once (so its pending requests are
+answered or cancelled right away), its outbox is closed, the writer sends what is queued and
+then the close frame, and the peer gets ``CLOSE_TIMEOUT`` seconds to answer before the socket
+is dropped.
+
+Shutdown (the ``shutdown`` event): stop accepting, refuse new requests, give in-flight
+requests ``shutdown_grace`` seconds, then close tools and callers with 1001 (what is still in
+flight is answered ``-32003`` first). Cancelling ``serve_relay`` does the same without the
+grace period.
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ import inspect
 import itertools
 import logging
 import math
+from collections import deque
 from typing import Any, NoReturn
 
 import attrs
@@ -42,6 +59,7 @@ from . import __version__
 from ._auth import AesTokenAuthenticator, Authenticator, AuthError, Endpoint, redact
 from ._config import RelayConfig
 from ._frames import AUTHENTICATION_ERROR
+from ._guard import FailureLimiter
 from ._http import BadRequest, HttpRequest, read_request_head, respond
 from ._routing import Action, Close, Role, Router, Send
 from ._transport import ConnectionClosed, WsprotoWebSocket
@@ -52,10 +70,15 @@ log = logging.getLogger("trio_mcp_relay.server")
 
 #: How long a closing connection gets to answer our close frame before it is dropped.
 CLOSE_TIMEOUT = 2.0
-#: Close code for a caller that stopped reading (its outbox is full).
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_POLICY_VIOLATION = 1008
+#: Close codes.
+CLOSE_GOING_AWAY = 1001  # the relay is shutting down
+CLOSE_POLICY_VIOLATION = 1008  # bad token
+CLOSE_INTERNAL_ERROR = 1011  # no pong in time
+CLOSE_TRY_AGAIN_LATER = 1013  # a caller that stopped reading
+CLOSE_TOO_MANY_CALLERS = 4002  # max_callers_per_agent
 _MAX_BATCH = 256
+#: Outbox item that asks the writer to send a WebSocket ping (a JSON frame is never empty).
+_PING = b""
 
 _PATHS = {
     "/mcp_endpoint/mcp": Role.TOOL,
@@ -72,9 +95,13 @@ class _Peer:
     agent: str
     ws: WsprotoWebSocket
     outbox: trio.MemorySendChannel[bytes]
-    scope: trio.CancelScope
+    nursery: trio.Nursery
+    last_ping: float
     done: trio.Event = attrs.Factory(trio.Event)
     closing: bool = False
+    close_with: tuple[int, str] | None = None
+    overflow: deque[bytes] | None = None
+    ping_sent: float | None = None
 
 
 class _Relay:
@@ -85,11 +112,21 @@ class _Relay:
             authenticator = AesTokenAuthenticator(config.key)
         self.config = config
         self.authenticator = authenticator
-        self.router = Router(tool_request_timeout=config.tool_request_timeout)
+        self.router = Router(
+            tool_request_timeout=config.tool_request_timeout,
+            request_timeout=config.request_timeout,
+            max_inflight_per_caller=config.max_inflight_per_caller,
+            max_tool_requests=config.max_tool_requests,
+        )
         self._peers: dict[int, _Peer] = {}
         self._ids = itertools.count(1)
         self._timer_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._accept_scope = trio.CancelScope()
+        self._open_streams = 0
+        self._closing_peers: list[_Peer] = []
+        self.limiter = FailureLimiter(config.auth_failures, config.auth_window, config.auth_ban)
+        self.admin_key = config.admin_key or config.key or ""
 
     # ---------------------------------------------------------------- dispatch
 
@@ -148,30 +185,60 @@ class _Relay:
             log.warning("agent %s: tool is not reading; a notification was dropped", peer.agent)
 
     def _send_to_caller(self, peer: _Peer, data: bytes) -> None:
+        if peer.overflow is not None:
+            if len(peer.overflow) >= self.config.outbox_size:
+                log.warning("agent %s: caller %d is not reading; closing it", peer.agent, peer.conn)
+                self._close(peer.conn, CLOSE_TRY_AGAIN_LATER, "caller is not reading (outbox full)")
+            else:
+                peer.overflow.append(data)
+            return
         try:
             peer.outbox.send_nowait(data)
         except trio.WouldBlock:
-            log.warning("agent %s: caller %d is not reading; closing it", peer.agent, peer.conn)
-            self._close(peer.conn, CLOSE_TRY_AGAIN_LATER, "caller is not reading (outbox full)")
+            peer.overflow = deque([data])
+            peer.nursery.start_soon(self._drain_overflow, peer)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
+    async def _drain_overflow(self, peer: _Peer) -> None:
+        overflow = peer.overflow
+        assert overflow is not None
+        with trio.move_on_after(self.config.slow_caller_grace):
+            try:
+                while overflow:
+                    await peer.outbox.send(overflow[0])
+                    overflow.popleft()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
+            peer.overflow = None
+            return
+        grace = self.config.slow_caller_grace
+        log.warning(
+            "agent %s: caller %d did not read for %g s; closing it", peer.agent, peer.conn, grace
+        )
+        self._close(peer.conn, CLOSE_TRY_AGAIN_LATER, f"caller did not read for {grace:g} s")
+
     def _close(self, conn: int, code: int, reason: str) -> None:
         peer = self._peers.get(conn)
-        if peer is None or peer.closing:
+        if peer is not None:
+            self._close_peer(peer, code, reason)
+
+    def _close_peer(self, peer: _Peer, code: int, reason: str) -> None:
+        """Unregister at once so nothing more is routed to it, then close politely."""
+        if peer.closing:
             return
         peer.closing = True
-        assert self._nursery is not None
-        self._nursery.start_soon(self._close_peer, peer, code, reason)
-
-    async def _close_peer(self, peer: _Peer, code: int, reason: str) -> None:
-        # Unregister at once so nothing more is routed to it, then close politely.
+        peer.close_with = (code, reason)
         self._unregister(peer)
+        peer.overflow = None
+        peer.outbox.close()  # the writer sends what is queued, then the close frame
+        assert self._nursery is not None
+        self._nursery.start_soon(self._await_close, peer)
+
+    async def _await_close(self, peer: _Peer) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):
-            with contextlib.suppress(ConnectionClosed):
-                await peer.ws.close(code, reason)
             await peer.done.wait()
-        peer.scope.cancel()
+        peer.nursery.cancel_scope.cancel()
 
     def _unregister(self, peer: _Peer) -> None:
         if self._peers.get(peer.conn) is not peer:
@@ -191,30 +258,120 @@ class _Relay:
             self._timer_wake = trio.Event()
             self._dispatch_nowait(self.router.expire(trio.current_time()))
 
+    async def _keepalive(self) -> None:
+        """Ping every peer each ``ping_interval``; close those silent for ``ping_timeout``."""
+        interval, timeout = self.config.ping_interval, self.config.ping_timeout
+        if not interval:
+            return
+        tick = min(interval, timeout) / 4
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for peer in list(self._peers.values()):
+                if peer.ping_sent is not None:
+                    pong = peer.ws.last_pong
+                    if pong is not None and pong >= peer.ping_sent:
+                        peer.ping_sent = None
+                    elif now - peer.ping_sent >= timeout:
+                        log.info(
+                            "agent %s: connection %d did not answer a ping", peer.agent, peer.conn
+                        )
+                        self._close_peer(
+                            peer, CLOSE_INTERNAL_ERROR, f"no pong within {timeout:g} s"
+                        )
+                        continue
+                    else:
+                        continue
+                if now - peer.last_ping >= interval:
+                    peer.last_ping = peer.ping_sent = now
+                    with contextlib.suppress(
+                        trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
+                    ):
+                        peer.outbox.send_nowait(_PING)
+
+    # ---------------------------------------------------------------- shutdown
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let in-flight requests finish for ``grace`` s, close everyone (1001)."""
+        self._accept_scope.cancel()
+        self.router.draining = True
+        with trio.move_on_after(grace):
+            # Polled: the pending table has no "became empty" event, and this runs once.
+            while self.router.pending_count():  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        self.close_all()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            for peer in list(self._closing_peers):
+                await peer.done.wait()
+
+    def close_all(self) -> None:
+        """Close every peer with 1001: tools first, so callers get their -32003 answers."""
+        self._accept_scope.cancel()
+        peers = sorted(self._peers.values(), key=lambda p: p.role is not Role.TOOL)
+        self._closing_peers = peers
+        for peer in peers:
+            self._close_peer(peer, CLOSE_GOING_AWAY, "relay is shutting down")
+
     # ---------------------------------------------------------------- connections
+
+    async def run_connections(
+        self,
+        listeners: list[trio.SocketListener],
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The connections nursery, inside ``scope`` (shielded from outer cancellation)."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._timer)
+                nursery.start_soon(self._keepalive)
+                nursery.start_soon(self._accept, listeners, nursery)
+                task_status.started()
+
+    async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery) -> None:
+        with self._accept_scope:
+            await trio.serve_listeners(self.handle_stream, listeners, handler_nursery=nursery)
 
     async def handle_stream(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             remote = f"{host}:{port}"
         except OSError:
-            remote = "?"
+            host, remote = "?", "?"
+        self._open_streams += 1
         try:
+            if self._open_streams > self.config.max_connections:
+                log.warning("%s: refused: %d connections open", remote, self._open_streams - 1)
+                limit = self.config.max_connections
+                await respond(stream, 503, {"error": f"too many connections (limit {limit})"})
+                return
             with trio.move_on_after(self.config.handshake_timeout) as scope:
                 request = await read_request_head(stream)
             if scope.cancelled_caught:
                 log.debug("%s: no request head within the handshake timeout", remote)
                 return
-            if request.is_websocket:
-                await self._websocket(stream, request, remote)
+            retry = self.limiter.retry_after(host, trio.current_time())
+            if retry is not None:
+                log.info("%s: refused: too many failed authentications", remote)
+                await respond(
+                    stream,
+                    429,
+                    {"error": "too many failed authentications", "retry_after": math.ceil(retry)},
+                    headers=[("retry-after", str(math.ceil(retry)))],
+                )
+            elif request.is_websocket:
+                await self._websocket(stream, request, remote, host)
             else:
-                await self._http(stream, request)
+                await self._http(stream, request, host)
         except BadRequest as exc:
             log.debug("%s: bad request: %s", remote, exc)
             await respond(stream, 400, {"error": "bad request"})
         except Exception:
             log.exception("%s: connection failed", remote)
         finally:
+            self._open_streams -= 1
             await trio.aclose_forcefully(stream)
 
     def _cors_headers(self, request: HttpRequest) -> list[tuple[str, str]]:
@@ -235,7 +392,7 @@ class _Relay:
             ("vary", "Origin"),
         ]
 
-    async def _http(self, stream: trio.SocketStream, request: HttpRequest) -> None:
+    async def _http(self, stream: trio.SocketStream, request: HttpRequest, host: str) -> None:
         cors = self._cors_headers(request)
         path = request.path
         if request.method == "OPTIONS":
@@ -260,7 +417,7 @@ class _Relay:
             await respond(stream, 200, body, headers=cors, head_only=head_only)
         elif path in ("/mcp_endpoint/health", "/mcp_endpoint/health/"):
             key = request.query.get("key", "")
-            expected = self.config.key or ""
+            expected = self.admin_key
             if expected and hmac.compare_digest(key.encode(), expected.encode()):
                 body = {
                     "jsonrpc": "2.0",
@@ -278,12 +435,13 @@ class _Relay:
                     },
                     "id": None,
                 }
+                self.limiter.failed(host, trio.current_time())
                 await respond(stream, 403, body, headers=cors, head_only=head_only)
         else:
             await respond(stream, 404, {"error": "not found", "path": path}, headers=cors)
 
     async def _websocket(
-        self, stream: trio.SocketStream, request: HttpRequest, remote: str
+        self, stream: trio.SocketStream, request: HttpRequest, remote: str, host: str
     ) -> None:
         ws_conn = WSConnection(ConnectionType.SERVER)
         ws_conn.receive_data(request.raw)
@@ -313,7 +471,14 @@ class _Relay:
             agent = await self._authenticate(request.query.get("token", ""), endpoint)
         except AuthError as exc:
             log.info("%s: %s connection refused: %s", remote, endpoint.value, exc.reason)
-            await self._refuse(ws, exc.reason)
+            self.limiter.failed(host, trio.current_time())
+            await self._refuse(ws, CLOSE_POLICY_VIOLATION, exc.reason)
+            return
+        limit = self.config.max_callers_per_agent
+        if role is Role.CALLER and self.router.caller_count(agent) >= limit:
+            log.warning("%s: agent %s already has %d callers", remote, agent, limit)
+            reason = f"too many callers for this agent (limit {limit})"
+            await self._refuse(ws, CLOSE_TOO_MANY_CALLERS, reason)
             return
         log.info("%s: %s connected for agent %s", remote, endpoint.value, agent)
         try:
@@ -348,10 +513,10 @@ class _Relay:
             raise AuthError("token has no agentId")
         return agent
 
-    async def _refuse(self, ws: WsprotoWebSocket, reason: str) -> None:
+    async def _refuse(self, ws: WsprotoWebSocket, code: int, reason: str) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):
             try:
-                await ws.close(CLOSE_POLICY_VIOLATION, reason)
+                await ws.close(code, reason)
                 while True:
                     await ws.receive()
             except ConnectionClosed:
@@ -361,7 +526,7 @@ class _Relay:
         conn = next(self._ids)
         send, receive = trio.open_memory_channel[bytes](self.config.outbox_size)
         async with trio.open_nursery() as nursery:
-            peer = _Peer(conn, role, agent, ws, send, nursery.cancel_scope)
+            peer = _Peer(conn, role, agent, ws, send, nursery, trio.current_time())
             self._peers[conn] = peer
             try:
                 if role is Role.TOOL:
@@ -390,28 +555,36 @@ class _Relay:
                 await self._dispatch(actions)
 
     async def _writer(self, peer: _Peer, receive: trio.MemoryReceiveChannel[bytes]) -> None:
-        async with receive:
-            async for first in receive:
-                batch = [first]
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                try:
-                    await peer.ws.send_many(batch)
-                except ConnectionClosed:
-                    peer.scope.cancel()
-                    return
+        ws = peer.ws
+        try:
+            async with receive:
+                async for first in receive:
+                    batch = [first]
+                    while len(batch) < _MAX_BATCH:
+                        try:
+                            batch.append(receive.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    frames = [frame for frame in batch if frame is not _PING and frame]
+                    if frames:
+                        await ws.send_many(frames)
+                    if len(frames) != len(batch):
+                        await ws.ping()
+            # The outbox was closed: everything queued is sent; now the close frame.
+            if peer.close_with is not None:
+                await ws.close(*peer.close_with)
+        except ConnectionClosed:
+            peer.nursery.cancel_scope.cancel()
 
 
 async def serve_relay(
     config: RelayConfig,
     *,
     authenticator: Authenticator | None = None,
+    shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """Run the relay until cancelled.
+) -> None:
+    """Run the relay until cancelled, or until ``shutdown`` is set.
 
     Start it with ``port = await nursery.start(serve_relay, config)``: it reports the bound
     port (useful with ``config.port == 0``) once it is accepting connections.
@@ -421,12 +594,17 @@ async def serve_relay(
         authenticator: maps ``(token, endpoint)`` to an agent id, or raises
             :class:`~trio_mcp_relay.AuthError`; may be a coroutine function. Replaces the
             reference server's AES token scheme (which needs ``config.key``).
+        shutdown: set it to shut down gracefully: stop accepting, refuse new requests, give
+            in-flight requests ``config.shutdown_grace`` seconds, close every peer with 1001
+            (requests still in flight are answered ``-32003`` first), then return.
         task_status: for ``nursery.start``.
 
     Resource handling:
-        Every connection runs in its own nursery inside the server's; cancelling the task
-        running ``serve_relay`` closes every socket before it returns. Each connection's
-        outbox is a bounded memory channel (``config.outbox_size``).
+        Every connection runs in its own nursery inside the server's; every socket is closed
+        before ``serve_relay`` returns or raises. Each connection's outbox is a bounded memory
+        channel (``config.outbox_size``). Cancelling ``serve_relay`` also closes every peer
+        with 1001 and answers what is in flight, without the grace period; this takes at most
+        a couple of seconds (the peers' chance to answer the close frame).
 
     Error handling:
         A peer's misbehaviour ends that peer's connection (a JSON-RPC error or a close code)
@@ -435,13 +613,25 @@ async def serve_relay(
     """
     relay = _Relay(config, authenticator)
     listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
-    async with trio.open_nursery() as nursery:
-        relay._nursery = nursery
-        nursery.start_soon(relay._timer)
-        port = int(listeners[0].socket.getsockname()[1])
+    port = int(listeners[0].socket.getsockname()[1])
+    connections_scope = trio.CancelScope(shield=True)
+    async with trio.open_nursery() as outer:
+        await outer.start(relay.run_connections, listeners, connections_scope)
         log.info("listening on %s:%d", config.host, port)
-        if config.key:
-            log.info("health check: /mcp_endpoint/health?key=%s (key redacted)", redact(config.key))
+        log.info("health check at /mcp_endpoint/health?key=%s", redact(relay.admin_key))
         task_status.started(port)
-        await trio.serve_listeners(relay.handle_stream, listeners, handler_nursery=nursery)
-    raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            if shutdown is None:
+                await trio.sleep_forever()
+            await shutdown.wait()
+            log.info("shutting down: in-flight requests get %g s", config.shutdown_grace)
+            await relay.shutdown(config.shutdown_grace)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                relay.close_all()
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    for peer in relay._closing_peers:
+                        await peer.done.wait()
+            raise
+        finally:
+            connections_scope.cancel()

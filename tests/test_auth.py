@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -25,6 +26,7 @@ from trio_mcp_relay._auth import (
     Authenticator,
     AuthError,
     Endpoint,
+    RedactingFilter,
     caller_url,
     decrypt_agent_id,
     encrypt_token,
@@ -359,3 +361,28 @@ def test_arbitrary_tokens_never_raise_anything_but_auth_error(key: str, token: s
         decrypt_agent_id(key, token)
     except AuthError as exc:
         assert len(exc.reason.encode()) <= 100
+
+
+def test_redacting_filter_hides_tokens_and_keys_in_any_record() -> None:
+    token = encrypt_token(KEY, "agent")
+    record = logging.LogRecord(
+        "lib",
+        logging.INFO,
+        __file__,
+        1,
+        "GET /mcp_endpoint/call/?token=%s then key=%s",
+        (token, KEY),
+        None,
+    )
+    assert RedactingFilter().filter(record)
+    message = record.getMessage()
+    assert token not in message and KEY not in message
+    assert "token=" in message and "key=" in message
+
+
+def test_redacting_filter_leaves_other_records_alone() -> None:
+    record = logging.LogRecord(
+        "lib", logging.INFO, __file__, 1, "agent %s connected", ("a1",), None
+    )
+    assert RedactingFilter().filter(record)
+    assert record.msg == "agent %s connected" and record.args == ("a1",)

@@ -20,8 +20,10 @@ import binascii
 import enum
 import hashlib
 import json
+import logging
+import re
 from collections.abc import Awaitable, Callable
-from typing import TypeAlias
+from typing import Final, TypeAlias
 from urllib.parse import quote, unquote
 
 import attrs
@@ -233,6 +235,25 @@ def redact(secret: str) -> str:
         character per four, so that a short secret is never mostly shown).
     """
     return secret[: min(4, len(secret) // 4)] + "…"
+
+
+_SECRET_IN_URL: Final = re.compile(r"(?i)\b(token|key)=([^&\s\"'<>]+)")
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts ``token=…`` and ``key=…`` in every record it sees.
+
+    The relay never logs a secret on purpose; this is the safety net for messages it does
+    not write itself (exceptions quoting a URL, a library's debug output). Install it on a
+    handler, so it sees records from every logger.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _SECRET_IN_URL.sub(lambda m: f"{m.group(1)}={redact(m.group(2))}", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 @attrs.frozen

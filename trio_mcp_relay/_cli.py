@@ -21,7 +21,7 @@ from typing import Annotated, Any, NoReturn, Protocol, cast
 import trio
 import typer
 
-from trio_mcp_relay._auth import caller_url, health_url, tool_url
+from trio_mcp_relay._auth import RedactingFilter, caller_url, health_url, tool_url
 from trio_mcp_relay._config import ConfigError, RelayConfig, load_config, local_ip
 
 __all__ = ["app", "main"]
@@ -321,6 +321,8 @@ def serve(
         raise typer.Exit(2) from None
 
     logging.basicConfig(level=relay_config.log_level, format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
 
     serve_relay = _load_server()
 

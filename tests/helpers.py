@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,10 +44,21 @@ class RunningRelay:
         return encrypt_token(KEY, agent)
 
 
-async def start_relay(nursery: trio.Nursery, **overrides: Any) -> RunningRelay:
-    """Start serve_relay in ``nursery`` on 127.0.0.1:0 and return where it listens."""
+async def start_relay(
+    nursery: trio.Nursery,
+    *,
+    embedded_tools: Any = None,
+    shutdown: trio.Event | None = None,
+    **overrides: Any,
+) -> RunningRelay:
+    """Start serve_relay in ``nursery`` on 127.0.0.1:0 and return where it listens.
+
+    ``overrides`` are RelayConfig fields; ``embedded_tools`` and ``shutdown`` go to serve_relay.
+    """
     config = RelayConfig(**{"host": "127.0.0.1", "port": 0, "key": KEY, **overrides})
-    port = await nursery.start(serve_relay, config)
+    port = await nursery.start(
+        functools.partial(serve_relay, config, embedded_tools=embedded_tools, shutdown=shutdown)
+    )
     return RunningRelay(port=port, config=config)
 
 

@@ -47,7 +47,8 @@ import itertools
 import logging
 import math
 from collections import deque
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NoReturn, TypeAlias
 
 import attrs
 import trio
@@ -62,7 +63,7 @@ from ._frames import AUTHENTICATION_ERROR
 from ._guard import FailureLimiter
 from ._http import BadRequest, HttpRequest, read_request_head, respond
 from ._routing import Action, Close, Role, Router, Send
-from ._transport import ConnectionClosed, WsprotoWebSocket
+from ._transport import ConnectionClosed, WebSocket, WsprotoWebSocket, memory_websocket_pair
 
 __all__ = ["serve_relay"]
 
@@ -77,6 +78,11 @@ CLOSE_INTERNAL_ERROR = 1011  # no pong in time
 CLOSE_TRY_AGAIN_LATER = 1013  # a caller that stopped reading
 CLOSE_TOO_MANY_CALLERS = 4002  # max_callers_per_agent
 _MAX_BATCH = 256
+#: Seconds before an embedded tool that ended is started again.
+EMBEDDED_RESTART_DELAY = 1.0
+
+#: Serves the tool side of one agent in-process: MCP requests arrive on the WebSocket given.
+EmbeddedTool: TypeAlias = Callable[[WebSocket], Awaitable[None]]
 #: Outbox item that asks the writer to send a WebSocket ping (a JSON frame is never empty).
 _PING = b""
 
@@ -93,7 +99,7 @@ class _Peer:
     conn: int
     role: Role
     agent: str
-    ws: WsprotoWebSocket
+    ws: WebSocket
     outbox: trio.MemorySendChannel[bytes]
     nursery: trio.Nursery
     last_ping: float
@@ -105,7 +111,13 @@ class _Peer:
 
 
 class _Relay:
-    def __init__(self, config: RelayConfig, authenticator: Authenticator | None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        authenticator: Authenticator | None,
+        embedded_tools: Mapping[str, EmbeddedTool] | None = None,
+    ) -> None:
+        self.embedded_tools = dict(embedded_tools or {})
         if authenticator is None:
             if not config.key:
                 raise ValueError("RelayConfig.key is required when no authenticator is given")
@@ -327,8 +339,36 @@ class _Relay:
                 self._nursery = nursery
                 nursery.start_soon(self._timer)
                 nursery.start_soon(self._keepalive)
+                for agent, serve in self.embedded_tools.items():
+                    nursery.start_soon(self._embedded_tool, agent, serve)
                 nursery.start_soon(self._accept, listeners, nursery)
                 task_status.started()
+
+    async def _embedded_tool(self, agent: str, serve: EmbeddedTool) -> None:
+        """Connect an in-process tool for ``agent`` over a memory WebSocket.
+
+        If it ends (a crash, or a network tool for the agent replaced it), it is started again
+        once the agent has no tool, checked every ``EMBEDDED_RESTART_DELAY`` seconds.
+        """
+        while True:
+            relay_end, tool_end = memory_websocket_pair(
+                self.config.outbox_size, names=(f"embedded:{agent}", "relay")
+            )
+            log.info("agent %s: embedded tool started", agent)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_peer, relay_end, Role.TOOL, agent)
+                try:
+                    await serve(tool_end)
+                except Exception:
+                    log.exception("agent %s: embedded tool failed", agent)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await tool_end.close(1000, "embedded tool ended")
+            log.warning("agent %s: embedded tool ended", agent)
+            await trio.sleep(EMBEDDED_RESTART_DELAY)
+            # Replaced by a tool connected over the network: stand by until it is gone.
+            while self.router.tool_of(agent) is not None:  # noqa: ASYNC110 (rare, coarse)
+                await trio.sleep(EMBEDDED_RESTART_DELAY)
 
     async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery) -> None:
         with self._accept_scope:
@@ -522,7 +562,7 @@ class _Relay:
             except ConnectionClosed:
                 pass
 
-    async def _run_peer(self, ws: WsprotoWebSocket, role: Role, agent: str) -> None:
+    async def _run_peer(self, ws: WebSocket, role: Role, agent: str) -> None:
         conn = next(self._ids)
         send, receive = trio.open_memory_channel[bytes](self.config.outbox_size)
         async with trio.open_nursery() as nursery:
@@ -563,7 +603,8 @@ class _Relay:
                     while len(batch) < _MAX_BATCH:
                         try:
                             batch.append(receive.receive_nowait())
-                        except trio.WouldBlock:
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            # EndOfChannel: closed and now empty; the loop ends after this batch.
                             break
                     frames = [frame for frame in batch if frame is not _PING and frame]
                     if frames:
@@ -582,6 +623,7 @@ async def serve_relay(
     *,
     authenticator: Authenticator | None = None,
     shutdown: trio.Event | None = None,
+    embedded_tools: Mapping[str, EmbeddedTool] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the relay until cancelled, or until ``shutdown`` is set.
@@ -594,6 +636,10 @@ async def serve_relay(
         authenticator: maps ``(token, endpoint)`` to an agent id, or raises
             :class:`~trio_mcp_relay.AuthError`; may be a coroutine function. Replaces the
             reference server's AES token scheme (which needs ``config.key``).
+        embedded_tools: agent id -> a coroutine function serving that agent's tool side
+            in-process (for example ``PluginHost([...]).serve``), with no socket hop. It is
+            connected as the agent's tool when the relay starts. A tool connecting over the
+            network for that agent replaces it; it comes back when the agent has no tool.
         shutdown: set it to shut down gracefully: stop accepting, refuse new requests, give
             in-flight requests ``config.shutdown_grace`` seconds, close every peer with 1001
             (requests still in flight are answered ``-32003`` first), then return.
@@ -611,7 +657,7 @@ async def serve_relay(
         and is logged; an unexpected exception in one connection is logged and closes only
         that connection. Failing to bind the port raises ``OSError``.
     """
-    relay = _Relay(config, authenticator)
+    relay = _Relay(config, authenticator, embedded_tools)
     listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
     port = int(listeners[0].socket.getsockname()[1])
     connections_scope = trio.CancelScope(shield=True)

@@ -37,7 +37,14 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError
 
-__all__ = ["ConnectionClosed", "WebSocket", "WsprotoWebSocket", "encode_text_frame"]
+__all__ = [
+    "ConnectionClosed",
+    "MemoryWebSocket",
+    "WebSocket",
+    "WsprotoWebSocket",
+    "encode_text_frame",
+    "memory_websocket_pair",
+]
 
 ABNORMAL_CLOSURE: Final = 1006
 MESSAGE_TOO_BIG: Final = 1009
@@ -64,6 +71,11 @@ class WebSocket(Protocol):
 
     async def send_many(self, messages: Sequence[bytes]) -> None:
         """Send UTF-8 JSON messages as text frames, in order. Raises ConnectionClosed."""
+        ...
+
+    @property
+    def last_pong(self) -> float | None:
+        """``trio.current_time()`` when the last pong arrived (None: none yet)."""
         ...
 
     async def ping(self, payload: bytes = b"") -> None:
@@ -234,3 +246,91 @@ class WsprotoWebSocket:
     async def aclose(self) -> None:
         """Close the TCP stream."""
         await trio.aclose_forcefully(self._stream)
+
+
+class _CloseMarker:
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class MemoryWebSocket:
+    """One end of an in-process WebSocket (see :func:`memory_websocket_pair`).
+
+    Messages keep their kind: ``str`` arrives as text, ``bytes`` sent with :meth:`send_many`
+    arrive as text too (they are UTF-8 JSON, as on the wire), ``bytes`` sent with
+    :meth:`send_binary` as binary. Sends block while the other end's queue is full, as a
+    socket would.
+    """
+
+    def __init__(
+        self,
+        send: trio.MemorySendChannel[str | bytes | _CloseMarker],
+        receive: trio.MemoryReceiveChannel[str | bytes | _CloseMarker],
+        remote: str,
+    ) -> None:
+        self._send = send
+        self._receive = receive
+        self.remote = remote
+        self.last_pong: float | None = None
+        self._closed: ConnectionClosed | None = None
+
+    async def receive(self) -> str | bytes:
+        """The next message; ConnectionClosed once either end has closed."""
+        if self._closed is not None:
+            raise self._closed
+        try:
+            item = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+            raise self._closed from None
+        if isinstance(item, _CloseMarker):
+            self._closed = ConnectionClosed(item.code, item.reason)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                self._send.send_nowait(_CloseMarker(item.code, item.reason))
+            raise self._closed
+        return item
+
+    async def _put(self, item: str | bytes | _CloseMarker) -> None:
+        if self._closed is not None:
+            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection is closing")
+        try:
+            await self._send.send(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+
+    async def send_many(self, messages: Sequence[bytes | str]) -> None:
+        """Send UTF-8 JSON messages (or str) as text messages."""
+        for message in messages:
+            await self._put(message.decode() if isinstance(message, bytes) else message)
+
+    async def send_binary(self, message: bytes) -> None:
+        """Send one binary message."""
+        await self._put(bytes(message))
+
+    async def ping(self, payload: bytes = b"") -> None:
+        """An in-process peer is always alive: the pong is immediate."""
+        self.last_pong = trio.current_time()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Tell the other end; ``receive`` there ends with ConnectionClosed(code)."""
+        if self._closed is None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._put(_CloseMarker(code, _truncate_reason(reason)))
+
+    async def aclose(self) -> None:
+        """Drop both directions at once."""
+        self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "closed")
+        await self._send.aclose()
+        await self._receive.aclose()
+
+
+def memory_websocket_pair(
+    buffer: int = 256, *, names: tuple[str, str] = ("memory", "memory")
+) -> tuple[MemoryWebSocket, MemoryWebSocket]:
+    """Two connected in-process WebSocket ends, for embedded tools and tests."""
+    a_send, b_receive = trio.open_memory_channel[str | bytes | _CloseMarker](buffer)
+    b_send, a_receive = trio.open_memory_channel[str | bytes | _CloseMarker](buffer)
+    return MemoryWebSocket(a_send, a_receive, names[1]), MemoryWebSocket(
+        b_send, b_receive, names[0]
+    )

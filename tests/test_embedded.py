@@ -1,0 +1,99 @@
+"""Embedded tools: a tool served in-process for an agent, with no socket hop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from tests.helpers import peer, recv, send, start_relay, wait_for_counts
+from trio_mcp_relay._transport import ConnectionClosed, WebSocket, memory_websocket_pair
+
+
+async def echo_tool(ws: WebSocket) -> None:
+    """Answer every request with its method and params; end when the connection closes."""
+    try:
+        while True:
+            frame = json.loads(await ws.receive())
+            if "id" in frame and "method" in frame:
+                result = {
+                    "embedded": True,
+                    "method": frame["method"],
+                    "params": frame.get("params"),
+                }
+                await ws.send_many(
+                    [json.dumps({"jsonrpc": "2.0", "id": frame["id"], "result": result}).encode()]
+                )
+    except ConnectionClosed:
+        return
+
+
+async def test_embedded_tool_answers_callers_without_a_socket(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        relay = await start_relay(nursery, embedded_tools={"kitchen": echo_tool})
+        await wait_for_counts(relay, tools=1, callers=0)
+        async with peer(relay.caller_url("kitchen")) as caller:
+            await send(
+                caller, {"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": {"x": 1}}
+            )
+            answer = await recv(caller)
+        assert answer == {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "result": {"embedded": True, "method": "tools/call", "params": {"x": 1}},
+        }
+
+
+async def test_network_tool_replaces_embedded_one_which_comes_back_after(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trio_mcp_relay._server.EMBEDDED_RESTART_DELAY", 0.05)
+    with trio.fail_after(10):
+        relay = await start_relay(nursery, embedded_tools={"kitchen": echo_tool})
+        await wait_for_counts(relay, tools=1, callers=0)
+        async with peer(relay.caller_url("kitchen")) as caller:
+            async with peer(relay.tool_url("kitchen")) as tool:
+                await wait_for_counts(relay, tools=1, callers=1)
+                await send(caller, {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+                forwarded = await recv(tool)  # the network tool got it, not the embedded one
+                await send(tool, {"jsonrpc": "2.0", "id": forwarded["id"], "result": {"net": 1}})
+                assert (await recv(caller))["result"] == {"net": 1}
+            # The network tool left: the embedded one is connected again.
+            while True:
+                await send(caller, {"jsonrpc": "2.0", "id": 2, "method": "ping"})
+                answer = await recv(caller)
+                if "result" in answer:
+                    break
+                assert answer["error"]["code"] in (-32001, -32003)
+                await trio.sleep(0.02)
+            assert answer["result"]["embedded"] is True
+
+
+async def test_memory_pair_delivers_text_and_close_codes() -> None:
+    with trio.fail_after(5):
+        a, b = memory_websocket_pair()
+        await a.send_many([b'{"x":1}', "plain"])
+        await a.send_binary(b"\x00\x01")
+        assert await b.receive() == '{"x":1}'
+        assert await b.receive() == "plain"
+        assert await b.receive() == b"\x00\x01"
+        await b.ping()
+        assert b.last_pong is not None
+        await a.close(4001, "replaced")
+        with pytest.raises(ConnectionClosed) as closed:
+            await b.receive()
+        assert (closed.value.code, closed.value.reason) == (4001, "replaced")
+        with pytest.raises(ConnectionClosed):
+            await a.receive()  # the close was echoed back
+        with pytest.raises(ConnectionClosed):
+            await b.send_many([b"{}"])
+
+
+async def test_memory_pair_abrupt_close_is_1006() -> None:
+    with trio.fail_after(5):
+        a, b = memory_websocket_pair()
+        await a.aclose()
+        with pytest.raises(ConnectionClosed) as closed:
+            await b.receive()
+        assert closed.value.code == 1006

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import attrs
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import WebSocketConnection
 
 from trio_mcp_relay._auth import caller_url, encrypt_token, tool_url
 from trio_mcp_relay._config import RelayConfig
 from trio_mcp_relay._server import serve_relay
+from trio_mcp_relay.client import connect_websocket
 
 KEY = "0123456789abcdef0123456789abcdef"
 
@@ -65,16 +68,8 @@ async def start_relay(
 @asynccontextmanager
 async def peer(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
     """A trio-websocket client connection (``kwargs`` go to ``open_websocket_url``)."""
-    ws: WebSocketConnection | None = None
-    try:
-        async with open_websocket_url(url, **kwargs) as ws:
-            yield ws
-    finally:
-        # trio-websocket 0.12 never closes a client's socket when the server started the
-        # close handshake (its reader stops at EOF and aclose() returns early): close it
-        # here, or the socket is reported as a ResourceWarning, an error under pytest.
-        if ws is not None:
-            await trio.aclose_forcefully(ws._stream)
+    async with connect_websocket(url, **kwargs) as ws:
+        yield ws
 
 
 async def send(ws: WebSocketConnection, obj: Any) -> None:
@@ -129,3 +124,28 @@ async def wait_for_counts(relay: RunningRelay, *, tools: int, callers: int) -> N
         if counts["tool_connections"] == tools and counts["robot_connections"] == callers:
             return
         await trio.sleep(0.01)
+
+
+@contextmanager
+def relay_in_thread(**overrides: Any) -> Iterator[RunningRelay]:
+    """A relay running in its own thread and Trio loop, for tests of blocking CLI commands.
+
+    ``overrides`` as for :func:`start_relay`.
+    """
+    ready: queue.Queue[tuple[RunningRelay, trio.lowlevel.TrioToken, trio.CancelScope]] = (
+        queue.Queue()
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, **overrides)
+            ready.put((relay, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    relay, token, scope = ready.get(timeout=10)
+    try:
+        yield relay
+    finally:
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(timeout=10)

@@ -21,6 +21,7 @@ from typing import Annotated, Any, NoReturn, Protocol, cast
 import trio
 import typer
 
+from trio_mcp_relay import _cmd_client
 from trio_mcp_relay._auth import RedactingFilter, caller_url, health_url, tool_url
 from trio_mcp_relay._config import ConfigError, RelayConfig, load_config, local_ip
 
@@ -335,6 +336,9 @@ def serve(
         failed = group
     if failed is not None:
         _exit_on_os_error(failed, relay_config)
+
+
+_cmd_client.register(app)
 
 
 def main() -> None:

@@ -128,7 +128,7 @@ class Notification:
 class Result:
     """A successful response. ``id`` may be MISSING or None on malformed peers' frames."""
 
-    id: Id | None | Missing
+    id: Id | Missing | None
     result: Any
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -164,7 +164,7 @@ class ErrorObject:
 class ErrorResponse:
     """A failed response. It has no ``result`` member."""
 
-    id: Id | None | Missing
+    id: Id | Missing | None
     error: ErrorObject
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -330,7 +330,9 @@ def parse_frame(data: str | bytes) -> Frame:
         return Request(id=rid, method=method, params=params, extra=_extra(obj))
     rid = obj.get("id", MISSING)
     if rid is not MISSING and rid is not None and not _is_id(rid):
-        raise FrameError(INVALID_REQUEST, f'"id" must be a string or a number, not {_describe(rid)}')
+        raise FrameError(
+            INVALID_REQUEST, f'"id" must be a string or a number, not {_describe(rid)}'
+        )
     has_result = "result" in obj
     if has_result and "error" in obj:
         raise FrameError(INVALID_REQUEST, 'a response has "result" or "error", not both')

@@ -1,0 +1,254 @@
+"""A lean RFC 6455 frame codec for the server side, with no I/O.
+
+Theory of operation: wsproto performs the opening handshake; after it, every byte the client
+sends goes to :meth:`FrameParser.feed`, which yields whole events: :class:`Message` (a complete
+text or binary message, reassembled from fragments), :class:`Ping`, :class:`Pong` and
+:class:`Close`. Outgoing frames are built by :func:`frame` (server frames are never masked).
+
+It exists because the relay's hot path is one small frame in and one out per message, and a
+general-purpose state machine costs more per frame than the relay's own work. What it checks
+is what RFC 6455 requires of a server, each violation a :class:`ProtocolError` carrying the
+close code to answer with:
+
+* client frames must be masked; RSV bits must be zero (no extension is ever negotiated);
+  unknown opcodes are refused (1002);
+* control frames are final and at most 125 bytes; a continuation needs a message in progress,
+  and a new data frame may not start inside one (1002);
+* lengths use the minimal encoding and the 64-bit form has its top bit clear (1002);
+* text messages are valid UTF-8, checked when the message is complete (1007), and close
+  reasons too (1007); close codes must be ones a peer may send (1002);
+* messages larger than ``max_message_size`` bytes are refused (1009) as soon as the length
+  is known, before the payload is buffered.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+import attrs
+
+__all__ = [
+    "Close",
+    "FrameParser",
+    "Message",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "frame",
+]
+
+OP_CONTINUATION: Final = 0x0
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+OP_CLOSE: Final = 0x8
+OP_PING: Final = 0x9
+OP_PONG: Final = 0xA
+
+PROTOCOL_ERROR: Final = 1002
+INVALID_DATA: Final = 1007
+MESSAGE_TOO_BIG: Final = 1009
+
+_U16: Final = struct.Struct("!H")
+_U64: Final = struct.Struct("!Q")
+
+
+class ProtocolError(Exception):
+    """The client broke RFC 6455; close the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+@attrs.frozen
+class Message:
+    """A complete data message: ``str`` for text, ``bytes`` for binary."""
+
+    data: str | bytes
+
+
+@attrs.frozen
+class Ping:
+    """A ping; answer with a pong carrying the same payload."""
+
+    payload: bytes
+
+
+@attrs.frozen
+class Pong:
+    """A pong."""
+
+    payload: bytes
+
+
+@attrs.frozen
+class Close:
+    """A close frame (code 1005 when it carried none)."""
+
+    code: int
+    reason: str
+
+
+Event = Message | Ping | Pong | Close
+
+
+def _valid_close_code(code: int) -> bool:
+    # RFC 6455 7.4: 1000-1003, 1007-1011 (and 1012-1014, registered since) and 3000-4999.
+    return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def _unmask(payload: bytes | bytearray | memoryview, mask: bytes) -> bytes:
+    n = len(payload)
+    if not n:
+        return b""
+    key = int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")
+    return (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
+
+
+def frame(opcode: int, payload: bytes = b"") -> bytes:
+    """One final, unmasked server frame."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return bytes((0x80 | opcode, 126)) + _U16.pack(n) + payload
+    return bytes((0x80 | opcode, 127)) + _U64.pack(n) + payload
+
+
+def close_payload(code: int, reason: str) -> bytes:
+    """A close frame's payload: the code and a reason cut to fit 125 bytes."""
+    encoded = reason.encode()[:123].decode("utf-8", "ignore").encode()
+    return _U16.pack(code) + encoded
+
+
+class FrameParser:
+    """Turns client bytes into events. Feed bytes, then iterate :meth:`events`.
+
+    Args:
+        max_message_size: the largest message accepted, in bytes.
+    """
+
+    def __init__(self, max_message_size: int) -> None:
+        self.max_message_size = max_message_size
+        self._buffer = bytearray()
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._opcode: int | None = None  # of the fragmented message in progress
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the client."""
+        self._buffer += data
+
+    def events(self) -> list[Event]:
+        """Every complete event in what was fed so far.
+
+        Raises:
+            ProtocolError: the client broke the protocol (stop reading; close with the code).
+        """
+        buf = self._buffer
+        out: list[Event] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            opcode = b0 & 0x0F
+            length = b1 & 0x7F
+            head = pos + 2
+            if length == 126:
+                if end - head < 2:
+                    break
+                (length,) = _U16.unpack_from(buf, head)
+                head += 2
+                if length < 126:
+                    raise ProtocolError(PROTOCOL_ERROR, "length not minimally encoded")
+            elif length == 127:
+                if end - head < 8:
+                    break
+                (length,) = _U64.unpack_from(buf, head)
+                head += 8
+                if length >> 63:
+                    raise ProtocolError(PROTOCOL_ERROR, "64-bit length with the top bit set")
+                if length < 65536:
+                    raise ProtocolError(PROTOCOL_ERROR, "length not minimally encoded")
+            self._check_header(b0, b1, opcode, length)
+            if end - head < 4 + length:
+                break
+            mask = bytes(buf[head : head + 4])
+            start = head + 4
+            payload = _unmask(memoryview(buf)[start : start + length], mask)
+            pos = start + length
+            event = self._frame(b0 & 0x80, opcode, payload)
+            if event is not None:
+                out.append(event)
+        if pos:
+            del buf[:pos]
+        return out
+
+    def _check_header(self, b0: int, b1: int, opcode: int, length: int) -> None:
+        if b0 & 0x70:
+            raise ProtocolError(PROTOCOL_ERROR, "reserved bits set (no extension was agreed)")
+        if not b1 & 0x80:
+            raise ProtocolError(PROTOCOL_ERROR, "client frames must be masked")
+        if opcode >= OP_CLOSE:
+            if opcode > OP_PONG:
+                raise ProtocolError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            if not b0 & 0x80:
+                raise ProtocolError(PROTOCOL_ERROR, "fragmented control frame")
+            if length > 125:
+                raise ProtocolError(PROTOCOL_ERROR, "control frame longer than 125 bytes")
+            return
+        if opcode > OP_BINARY:
+            raise ProtocolError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        if opcode == OP_CONTINUATION:
+            if self._opcode is None:
+                raise ProtocolError(PROTOCOL_ERROR, "continuation frame with no message started")
+        elif self._opcode is not None:
+            raise ProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
+        if self._size + length > self.max_message_size:
+            raise ProtocolError(
+                MESSAGE_TOO_BIG, f"message larger than {self.max_message_size} bytes"
+            )
+
+    def _frame(self, fin: int, opcode: int, payload: bytes) -> Event | None:
+        if opcode == OP_PING:
+            return Ping(payload)
+        if opcode == OP_PONG:
+            return Pong(payload)
+        if opcode == OP_CLOSE:
+            return self._close(payload)
+        if opcode != OP_CONTINUATION:
+            self._opcode = opcode
+        if not fin:
+            self._parts.append(payload)
+            self._size += len(payload)
+            return None
+        if self._parts:
+            self._parts.append(payload)
+            payload = b"".join(self._parts)
+            self._parts = []
+            self._size = 0
+        message_opcode, self._opcode = self._opcode, None
+        if message_opcode == OP_BINARY:
+            return Message(payload)
+        try:
+            return Message(payload.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError(INVALID_DATA, "text message is not valid UTF-8") from None
+
+    @staticmethod
+    def _close(payload: bytes) -> Close:
+        if not payload:
+            return Close(1005, "")
+        if len(payload) == 1:
+            raise ProtocolError(PROTOCOL_ERROR, "close frame with a 1-byte payload")
+        (code,) = _U16.unpack_from(payload)
+        if not _valid_close_code(code):
+            raise ProtocolError(PROTOCOL_ERROR, f"invalid close code {code}")
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(INVALID_DATA, "close reason is not valid UTF-8") from None
+        return Close(code, reason)

@@ -1,6 +1,6 @@
 """The wsproto-based server WebSocket, on in-memory streams, driven by a wsproto client.
 
-No sockets: each test connects a :class:`WsprotoWebSocket` to one end of
+No sockets: each test connects a :class:`ServerWebSocket` to one end of
 ``trio.testing.memory_stream_pair()`` (or ``lockstep_stream_pair()``, where every write waits
 for the reader, to show that nothing needs unbounded buffering) and plays the client with
 wsproto directly, or with hand-made frames where wsproto would refuse to send something
@@ -33,7 +33,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from trio_mcp_relay._transport import ConnectionClosed, WsprotoWebSocket, encode_text_frame
+from trio_mcp_relay._transport import ConnectionClosed, ServerWebSocket, encode_text_frame
 
 TIMEOUT = 5
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
@@ -112,7 +112,7 @@ def open_pair(
     max_message_size: int = 1 << 20,
     stream_pair: Callable[[], tuple[Any, Any]] = trio.testing.memory_stream_pair,
     wrap: Callable[[trio.abc.Stream], trio.abc.Stream] = lambda s: s,
-) -> tuple[WsprotoWebSocket, Client]:
+) -> tuple[ServerWebSocket, Client]:
     """A server WebSocket past its handshake, and the client talking to it."""
     client_ws = WSConnection(ConnectionType.CLIENT)
     server_ws = WSConnection(ConnectionType.SERVER)
@@ -121,13 +121,13 @@ def open_pair(
     client_ws.receive_data(server_ws.send(AcceptConnection()))
     assert isinstance(next(client_ws.events()), AcceptConnection)
     server_stream, client_stream = stream_pair()
-    server = WsprotoWebSocket(
-        wrap(server_stream), server_ws, remote="memory", max_message_size=max_message_size
+    server = ServerWebSocket(
+        wrap(server_stream), remote="memory", max_message_size=max_message_size
     )
     return server, Client(client_stream, client_ws)
 
 
-async def expect_closed(server: WsprotoWebSocket) -> ConnectionClosed:
+async def expect_closed(server: ServerWebSocket) -> ConnectionClosed:
     with pytest.raises(ConnectionClosed) as caught:
         await server.receive()
     return caught.value

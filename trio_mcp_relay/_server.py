@@ -63,7 +63,7 @@ from ._frames import AUTHENTICATION_ERROR
 from ._guard import FailureLimiter
 from ._http import BadRequest, HttpRequest, read_request_head, respond
 from ._routing import Action, Close, Role, Router, Send
-from ._transport import ConnectionClosed, WebSocket, WsprotoWebSocket, memory_websocket_pair
+from ._transport import ConnectionClosed, ServerWebSocket, WebSocket, memory_websocket_pair
 
 __all__ = ["serve_relay"]
 
@@ -78,6 +78,8 @@ CLOSE_INTERNAL_ERROR = 1011  # no pong in time
 CLOSE_TRY_AGAIN_LATER = 1013  # a caller that stopped reading
 CLOSE_TOO_MANY_CALLERS = 4002  # max_callers_per_agent
 _MAX_BATCH = 256
+#: How long a refused connection is read from after its answer (see ``_linger``).
+_LINGER = 1.0
 #: Seconds before an embedded tool that ended is started again.
 EMBEDDED_RESTART_DELAY = 1.0
 
@@ -386,6 +388,7 @@ class _Relay:
                 log.warning("%s: refused: %d connections open", remote, self._open_streams - 1)
                 limit = self.config.max_connections
                 await respond(stream, 503, {"error": f"too many connections (limit {limit})"})
+                await _linger(stream, min(_LINGER, self.config.handshake_timeout))
                 return
             with trio.move_on_after(self.config.handshake_timeout) as scope:
                 request = await read_request_head(stream)
@@ -406,7 +409,8 @@ class _Relay:
             else:
                 await self._http(stream, request, host)
         except BadRequest as exc:
-            log.debug("%s: bad request: %s", remote, exc)
+            # Only the kind of error: h11 quotes the offending line, which may hold a token.
+            log.debug("%s: bad request: %s", remote, str(exc).split(":", 1)[0])
             await respond(stream, 400, {"error": "bad request"})
         except Exception:
             log.exception("%s: connection failed", remote)
@@ -483,8 +487,11 @@ class _Relay:
     async def _websocket(
         self, stream: trio.SocketStream, request: HttpRequest, remote: str, host: str
     ) -> None:
+        # wsproto does the opening handshake; frames that came with it go to our parser.
+        head_end = request.raw.index(b"\r\n\r\n") + 4
+        leftover = request.raw[head_end:]
         ws_conn = WSConnection(ConnectionType.SERVER)
-        ws_conn.receive_data(request.raw)
+        ws_conn.receive_data(request.raw[:head_end])
         events = list(ws_conn.events())
         if not events or not isinstance(events[0], WsRequest):
             await respond(stream, 400, {"error": "bad WebSocket handshake"})
@@ -502,10 +509,9 @@ class _Relay:
             return
         subprotocol = "mcp" if "mcp" in ws_request.subprotocols else None
         await stream.send_all(ws_conn.send(AcceptConnection(subprotocol=subprotocol)))
-        ws = WsprotoWebSocket(
-            stream, ws_conn, remote=remote, max_message_size=self.config.max_message_size
+        ws = ServerWebSocket(
+            stream, remote=remote, max_message_size=self.config.max_message_size, initial=leftover
         )
-        ws._events.extend(events[1:])
         endpoint = Endpoint.TOOL if role is Role.TOOL else Endpoint.CALLER
         try:
             agent = await self._authenticate(request.query.get("token", ""), endpoint)
@@ -553,7 +559,7 @@ class _Relay:
             raise AuthError("token has no agentId")
         return agent
 
-    async def _refuse(self, ws: WsprotoWebSocket, code: int, reason: str) -> None:
+    async def _refuse(self, ws: ServerWebSocket, code: int, reason: str) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):
             try:
                 await ws.close(code, reason)
@@ -616,6 +622,19 @@ class _Relay:
                 await ws.close(*peer.close_with)
         except ConnectionClosed:
             peer.nursery.cancel_scope.cancel()
+
+
+async def _linger(stream: trio.SocketStream, seconds: float) -> None:
+    """Half-close, then discard what the client still sends, until it closes or ``seconds``.
+
+    For an answer sent before the request was read: closing a socket with unread bytes
+    resets the connection, and the reset destroys the answer before the client reads it.
+    """
+    with trio.move_on_after(seconds):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
 
 
 async def serve_relay(

@@ -1,15 +1,15 @@
-"""The WebSocket layer: a small interface, and its server implementation on wsproto.
+"""The WebSocket layer: a small interface, and its server implementation.
 
 The relay only needs four verbs of a WebSocket (:class:`WebSocket`): receive a message, send
-messages, ping, close. :class:`WsprotoWebSocket` implements them by driving the wsproto state
-machine directly on a Trio stream, with no extra task and no queue between the socket and the
-caller of :meth:`~WsprotoWebSocket.receive`: control frames (ping, close) are answered inside
-``receive``, so a connection whose reader is running always answers pings.
+messages, ping, close. :class:`ServerWebSocket` implements them on a Trio stream once wsproto
+has done the opening handshake, with the lean frame codec of :mod:`._wsframes`, no extra task
+and no queue between the socket and the caller of :meth:`~ServerWebSocket.receive`: control
+frames (ping, close) are answered inside ``receive``, so a connection whose reader is running
+always answers pings. :class:`MemoryWebSocket` is an in-process pair, for embedded tools.
 
-Outgoing text frames are encoded here rather than by wsproto: a server frame is an unmasked
-header plus the payload, and the relay's payloads are already UTF-8 bytes, so this saves a
-decode/encode round trip per frame and lets several frames leave in one ``send_all``.
-No extension (permessage-deflate) is ever negotiated, so the RSV bits are always zero.
+Outgoing text frames are an unmasked header plus the payload, and the relay's payloads are
+already UTF-8 bytes, so no decode/encode round trip is needed and several frames leave in one
+``send_all``. No extension (permessage-deflate) is ever negotiated, so RSV bits are zero.
 
 Errors: every transport failure (reset, EOF, protocol violation) surfaces as
 :class:`ConnectionClosed` with the close code, 1006 when the peer vanished without one.
@@ -24,24 +24,15 @@ from collections.abc import Sequence
 from typing import Final, Protocol
 
 import trio
-from wsproto import WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Message,
-    Ping,
-    Pong,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError
+
+from . import _wsframes as wsframes
+from ._wsframes import FrameParser
 
 __all__ = [
     "ConnectionClosed",
     "MemoryWebSocket",
+    "ServerWebSocket",
     "WebSocket",
-    "WsprotoWebSocket",
     "encode_text_frame",
     "memory_websocket_pair",
 ]
@@ -106,32 +97,38 @@ def _truncate_reason(reason: str) -> str:
     return encoded.decode("utf-8", "ignore")
 
 
-class WsprotoWebSocket:
-    """A server-side WebSocket on a Trio stream whose handshake wsproto has completed.
+_OPEN, _LOCAL_CLOSING, _CLOSED = range(3)
+
+
+class ServerWebSocket:
+    """A server-side WebSocket on a Trio stream, past its opening handshake.
+
+    Incoming frames are parsed by :class:`~trio_mcp_relay._wsframes.FrameParser` inside
+    :meth:`receive` (no reader task, no queue); pings are answered and the close handshake is
+    completed there too, so a connection whose reader runs always answers them.
 
     Args:
         stream: the byte stream (already past the HTTP upgrade).
-        ws: the wsproto connection, in state OPEN.
         remote: the peer's address, for logs.
         max_message_size: larger messages close the connection with 1009.
+        initial: bytes the client sent after its handshake request, already read.
     """
 
     def __init__(
         self,
         stream: trio.abc.Stream,
-        ws: WSConnection,
         *,
         remote: str,
         max_message_size: int,
+        initial: bytes = b"",
     ) -> None:
         self._stream = stream
-        self._ws = ws
         self.remote = remote
-        self._max = max_message_size
-        self._events: deque[Event] = deque()
-        self._parts: list[str | bytes] = []
-        self._size = 0
+        self._parser = FrameParser(max_message_size)
+        self._parser.feed(initial)
+        self._events: deque[wsframes.Event | wsframes.ProtocolError] = deque()
         self._send_lock = trio.StrictFIFOLock()
+        self._state = _OPEN
         self._closed: ConnectionClosed | None = None
         #: trio.current_time() of the last pong received (None: none yet).
         self.last_pong: float | None = None
@@ -146,14 +143,8 @@ class WsprotoWebSocket:
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._state = _CLOSED
                 raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
-
-    async def _send_event(self, event: Event) -> None:
-        try:
-            data = self._ws.send(event)
-        except LocalProtocolError as exc:
-            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection is closing") from exc
-        await self._send_raw(data)
 
     async def receive(self) -> str | bytes:
         """The next whole message (str for text, bytes for binary frames)."""
@@ -162,19 +153,19 @@ class WsprotoWebSocket:
                 raise self._closed
             while self._events:
                 event = self._events.popleft()
-                if isinstance(event, Message):
-                    message = await self._on_message(event)
-                    if message is not None:
-                        return message
-                elif isinstance(event, Ping):
-                    # Once our close frame has left, wsproto refuses to send a pong: a ping
-                    # that crossed it goes unanswered and the close handshake goes on.
-                    if self._ws.state is ConnectionState.OPEN:
-                        await self._send_event(event.response())
-                elif isinstance(event, Pong):
+                if type(event) is wsframes.Message:
+                    return event.data
+                if type(event) is wsframes.Ping:
+                    # Once our close frame has left, no pong may follow it.
+                    if self._state == _OPEN:
+                        await self._send_raw(wsframes.frame(wsframes.OP_PONG, event.payload))
+                elif type(event) is wsframes.Pong:
                     self.last_pong = trio.current_time()
-                elif isinstance(event, CloseConnection):
+                elif type(event) is wsframes.Close:
                     await self._on_close(event)
+                else:
+                    assert isinstance(event, wsframes.ProtocolError)
+                    await self._fail(event.code, event.reason)
             await self._read()
 
     async def _read(self) -> None:
@@ -183,51 +174,37 @@ class WsprotoWebSocket:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:
-            self._ws.receive_data(None)
-        else:
-            self._ws.receive_data(bytes(data))
-        self._events.extend(self._ws.events())
+            self._state = _CLOSED
+            self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "")
+            raise self._closed
+        self._parser.feed(data)
+        try:
+            self._events.extend(self._parser.events())
+        except wsframes.ProtocolError as exc:
+            # Handle what came before the violation first, then close with its code.
+            self._events.extend(exc.events_before)
+            self._events.append(exc)
 
-    async def _on_message(self, event: Message) -> str | bytes | None:  # type: ignore[type-arg]
-        data = event.data
-        # The limit is in bytes, as on the wire; wsproto hands text over already decoded.
-        # (str.isascii is O(1) in CPython: ASCII text, the common case, is not re-encoded.)
-        if isinstance(data, str) and not data.isascii():
-            self._size += len(data.encode())
-        else:
-            self._size += len(data)
-        if self._size > self._max:
-            await self._fail(MESSAGE_TOO_BIG, f"message larger than {self._max} bytes")
-        self._parts.append(event.data)
-        if not event.message_finished:
-            return None
-        parts, self._parts, self._size = self._parts, [], 0
-        if isinstance(event, TextMessage):
-            return parts[0] if len(parts) == 1 else "".join(parts)  # type: ignore[arg-type]
-        assert isinstance(event, BytesMessage)
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
-
-    async def _on_close(self, event: CloseConnection) -> None:
-        state = self._ws.state
-        if state is ConnectionState.REMOTE_CLOSING:
-            # The peer started the close: answer it, then we are done.
+    async def _on_close(self, event: wsframes.Close) -> None:
+        if self._state == _OPEN:
+            # The peer started the close: answer it (same code), then we are done.
+            reply = b"" if event.code == 1005 else wsframes.close_payload(event.code, "")
             with contextlib.suppress(ConnectionClosed):
-                await self._send_event(event.response())
-        elif state is ConnectionState.OPEN:
-            # wsproto found a protocol violation (bad UTF-8, bad frame): close with its code.
-            await self._fail(event.code, event.reason or "protocol error")
-        self._closed = ConnectionClosed(event.code, event.reason or "")
+                await self._send_raw(wsframes.frame(wsframes.OP_CLOSE, reply))
+        self._state = _CLOSED
+        self._closed = ConnectionClosed(event.code, event.reason)
         raise self._closed
 
     async def _fail(self, code: int, reason: str) -> None:
         with contextlib.suppress(ConnectionClosed):
             await self.close(code, reason)
+        self._state = _CLOSED
         self._closed = ConnectionClosed(code, reason)
         raise self._closed
 
     async def send_many(self, messages: Sequence[bytes]) -> None:
         """Send each message as one text frame; all in one write."""
-        if self._ws.state is not ConnectionState.OPEN:
+        if self._state != _OPEN:
             raise ConnectionClosed(ABNORMAL_CLOSURE, "connection is closing")
         if len(messages) == 1:
             await self._send_raw(encode_text_frame(messages[0]))
@@ -236,15 +213,20 @@ class WsprotoWebSocket:
 
     async def ping(self, payload: bytes = b"") -> None:
         """Send a ping frame."""
-        await self._send_event(Ping(payload=payload))
+        if self._state != _OPEN:
+            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection is closing")
+        await self._send_raw(wsframes.frame(wsframes.OP_PING, payload))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame if the connection is still open (no wait for the reply)."""
-        if self._ws.state is ConnectionState.OPEN:
-            await self._send_event(CloseConnection(code=code, reason=_truncate_reason(reason)))
+        if self._state == _OPEN:
+            self._state = _LOCAL_CLOSING
+            payload = wsframes.close_payload(code, reason)
+            await self._send_raw(wsframes.frame(wsframes.OP_CLOSE, payload))
 
     async def aclose(self) -> None:
         """Close the TCP stream."""
+        self._state = _CLOSED
         await trio.aclose_forcefully(self._stream)
 
 

@@ -24,7 +24,7 @@ close code to answer with:
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Final, TypeAlias
 
 import attrs
 
@@ -60,6 +60,8 @@ class ProtocolError(Exception):
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        #: The events complete before the violation, to be handled first.
+        self.events_before: list[Event] = []
 
 
 @attrs.frozen
@@ -91,7 +93,7 @@ class Close:
     reason: str
 
 
-Event = Message | Ping | Pong | Close
+Event: TypeAlias = Message | Ping | Pong | Close
 
 
 def _valid_close_code(code: int) -> bool:
@@ -137,7 +139,7 @@ class FrameParser:
         self._size = 0
         self._opcode: int | None = None  # of the fragmented message in progress
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Add bytes read from the client."""
         self._buffer += data
 
@@ -147,8 +149,16 @@ class FrameParser:
         Raises:
             ProtocolError: the client broke the protocol (stop reading; close with the code).
         """
-        buf = self._buffer
         out: list[Event] = []
+        try:
+            self._parse(out)
+        except ProtocolError as exc:
+            exc.events_before = out
+            raise
+        return out
+
+    def _parse(self, out: list[Event]) -> None:
+        buf = self._buffer
         pos = 0
         end = len(buf)
         while end - pos >= 2:
@@ -183,9 +193,9 @@ class FrameParser:
             event = self._frame(b0 & 0x80, opcode, payload)
             if event is not None:
                 out.append(event)
-        if pos:
             del buf[:pos]
-        return out
+            end -= pos
+            pos = 0
 
     def _check_header(self, b0: int, b1: int, opcode: int, length: int) -> None:
         if b0 & 0x70:

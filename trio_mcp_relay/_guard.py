@@ -2,8 +2,9 @@
 
 Pure bookkeeping with no I/O; the server asks :meth:`FailureLimiter.retry_after` before it
 authenticates a connection (or checks the health key) and reports failures with
-:meth:`FailureLimiter.failed`. Memory is bounded: at most ``max_tracked`` addresses are
-remembered, the oldest forgotten first.
+:meth:`FailureLimiter.failed`. Memory is bounded: at most ``max_tracked`` addresses with
+recent failures and ``max_tracked`` banned addresses are remembered, the oldest forgotten
+first. The two are kept apart so that failures from many addresses never evict a ban.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class FailureLimiter:
         limit: failures within ``window`` seconds that ban the address; 0 turns this off.
         window: the sliding window, in seconds.
         ban: how long a banned address is refused, in seconds.
-        max_tracked: addresses remembered at most.
+        max_tracked: addresses remembered at most, in each of the two tables (addresses
+            with recent failures, banned addresses).
     """
 
     def __init__(self, limit: int, window: float, ban: float, *, max_tracked: int = 10000) -> None:

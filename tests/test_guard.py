@@ -1,0 +1,217 @@
+"""FailureLimiter: pure bookkeeping, driven directly (no sockets, no Trio).
+
+The property tests compare it with a model that keeps every failure it ever saw and filters
+by time on each question, which is obviously right but unbounded; the limiter must give the
+same answers while remembering a bounded amount.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_mcp_relay._guard import FailureLimiter
+
+A, B = "192.0.2.1", "192.0.2.2"
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def test_ban_after_limit_failures_within_the_window() -> None:
+    limiter = FailureLimiter(3, window=10.0, ban=60.0)
+    assert limiter.failed(A, 0.0) is False
+    assert limiter.failed(A, 1.0) is False
+    assert limiter.retry_after(A, 1.5) is None
+    assert limiter.failed(A, 2.0) is True
+    assert limiter.retry_after(A, 2.0) == 60.0
+    assert limiter.retry_after(A, 32.0) == 30.0
+    assert limiter.retry_after(A, 61.9) == pytest.approx(0.1)
+
+
+def test_ban_ends_after_its_duration_and_counting_starts_afresh() -> None:
+    limiter = FailureLimiter(2, window=10.0, ban=5.0)
+    limiter.failed(A, 0.0)
+    assert limiter.failed(A, 1.0) is True
+    assert limiter.retry_after(A, 6.0) is None  # exactly at the end: allowed again
+    assert limiter.retry_after(A, 6.0) is None
+    # The failures that led to the ban do not count towards the next one.
+    assert limiter.failed(A, 7.0) is False
+    assert limiter.retry_after(A, 7.0) is None
+    assert limiter.failed(A, 8.0) is True
+
+
+def test_failures_older_than_the_window_are_forgotten() -> None:
+    limiter = FailureLimiter(2, window=10.0, ban=5.0)
+    limiter.failed(A, 0.0)
+    # Exactly one window later the first failure has left the window.
+    assert limiter.failed(A, 10.0) is False
+    assert limiter.retry_after(A, 10.0) is None
+    # A failure just inside the window still counts.
+    assert limiter.failed(A, 19.5) is True
+
+
+def test_addresses_are_counted_separately() -> None:
+    limiter = FailureLimiter(2, window=10.0, ban=5.0)
+    limiter.failed(A, 0.0)
+    assert limiter.failed(B, 0.5) is False
+    assert limiter.failed(A, 1.0) is True
+    assert limiter.retry_after(A, 1.0) == 5.0
+    assert limiter.retry_after(B, 1.0) is None
+
+
+def test_limit_zero_turns_it_off() -> None:
+    limiter = FailureLimiter(0, window=10.0, ban=5.0)
+    for second in range(100):
+        assert limiter.failed(A, float(second)) is False
+    assert limiter.retry_after(A, 100.0) is None
+    assert limiter.tracked() == 0
+
+
+def test_limit_one_bans_on_the_first_failure() -> None:
+    limiter = FailureLimiter(1, window=10.0, ban=5.0)
+    assert limiter.failed(A, 3.0) is True
+    assert limiter.retry_after(A, 3.0) == 5.0
+
+
+def test_memory_is_bounded_with_the_oldest_forgotten_first() -> None:
+    limiter = FailureLimiter(3, window=100.0, ban=100.0, max_tracked=4)
+    for n in range(10):
+        limiter.failed(f"10.0.0.{n}", float(n))
+    assert limiter.tracked() == 4
+    # The four most recent addresses are remembered: two more failures ban the newest...
+    limiter.failed("10.0.0.9", 10.0)
+    assert limiter.failed("10.0.0.9", 11.0) is True
+    # ...but the oldest was forgotten, so it needs three failures again.
+    assert limiter.failed("10.0.0.0", 12.0) is False
+    assert limiter.failed("10.0.0.0", 13.0) is False
+
+
+def test_an_address_failing_again_is_remembered_longest() -> None:
+    limiter = FailureLimiter(3, window=100.0, ban=100.0, max_tracked=2)
+    limiter.failed(A, 0.0)
+    limiter.failed(B, 1.0)
+    limiter.failed(A, 2.0)  # A is now the most recent
+    limiter.failed("192.0.2.3", 3.0)  # evicts B, not A
+    assert limiter.failed(A, 4.0) is True
+    assert limiter.failed(B, 5.0) is False
+
+
+def test_failures_from_new_addresses_never_evict_a_ban() -> None:
+    # A guesser must not be able to lift its own ban by failing from other addresses once.
+    limiter = FailureLimiter(2, window=100.0, ban=100.0, max_tracked=3)
+    limiter.failed(A, 0.0)
+    assert limiter.failed(A, 1.0) is True
+    for n in range(50):
+        limiter.failed(f"10.0.1.{n}", 2.0 + n / 100)
+    assert limiter.retry_after(A, 3.0) == pytest.approx(98.0)
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@attrs.define
+class Model:
+    """Every failure ever seen; answers computed from scratch each time."""
+
+    limit: int
+    window: float
+    ban: float
+    failures: dict[str, list[float]] = attrs.Factory(dict)
+    banned: dict[str, float] = attrs.Factory(dict)
+
+    def retry_after(self, address: str, now: float) -> float | None:
+        until = self.banned.get(address)
+        if until is None or now >= until:
+            self.banned.pop(address, None)
+            return None
+        return until - now
+
+    def failed(self, address: str, now: float) -> bool:
+        if self.limit <= 0:
+            return False
+        recent = [t for t in self.failures.get(address, []) if t > now - self.window]
+        recent.append(now)
+        if len(recent) >= self.limit:
+            self.failures.pop(address, None)
+            self.banned[address] = now + self.ban
+            return True
+        self.failures[address] = recent
+        return False
+
+
+# Time only moves forward (the server passes trio.current_time()); steps include zero.
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["failed", "retry_after"]),
+        st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3", "::1"]),
+        st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.5, 7.0]),
+    ),
+    max_size=80,
+)
+
+
+@given(
+    limit=st.integers(0, 5),
+    window=st.sampled_from([0.5, 1.0, 3.0, 10.0]),
+    ban=st.sampled_from([0.5, 2.0, 5.0]),
+    ops=operations,
+)
+def test_agrees_with_the_unbounded_model(
+    limit: int, window: float, ban: float, ops: list[tuple[str, str, float]]
+) -> None:
+    limiter = FailureLimiter(limit, window, ban)
+    model = Model(limit, window, ban)
+    now = 100.0
+    for kind, address, step in ops:
+        now += step
+        got: Any = getattr(limiter, kind)(address, now)
+        expected: Any = getattr(model, kind)(address, now)
+        assert got == expected, (kind, address, now)
+
+
+@given(
+    max_tracked=st.integers(1, 5),
+    limit=st.integers(1, 4),
+    ops=st.lists(
+        st.tuples(st.integers(0, 20), st.sampled_from([0.0, 0.1, 1.0, 30.0])), max_size=120
+    ),
+)
+def test_memory_stays_bounded_and_the_newest_ban_holds(
+    max_tracked: int, limit: int, ops: list[tuple[int, float]]
+) -> None:
+    limiter = FailureLimiter(limit, window=10.0, ban=20.0, max_tracked=max_tracked)
+    now = 0.0
+    for address_number, step in ops:
+        now += step
+        address = f"10.0.0.{address_number}"
+        if limiter.failed(address, now):
+            # Just banned: it is the last thing a bounded table would forget.
+            assert limiter.retry_after(address, now) == pytest.approx(20.0)
+        # Addresses with failures, and banned addresses, each fill at most max_tracked slots.
+        assert limiter.tracked() <= 2 * max_tracked
+
+
+@given(
+    limit=st.integers(1, 4),
+    ban=st.sampled_from([0.5, 2.0, 5.0]),
+    probes=st.lists(st.floats(0.0, 10.0, allow_nan=False), max_size=20),
+)
+def test_retry_after_is_positive_and_never_longer_than_the_ban(
+    limit: int, ban: float, probes: list[float]
+) -> None:
+    limiter = FailureLimiter(limit, window=10.0, ban=ban)
+    for _ in range(limit):
+        banned = limiter.failed(A, 1.0)
+    assert banned
+    for offset in sorted(probes):
+        wait = limiter.retry_after(A, 1.0 + offset)
+        if 1.0 + offset >= 1.0 + ban:
+            assert wait is None
+        else:
+            assert wait is not None
+            assert 0 < wait <= ban

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -158,6 +158,7 @@ async def fake_serve_relay(
     config: RelayConfig,
     *,
     shutdown: trio.Event | None = None,
+    embedded_tools: Any = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     task_status.started(4321)
@@ -186,6 +187,7 @@ def test_serve_prints_banner_and_exits_0_on_keyboard_interrupt(
         config: RelayConfig,
         *,
         shutdown: trio.Event | None = None,
+        embedded_tools: Any = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         seen.append(config)
@@ -207,6 +209,7 @@ def test_serve_reports_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyP
         config: RelayConfig,
         *,
         shutdown: trio.Event | None = None,
+        embedded_tools: Any = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         raise OSError(errno.EADDRINUSE, "Address already in use")

@@ -6,6 +6,10 @@ import gc
 import hashlib
 import http.server
 import json
+import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.helpers import KEY, RunningRelay, relay_in_thread
-from trio_mcp_relay._auth import decrypt_agent_id
+from trio_mcp_relay._auth import caller_url, decrypt_agent_id
 from trio_mcp_relay._cli import app
 from trio_mcp_relay._routing import Router
 from trio_mcp_relay._transport import ConnectionClosed, WebSocket
@@ -244,3 +248,42 @@ def test_every_command_has_complete_help() -> None:
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, command
         assert "Usage:" in result.stdout
+
+
+def test_serve_runs_plugins_in_process_for_an_agent(tmp_path: Any) -> None:
+    """`serve --tools AGENT=module:Class` serves the plugin with no socket hop."""
+    port = free_port()
+    spec = "calc=trio_mcp_relay.examples.calculator:Calculator"
+    command = [sys.executable, "-m", "trio_mcp_relay", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--key", KEY, "--data-dir", str(tmp_path), "--tools", spec]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as relay:
+        try:
+            assert relay.stdout is not None
+            relay.stdout.readline()  # "listening on": the relay is up
+            url = caller_url(f"ws://127.0.0.1:{port}", KEY, "calc")
+            listed = runner.invoke(app, ["call", url, "tools"])
+            assert listed.exit_code == 0, listed.output
+            assert listed.stdout.startswith("calculate")
+            result = runner.invoke(
+                app, ["call", url, "call", "calculate", "--args", '{"expression": "6*7"}']
+            )
+            assert result.exit_code == 0, result.output
+            assert "42" in result.stdout
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            assert relay.wait(timeout=15) == 0
+
+
+def test_serve_refuses_a_bad_tools_option(tmp_path: Any) -> None:
+    for value, message in (("calc", "AGENT=module:Class"), ("calc=nope.module:X", "nope")):
+        result = runner.invoke(
+            app, ["serve", "--key", KEY, "--data-dir", str(tmp_path), "--tools", value]
+        )
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

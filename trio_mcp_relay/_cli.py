@@ -14,14 +14,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Protocol, cast
 
 import trio
 import typer
 
-from trio_mcp_relay import _cmd_client
+from trio_mcp_relay import _cmd_client, _cmd_tools
 from trio_mcp_relay._auth import RedactingFilter, caller_url, health_url, tool_url
 from trio_mcp_relay._config import ConfigError, RelayConfig, load_config, local_ip
 
@@ -52,6 +52,7 @@ class _ServeRelay(Protocol):
         config: RelayConfig,
         *,
         shutdown: trio.Event | None = ...,
+        embedded_tools: Mapping[str, Callable[[Any], Awaitable[None]]] | None = ...,
         task_status: trio.TaskStatus[int] = ...,
     ) -> Awaitable[Any]: ...
 
@@ -96,7 +97,11 @@ def banner(config: RelayConfig, port: int) -> list[str]:
     ]
 
 
-async def run_with_banner(config: RelayConfig, serve_relay: _ServeRelay) -> None:
+async def run_with_banner(
+    config: RelayConfig,
+    serve_relay: _ServeRelay,
+    embedded_tools: Mapping[str, Callable[[Any], Awaitable[None]]] | None = None,
+) -> None:
     """Run ``serve_relay`` and print the banner once it is listening.
 
     The first SIGINT (Ctrl-C) or SIGTERM (``docker stop``) starts a graceful shutdown: stop
@@ -113,7 +118,12 @@ async def run_with_banner(config: RelayConfig, serve_relay: _ServeRelay) -> None
         async with trio.open_nursery() as nursery:
 
             async def serve(*, task_status: trio.TaskStatus[int]) -> None:
-                await serve_relay(config, shutdown=shutdown, task_status=task_status)
+                await serve_relay(
+                    config,
+                    shutdown=shutdown,
+                    embedded_tools=embedded_tools,
+                    task_status=task_status,
+                )
                 nursery.cancel_scope.cancel()  # the graceful shutdown is complete
 
             port: int = await nursery.start(serve)
@@ -126,6 +136,28 @@ async def run_with_banner(config: RelayConfig, serve_relay: _ServeRelay) -> None
                     break
                 log.info("%s: shutting down gracefully", signal.Signals(signum).name)
                 shutdown.set()
+
+
+def _embedded_tools(specs: list[str]) -> dict[str, Callable[[Any], Awaitable[None]]]:
+    """``--tools AGENT=module:Class,...`` values -> agent -> a plugin host's ``serve``."""
+    from trio_mcp_relay.plugins import PluginHost, PluginLoadError, load_plugin
+
+    embedded: dict[str, Callable[[Any], Awaitable[None]]] = {}
+    for spec in specs:
+        agent, sep, plugins = spec.partition("=")
+        if not sep or not agent or not plugins:
+            print(f"error: --tools {spec!r}: expected AGENT=module:Class", file=sys.stderr)
+            raise typer.Exit(2)
+        try:
+            host = PluginHost([load_plugin(p.strip()) for p in plugins.split(",") if p.strip()])
+        except (PluginLoadError, ValueError) as exc:
+            print(f"error: --tools {spec!r}: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        if agent in embedded:
+            print(f"error: --tools: agent {agent!r} given twice", file=sys.stderr)
+            raise typer.Exit(2)
+        embedded[agent] = host.serve
+    return embedded
 
 
 def _exit_on_os_error(group: BaseExceptionGroup[OSError], config: RelayConfig) -> NoReturn:
@@ -283,6 +315,17 @@ def serve(
     auth_ban: Annotated[
         float | None, typer.Option(help="See --auth-failures, in seconds. Default: 60.")
     ] = None,
+    tools: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tools",
+            help="Serve Python tool plugins in-process for an agent, no socket hop: "
+            "AGENT=module:Class[,module:Class...]. Repeatable. A tool connecting over the "
+            "network for that agent takes over while it is connected. Example: --tools "
+            "single_module=trio_mcp_relay.examples.calculator:Calculator",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the relay until interrupted.
 
@@ -321,6 +364,7 @@ def serve(
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
 
+    embedded = _embedded_tools(tools or [])
     logging.basicConfig(level=relay_config.log_level, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
@@ -329,7 +373,7 @@ def serve(
 
     failed: BaseExceptionGroup[OSError] | None = None
     try:
-        trio.run(run_with_banner, relay_config, serve_relay)
+        trio.run(run_with_banner, relay_config, serve_relay, embedded)
     except* KeyboardInterrupt:
         pass
     except* OSError as group:
@@ -339,6 +383,7 @@ def serve(
 
 
 _cmd_client.register(app)
+_cmd_tools.register(app)
 
 
 def main() -> None:

@@ -342,11 +342,17 @@ class _Relay:
                 nursery.start_soon(self._timer)
                 nursery.start_soon(self._keepalive)
                 for agent, serve in self.embedded_tools.items():
-                    nursery.start_soon(self._embedded_tool, agent, serve)
+                    await nursery.start(self._embedded_tool, agent, serve)
                 nursery.start_soon(self._accept, listeners, nursery)
                 task_status.started()
 
-    async def _embedded_tool(self, agent: str, serve: EmbeddedTool) -> None:
+    async def _embedded_tool(
+        self,
+        agent: str,
+        serve: EmbeddedTool,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Connect an in-process tool for ``agent`` over a memory WebSocket.
 
         If it ends (a crash, or a network tool for the agent replaced it), it is started again
@@ -358,7 +364,9 @@ class _Relay:
             )
             log.info("agent %s: embedded tool started", agent)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._run_peer, relay_end, Role.TOOL, agent)
+                await nursery.start(self._run_peer, relay_end, Role.TOOL, agent)
+                task_status.started()  # the first time only: the relay may start accepting
+                task_status = trio.TASK_STATUS_IGNORED
                 try:
                     await serve(tool_end)
                 except Exception:
@@ -568,7 +576,18 @@ class _Relay:
             except ConnectionClosed:
                 pass
 
-    async def _run_peer(self, ws: WebSocket, role: Role, agent: str) -> None:
+    async def _run_peer(
+        self,
+        ws: WebSocket,
+        role: Role,
+        agent: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Register the connection, then run its reader and writer until it ends.
+
+        ``task_status.started()`` is called once the router knows the connection.
+        """
         conn = next(self._ids)
         send, receive = trio.open_memory_channel[bytes](self.config.outbox_size)
         async with trio.open_nursery() as nursery:
@@ -580,6 +599,7 @@ class _Relay:
                 else:
                     self._dispatch_nowait(self.router.caller_connected(conn, agent))
                 nursery.start_soon(self._writer, peer, receive)
+                task_status.started()
                 await self._reader(peer)
             finally:
                 self._unregister(peer)

@@ -1,0 +1,182 @@
+"""``trio-mcp-relay tools``: serve Python tool plugins to an MCP endpoint.
+
+Plugins are named ``package.module:ClassName`` and loaded with
+:func:`trio_mcp_relay.plugins.load_plugin`; the command then runs
+:func:`trio_mcp_relay.plugins.run_tools` until interrupted. Everything the user can get
+wrong before connecting (no endpoint, a URL that is not ws://, a plugin that does not load,
+two tools with one name) exits with status 2 and one line saying what; an endpoint that
+refuses the token exits with status 1. SIGINT (Ctrl-C) and SIGTERM exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import trio
+import trio_websocket
+import typer
+
+from trio_mcp_relay._auth import RedactingFilter
+from trio_mcp_relay.plugins import (
+    EndpointRefused,
+    Plugin,
+    PluginHost,
+    PluginLoadError,
+    _check_endpoint_url,
+    _describe_failure,
+    load_plugin,
+    run_tools,
+)
+
+__all__ = ["register"]
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_HELP = """Serve Python tool plugins to an MCP endpoint.
+
+Connects to the endpoint's tool URL as an MCP server and serves the tools of every
+plugin given as MODULE:CLASS (a subclass of trio_mcp_relay.plugins.Plugin, created with
+no arguments). When the connection drops it reconnects, waiting 0.5 s doubling up to
+30 s between attempts. A bad token (close code 1008) or another tool connection taking
+over the agent (4001) ends the command with status 1.
+
+\b
+Example, serving the bundled calculator and world clock:
+  export MCP_ENDPOINT='ws://127.0.0.1:8004/mcp_endpoint/mcp/?token=...'
+  trio-mcp-relay tools trio_mcp_relay.examples.calculator:Calculator \\
+      trio_mcp_relay.examples.clock:Clock
+
+\b
+Your own plugin in ./my_tools.py (the current directory is importable):
+  trio-mcp-relay tools --endpoint "$URL" my_tools:MyTools
+"""
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _load_all(specs: list[str], app_dir: Path) -> list[Plugin]:
+    # A console script's sys.path starts at its own directory, not the user's: put the
+    # working directory (or --app-dir) first so that "my_tools:MyTools" finds my_tools.py.
+    path = str(app_dir.resolve())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    plugins: list[Plugin] = []
+    for spec in specs:
+        try:
+            plugins.append(load_plugin(spec))
+        except PluginLoadError as exc:
+            _fail(str(exc))
+    return plugins
+
+
+async def _run_until_signalled(
+    url: str, plugins: list[Plugin], reconnect: bool, page_size: int
+) -> None:
+    """Run the tools until they end, or until SIGINT / SIGTERM (then return normally)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                await run_tools(url, plugins, reconnect=reconnect, page_size=page_size)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(serve)
+            async for signum in signals:
+                logging.getLogger("trio_mcp_relay").info(
+                    "%s: stopping", signal.Signals(signum).name
+                )
+                nursery.cancel_scope.cancel()
+                break
+
+
+def tools(
+    specs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="MODULE:CLASS...",
+            help="Plugins to serve, e.g. trio_mcp_relay.examples.calculator:Calculator.",
+            show_default=False,
+        ),
+    ],
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            envvar="MCP_ENDPOINT",
+            show_envvar=False,
+            help="The endpoint's tool URL, ws://HOST:PORT/mcp_endpoint/mcp/?token=TOKEN "
+            "(wss:// for TLS). Env: MCP_ENDPOINT, which keeps the token out of the process "
+            "list.",
+            show_default=False,
+        ),
+    ] = None,
+    reconnect: Annotated[
+        bool,
+        typer.Option(
+            "--reconnect/--no-reconnect",
+            help="Reconnect when the connection drops; with --no-reconnect, exit when it "
+            "ends (status 1 if it cannot be made).",
+        ),
+    ] = True,
+    page_size: Annotated[int, typer.Option(min=1, help="Tools per tools/list page.")] = 50,
+    app_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Directory put first on the import path, where your plugin modules are.",
+            file_okay=False,
+        ),
+    ] = Path("."),
+    log_level: Annotated[
+        str,
+        typer.Option(
+            help="DEBUG, INFO, WARNING, ERROR or CRITICAL. Env: LOG_LEVEL.",
+            envvar="LOG_LEVEL",
+            show_envvar=False,
+        ),
+    ] = "INFO",
+) -> None:
+    level = log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        _fail(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {log_level!r}")
+    if not endpoint:
+        _fail("no endpoint: pass --endpoint URL or set MCP_ENDPOINT")
+    try:
+        _check_endpoint_url(endpoint)
+    except ValueError as exc:
+        _fail(str(exc))
+    plugins = _load_all(specs, app_dir)
+    try:
+        PluginHost(plugins, page_size=page_size)  # tool-name clashes, before connecting
+    except ValueError as exc:
+        _fail(str(exc))
+
+    logging.basicConfig(level=level, format=_LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+
+    refused: EndpointRefused | None = None
+    failed: BaseException | None = None
+    try:
+        trio.run(_run_until_signalled, endpoint, plugins, reconnect, page_size)
+    except* KeyboardInterrupt:
+        pass  # Ctrl-C before the signal receiver was in place
+    except* EndpointRefused as group:
+        refused = group.exceptions[0]  # type: ignore[assignment]
+    except* (trio_websocket.HandshakeError, OSError) as group:
+        failed = group.exceptions[0]
+    if refused is not None:
+        _fail(str(refused), 1)
+    if failed is not None:
+        _fail(f"cannot connect to the endpoint: {_describe_failure(failed)}", 1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``tools`` command to ``app``."""
+    app.command("tools", help=_HELP, no_args_is_help=True)(tools)

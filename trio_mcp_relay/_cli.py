@@ -21,7 +21,7 @@ from typing import Annotated, Any, NoReturn, Protocol, cast
 import trio
 import typer
 
-from trio_mcp_relay import _cmd_client, _cmd_tools
+from trio_mcp_relay import _cmd_client, _cmd_pipe, _cmd_tools
 from trio_mcp_relay._auth import RedactingFilter, caller_url, health_url, tool_url
 from trio_mcp_relay._config import ConfigError, RelayConfig, load_config, local_ip
 
@@ -384,6 +384,7 @@ def serve(
 
 _cmd_client.register(app)
 _cmd_tools.register(app)
+_cmd_pipe.register(app)
 
 
 def main() -> None:

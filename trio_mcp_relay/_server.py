@@ -62,8 +62,15 @@ from ._config import RelayConfig
 from ._frames import AUTHENTICATION_ERROR
 from ._guard import FailureLimiter
 from ._http import BadRequest, HttpRequest, read_request_head, respond
+from ._outbox import PING, Encoded, Outbox
 from ._routing import Action, Close, Role, Router, Send
-from ._transport import ConnectionClosed, ServerWebSocket, WebSocket, memory_websocket_pair
+from ._transport import (
+    ConnectionClosed,
+    ServerWebSocket,
+    WebSocket,
+    encode_text_frame,
+    memory_websocket_pair,
+)
 
 __all__ = ["serve_relay"]
 
@@ -85,8 +92,6 @@ EMBEDDED_RESTART_DELAY = 1.0
 
 #: Serves the tool side of one agent in-process: MCP requests arrive on the WebSocket given.
 EmbeddedTool: TypeAlias = Callable[[WebSocket], Awaitable[None]]
-#: Outbox item that asks the writer to send a WebSocket ping (a JSON frame is never empty).
-_PING = b""
 
 _PATHS = {
     "/mcp_endpoint/mcp": Role.TOOL,
@@ -102,7 +107,7 @@ class _Peer:
     role: Role
     agent: str
     ws: WebSocket
-    outbox: trio.MemorySendChannel[bytes]
+    outbox: Outbox
     nursery: trio.Nursery
     last_ping: float
     done: trio.Event = attrs.Factory(trio.Event)
@@ -166,10 +171,10 @@ class _Relay:
                     continue
                 if peer.role is Role.TOOL:
                     try:
-                        peer.outbox.send_nowait(action.data)
+                        self._put_nowait(peer, action.data)
                     except trio.WouldBlock:
                         self._tool_send_failed(peer, action)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    except trio.ClosedResourceError:
                         pass
                 else:
                     self._send_to_caller(peer, action.data)
@@ -177,17 +182,38 @@ class _Relay:
                 assert isinstance(action, Close)
                 self._close(action.conn, action.code, action.reason)
 
+    def _put_nowait(self, peer: _Peer, data: bytes) -> None:
+        """Queue a frame for ``peer``, or write it at once when that keeps the order.
+
+        The fast path: with nothing queued and the writer idle, the frame goes straight to
+        the socket from this task (no writer wake-up); what the socket does not take is
+        queued first, already framed.
+
+        Raises:
+            trio.WouldBlock: the outbox is full.
+            trio.ClosedResourceError: the peer is closing.
+        """
+        outbox = peer.outbox
+        if outbox.idle and type(peer.ws) is ServerWebSocket:
+            rest = peer.ws.send_now(encode_text_frame(data))
+            if rest == b"":
+                return
+            if rest is not None:
+                outbox.put_nowait(Encoded(rest))
+                return
+        outbox.put_nowait(data)
+
     async def _send_to_tool(self, peer: _Peer, action: Send) -> None:
         try:
-            peer.outbox.send_nowait(action.data)
+            self._put_nowait(peer, action.data)
             return
         except trio.WouldBlock:
             pass
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        except trio.ClosedResourceError:
             return
         with trio.move_on_after(self.config.forward_timeout):
-            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                await peer.outbox.send(action.data)
+            with contextlib.suppress(trio.ClosedResourceError):
+                await peer.outbox.put(action.data)
             return
         self._tool_send_failed(peer, action)
 
@@ -207,11 +233,11 @@ class _Relay:
                 peer.overflow.append(data)
             return
         try:
-            peer.outbox.send_nowait(data)
+            self._put_nowait(peer, data)
         except trio.WouldBlock:
             peer.overflow = deque([data])
             peer.nursery.start_soon(self._drain_overflow, peer)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        except trio.ClosedResourceError:
             pass
 
     async def _drain_overflow(self, peer: _Peer) -> None:
@@ -220,9 +246,9 @@ class _Relay:
         with trio.move_on_after(self.config.slow_caller_grace):
             try:
                 while overflow:
-                    await peer.outbox.send(overflow[0])
+                    await peer.outbox.put(overflow[0])
                     overflow.popleft()
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
+            except trio.ClosedResourceError:
                 return
             peer.overflow = None
             return
@@ -298,10 +324,8 @@ class _Relay:
                         continue
                 if now - peer.last_ping >= interval:
                     peer.last_ping = peer.ping_sent = now
-                    with contextlib.suppress(
-                        trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
-                    ):
-                        peer.outbox.send_nowait(_PING)
+                    with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                        peer.outbox.put_nowait(PING)
 
     # ---------------------------------------------------------------- shutdown
 
@@ -589,16 +613,16 @@ class _Relay:
         ``task_status.started()`` is called once the router knows the connection.
         """
         conn = next(self._ids)
-        send, receive = trio.open_memory_channel[bytes](self.config.outbox_size)
+        outbox = Outbox(self.config.outbox_size)
         async with trio.open_nursery() as nursery:
-            peer = _Peer(conn, role, agent, ws, send, nursery, trio.current_time())
+            peer = _Peer(conn, role, agent, ws, outbox, nursery, trio.current_time())
             self._peers[conn] = peer
             try:
                 if role is Role.TOOL:
                     self._dispatch_nowait(self.router.tool_connected(conn, agent))
                 else:
                     self._dispatch_nowait(self.router.caller_connected(conn, agent))
-                nursery.start_soon(self._writer, peer, receive)
+                nursery.start_soon(self._writer, peer)
                 task_status.started()
                 await self._reader(peer)
             finally:
@@ -620,28 +644,45 @@ class _Relay:
             if actions:
                 await self._dispatch(actions)
 
-    async def _writer(self, peer: _Peer, receive: trio.MemoryReceiveChannel[bytes]) -> None:
-        ws = peer.ws
+    async def _writer(self, peer: _Peer) -> None:
+        """Write what the outbox holds, in batches; after it is closed, the close frame."""
+        ws, outbox = peer.ws, peer.outbox
         try:
-            async with receive:
-                async for first in receive:
-                    batch = [first]
-                    while len(batch) < _MAX_BATCH:
-                        try:
-                            batch.append(receive.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            # EndOfChannel: closed and now empty; the loop ends after this batch.
-                            break
-                    frames = [frame for frame in batch if frame is not _PING and frame]
-                    if frames:
-                        await ws.send_many(frames)
-                    if len(frames) != len(batch):
-                        await ws.ping()
+            while (batch := await outbox.take(_MAX_BATCH)) is not None:
+                try:
+                    await _write_batch(ws, batch)
+                finally:
+                    outbox.written()
             # The outbox was closed: everything queued is sent; now the close frame.
             if peer.close_with is not None:
                 await ws.close(*peer.close_with)
         except ConnectionClosed:
             peer.nursery.cancel_scope.cancel()
+
+
+_PING_FRAME = b"\x89\x00"
+
+
+async def _write_batch(ws: WebSocket, batch: list[bytes]) -> None:
+    """Send a batch of outbox items in order: one write on a socket WebSocket."""
+    if type(ws) is ServerWebSocket:
+        parts = [
+            item if type(item) is Encoded else encode_text_frame(item) if item else _PING_FRAME
+            for item in batch
+        ]
+        await ws.send_encoded(parts[0] if len(parts) == 1 else b"".join(parts))
+        return
+    frames: list[bytes] = []
+    for item in batch:
+        if item is not PING and item:
+            frames.append(item)
+            continue
+        if frames:
+            await ws.send_many(frames)
+            frames = []
+        await ws.ping()
+    if frames:
+        await ws.send_many(frames)
 
 
 async def _linger(stream: trio.SocketStream, seconds: float) -> None:

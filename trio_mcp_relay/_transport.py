@@ -18,6 +18,7 @@ Errors: every transport failure (reset, EOF, protocol violation) surfaces as
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -130,6 +131,7 @@ class ServerWebSocket:
         self._send_lock = trio.StrictFIFOLock()
         self._state = _OPEN
         self._closed: ConnectionClosed | None = None
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         #: trio.current_time() of the last pong received (None: none yet).
         self.last_pong: float | None = None
 
@@ -210,6 +212,34 @@ class ServerWebSocket:
             await self._send_raw(encode_text_frame(messages[0]))
         else:
             await self._send_raw(b"".join([encode_text_frame(m) for m in messages]))
+
+    async def send_encoded(self, data: bytes) -> None:
+        """Write bytes that are already WebSocket frames (from :meth:`send_now`'s rest)."""
+        if self._state != _OPEN:
+            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection is closing")
+        await self._send_raw(data)
+
+    def send_now(self, data: bytes) -> bytes | None:
+        """Write framed bytes at once if the socket takes them, without blocking or yielding.
+
+        For the relay's fast path: the caller guarantees nothing else is queued for this
+        connection. Returns the bytes the socket did not take (``b""`` when it took all),
+        which the caller must have written next, before anything else; or None when no
+        attempt was made (a write is in progress, the connection is closing, or the stream
+        is not a socket).
+        """
+        if self._socket is None or self._state != _OPEN or self._send_lock.locked():
+            return None
+        fd = self._socket.fileno()  # asked each time: -1 once closed, never a reused number
+        if fd < 0:
+            return None
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            return data
+        except OSError:
+            return data  # the writer will meet the error and end the connection
+        return data[written:]
 
     async def ping(self, payload: bytes = b"") -> None:
         """Send a ping frame."""

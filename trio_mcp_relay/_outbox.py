@@ -1,0 +1,108 @@
+"""A connection's outbox: a bounded FIFO of outgoing frames with one writer task.
+
+Why not a memory channel: the relay's fast path writes a frame straight to the socket from
+the task that routed it, skipping the writer task, and that is only correct when nothing is
+queued *and* the writer holds no batch it has taken but not yet written. A channel cannot
+tell the second; this outbox can (:attr:`Outbox.idle`).
+
+Items are ``bytes`` (a JSON text frame's payload, to be framed by the writer), :class:`Encoded`
+(bytes already framed: the rest of a direct write the socket did not take), or :data:`PING`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+import trio
+
+__all__ = ["PING", "Encoded", "Outbox"]
+
+
+class Encoded(bytes):
+    """Bytes already framed for the wire, to be written as they are."""
+
+
+#: Ask the writer to send a WebSocket ping (a JSON payload is never empty).
+PING: Final = b""
+
+
+class Outbox:
+    """Frames waiting for one connection's writer.
+
+    Args:
+        capacity: items queued at most; :meth:`put_nowait` raises ``trio.WouldBlock`` beyond.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque[bytes] = deque()
+        self._closed = False
+        self._writing = False
+        self._wake_writer = trio.Event()
+        self._space = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the writer still drains what is queued)."""
+        return self._closed
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and the writer holds no batch: a direct write keeps the order."""
+        return not self._items and not self._writing and not self._closed
+
+    def put_nowait(self, item: bytes) -> None:
+        """Queue an item.
+
+        Raises:
+            trio.ClosedResourceError: the outbox is closed.
+            trio.WouldBlock: it is full.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("outbox closed")
+        if len(self._items) >= self.capacity:
+            raise trio.WouldBlock
+        self._items.append(item)
+        self._wake_writer.set()
+
+    async def put(self, item: bytes) -> None:
+        """Queue an item, waiting for room (cancel the wait to give up)."""
+        while True:
+            try:
+                self.put_nowait(item)
+            except trio.WouldBlock:
+                await self._space.wait()
+            else:
+                await trio.lowlevel.checkpoint()
+                return
+
+    def close(self) -> None:
+        """No more items; the writer finishes what is queued, then sees the end."""
+        self._closed = True
+        self._wake_writer.set()
+        self._space.set()  # waiting producers see the closed outbox
+
+    async def take(self, limit: int) -> list[bytes] | None:
+        """The writer's next batch (at most ``limit`` items), or None once closed and empty.
+
+        The writer must call :meth:`written` when the batch is on the wire.
+        """
+        while not self._items:
+            if self._closed:
+                return None
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+        count = min(limit, len(self._items))
+        batch = [self._items.popleft() for _ in range(count)]
+        self._writing = True
+        self._space.set()
+        self._space = trio.Event()
+        return batch
+
+    def written(self) -> None:
+        """The batch from :meth:`take` has been written."""
+        self._writing = False

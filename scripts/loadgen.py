@@ -154,11 +154,14 @@ def token_for(key: str, agent: str) -> str:
 
 @dataclass
 class Stats:
-    """What a run measured."""
+    """What a run measured (the timed phase only)."""
 
     calls: int = 0
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    wall: float = 0.0
+    cpu: float = 0.0  # seconds of the relay process, when its pid was given
+    timing: bool = False  # false during the warm-up
 
     def percentile(self, p: float) -> float:
         if not self.latencies:
@@ -168,48 +171,49 @@ class Stats:
 
 
 def echo_tool(proto_ref: list[WsClient]) -> Callable[[bytes], None]:
-    """A tool that answers every request with a fixed result, echoing the arguments' size."""
+    """A tool that answers every call with a small text result: the caller's name."""
 
     def on_message(data: bytes) -> None:
         frame = orjson.loads(data)
         if "id" in frame and "method" in frame:
-            proto_ref[0].send(
-                orjson.dumps(
-                    {"jsonrpc": "2.0", "id": frame["id"], "result": {"content": frame["params"]}}
-                )
-            )
+            who = frame["params"]["arguments"]["who"]
+            result = {"content": [{"type": "text", "text": who}], "isError": False}
+            proto_ref[0].send(orjson.dumps({"jsonrpc": "2.0", "id": frame["id"], "result": result}))
 
     return on_message
 
 
 class Caller:
-    """A caller keeping ``window`` calls in flight until ``n`` have completed."""
+    """A caller keeping ``window`` calls in flight, with ids equal across callers."""
 
-    def __init__(self, stats: Stats, n: int, window: int, size: int, name: str) -> None:
-        self.stats, self.n, self.window, self.name = stats, n, window, name
-        self.text = "x" * max(0, size - 90)
+    def __init__(self, stats: Stats, window: int, size: int, name: str) -> None:
+        self.stats, self.window, self.name = stats, window, name
+        self.text = "x" * max(0, size - 100)
         self.sent: dict[int, float] = {}
         self.next_id = 1
-        self.done_count = 0
+        self.limit = 0
         self.proto: WsClient | None = None
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def request(self, rid: int) -> bytes:
+        arguments = {"who": self.name, "text": self.text}
         return orjson.dumps(
             {
                 "jsonrpc": "2.0",
                 "id": rid,
                 "method": "tools/call",
-                "params": {"name": "echo", "arguments": {"who": self.name, "text": self.text}},
+                "params": {"name": "echo", "arguments": arguments},
             }
         )
 
-    def start(self) -> None:
-        batch = []
-        for _ in range(self.window):
-            batch.append(self._next())
+    def run(self, calls: int) -> asyncio.Future[None]:
+        """Make ``calls`` more calls; the future is done when all are answered."""
+        self.limit = self.next_id - 1 + calls
+        self.finished = asyncio.get_running_loop().create_future()
+        batch = [self._next() for _ in range(min(self.window, calls))]
         assert self.proto is not None
         self.proto.send_many(batch)
+        return self.finished
 
     def _next(self) -> bytes:
         rid = self.next_id
@@ -220,16 +224,16 @@ class Caller:
     def on_message(self, data: bytes) -> None:
         frame: dict[str, Any] = orjson.loads(data)
         rid = frame.get("id")
-        started = self.sent.pop(rid, None) if isinstance(rid, int) else None
+        started = self.sent.pop(rid, None) if type(rid) is int else None
         if started is None or "result" not in frame:
             self.stats.errors.append(f"{self.name}: unexpected {data[:120]!r}")
             return
-        if frame["result"]["content"]["arguments"]["who"] != self.name:
+        if frame["result"]["content"][0]["text"] != self.name:
             self.stats.errors.append(f"{self.name}: got another caller's response")
-        self.stats.latencies.append(time.perf_counter() - started)
-        self.stats.calls += 1
-        self.done_count += 1
-        if self.next_id <= self.n:
+        if self.stats.timing:
+            self.stats.latencies.append(time.perf_counter() - started)
+            self.stats.calls += 1
+        if self.next_id <= self.limit:
             assert self.proto is not None
             self.proto.send(self._next())
         elif not self.sent and not self.finished.done():
@@ -246,9 +250,15 @@ async def run_load(
     window: int,
     n: int,
     size: int,
+    pid: int = 0,
+    warm: int = 20,
     tag: str = "bench",
-) -> tuple[Stats, float]:
-    """Connect agents' tools and callers, run the calls, return stats and wall time."""
+) -> Stats:
+    """Connect each agent's tool and callers, warm up, then time ``n`` calls per caller.
+
+    Connection set-up and the ``warm`` calls per caller are not counted; the relay's CPU
+    (``pid``) is read from /proc around the timed phase only.
+    """
     stats = Stats()
     tools: list[WsClient] = []
     all_callers: list[Caller] = []
@@ -258,24 +268,28 @@ async def run_load(
         tool = await connect(host, port, f"/mcp_endpoint/mcp/?token={token}", echo_tool(ref))
         ref.append(tool)
         tools.append(tool)
+    await asyncio.sleep(0.2)  # let the relay register the tools
+    for a in range(agents):
+        token = token_for(key, f"{tag}-agent-{a}")
         for c in range(callers):
-            caller = Caller(stats, n, window, size, f"a{a}c{c}")
+            caller = Caller(stats, window, size, f"a{a}c{c}")
             caller.proto = await connect(
                 host, port, f"/mcp_endpoint/call/?token={token}", caller.on_message
             )
             all_callers.append(caller)
-    await asyncio.sleep(0.2)  # let the relay register everyone
+    await asyncio.gather(*(c.run(warm) for c in all_callers))
+    stats.timing = True
+    cpu0 = proc_cpu_seconds(pid) if pid else 0.0
     started = time.perf_counter()
-    for caller in all_callers:
-        caller.start()
-    await asyncio.gather(*(c.finished for c in all_callers))
-    wall = time.perf_counter() - started
+    await asyncio.gather(*(c.run(n) for c in all_callers))
+    stats.wall = time.perf_counter() - started
+    stats.cpu = proc_cpu_seconds(pid) - cpu0 if pid else 0.0
     for caller in all_callers:
         assert caller.proto is not None
         caller.proto.close()
     for tool in tools:
         tool.close()
-    return stats, wall
+    return stats
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -298,3 +312,12 @@ def proc_rss_bytes(pid: int) -> int:
 def md5_hex(text: str) -> str:
     """manager-api's agent id form."""
     return hashlib.md5(text.encode()).hexdigest()
+
+
+def run(coroutine: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed (cheaper), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)

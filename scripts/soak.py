@@ -137,14 +137,15 @@ async def main() -> None:
                 )
             )
             for c in range(args.callers):
-                caller = Caller(stats, 10**12, args.window, args.size, f"b{a}c{c}")
+                caller = Caller(stats, args.window, args.size, f"b{a}c{c}")
                 caller.proto = await connect(
                     "127.0.0.1", port, f"/mcp_endpoint/call/?token={token}", caller.on_message
                 )
                 callers.append(caller)
         await asyncio.sleep(0.2)
+        stats.timing = True
         for caller in callers:
-            caller.start()
+            caller.run(10**12)
         t0 = time.perf_counter()
         last_calls, last_t = 0, t0
         print("t_s  calls/s  p99_ms  errors  rss_MiB  idle_alive", flush=True)
@@ -162,7 +163,7 @@ async def main() -> None:
             )
             last_calls, last_t = stats.calls, now
         for caller in callers:
-            caller.n = 0  # stop issuing
+            caller.limit = 0  # stop issuing
         await asyncio.sleep(0.5)
         total = time.perf_counter() - t0
         print(

@@ -36,14 +36,15 @@ class Outbox:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: deque[bytes] = deque()
+        # Created on first use: most connections are idle, and idle ones should cost little.
+        self._items: deque[bytes] | None = None
         self._closed = False
         self._writing = False
-        self._wake_writer = trio.Event()
-        self._space = trio.Event()
+        self._wake_writer: trio.Event | None = None
+        self._space: trio.Event | None = None
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items else 0
 
     @property
     def closed(self) -> bool:
@@ -53,7 +54,7 @@ class Outbox:
     @property
     def idle(self) -> bool:
         """Nothing queued and the writer holds no batch: a direct write keeps the order."""
-        return not self._items and not self._writing and not self._closed
+        return not (self._items or self._writing or self._closed)
 
     def put_nowait(self, item: bytes) -> None:
         """Queue an item.
@@ -64,10 +65,13 @@ class Outbox:
         """
         if self._closed:
             raise trio.ClosedResourceError("outbox closed")
-        if len(self._items) >= self.capacity:
+        if self._items is None:
+            self._items = deque()
+        elif len(self._items) >= self.capacity:
             raise trio.WouldBlock
         self._items.append(item)
-        self._wake_writer.set()
+        if self._wake_writer is not None:
+            self._wake_writer.set()
 
     async def put(self, item: bytes) -> None:
         """Queue an item, waiting for room (cancel the wait to give up)."""
@@ -75,6 +79,8 @@ class Outbox:
             try:
                 self.put_nowait(item)
             except trio.WouldBlock:
+                if self._space is None:
+                    self._space = trio.Event()
                 await self._space.wait()
             else:
                 await trio.lowlevel.checkpoint()
@@ -83,8 +89,10 @@ class Outbox:
     def close(self) -> None:
         """No more items; the writer finishes what is queued, then sees the end."""
         self._closed = True
-        self._wake_writer.set()
-        self._space.set()  # waiting producers see the closed outbox
+        if self._wake_writer is not None:
+            self._wake_writer.set()
+        if self._space is not None:
+            self._space.set()  # waiting producers see the closed outbox
 
     async def take(self, limit: int) -> list[bytes] | None:
         """The writer's next batch (at most ``limit`` items), or None once closed and empty.
@@ -94,13 +102,14 @@ class Outbox:
         while not self._items:
             if self._closed:
                 return None
-            await self._wake_writer.wait()
             self._wake_writer = trio.Event()
+            await self._wake_writer.wait()
         count = min(limit, len(self._items))
         batch = [self._items.popleft() for _ in range(count)]
         self._writing = True
-        self._space.set()
-        self._space = trio.Event()
+        if self._space is not None:
+            self._space.set()
+            self._space = None
         return batch
 
     def written(self) -> None:

@@ -115,6 +115,7 @@ class _Peer:
     close_with: tuple[int, str] | None = None
     overflow: deque[bytes] | None = None
     ping_sent: float | None = None
+    writer_started: bool = False
 
 
 class _Relay:
@@ -193,15 +194,25 @@ class _Relay:
             trio.WouldBlock: the outbox is full.
             trio.ClosedResourceError: the peer is closing.
         """
+        self._queue_nowait(peer, data, encode_text_frame)
+
+    def _queue_nowait(self, peer: _Peer, item: bytes, encode: Callable[[bytes], bytes]) -> None:
         outbox = peer.outbox
         if outbox.idle and type(peer.ws) is ServerWebSocket:
-            rest = peer.ws.send_now(encode_text_frame(data))
+            rest = peer.ws.send_now(encode(item))
             if rest == b"":
                 return
             if rest is not None:
-                outbox.put_nowait(Encoded(rest))
-                return
-        outbox.put_nowait(data)
+                item = Encoded(rest)
+        outbox.put_nowait(item)
+        self._start_writer(peer)
+
+    def _start_writer(self, peer: _Peer) -> None:
+        """The writer task runs from the first frame the socket could not take at once: an
+        idle connection (most of them) costs no task for it."""
+        if not peer.writer_started:
+            peer.writer_started = True
+            peer.nursery.start_soon(self._writer, peer)
 
     async def _send_to_tool(self, peer: _Peer, action: Send) -> None:
         try:
@@ -214,6 +225,7 @@ class _Relay:
         with trio.move_on_after(self.config.forward_timeout):
             with contextlib.suppress(trio.ClosedResourceError):
                 await peer.outbox.put(action.data)
+                self._start_writer(peer)
             return
         self._tool_send_failed(peer, action)
 
@@ -248,6 +260,7 @@ class _Relay:
                 while overflow:
                     await peer.outbox.put(overflow[0])
                     overflow.popleft()
+                    self._start_writer(peer)
             except trio.ClosedResourceError:
                 return
             peer.overflow = None
@@ -272,6 +285,7 @@ class _Relay:
         self._unregister(peer)
         peer.overflow = None
         peer.outbox.close()  # the writer sends what is queued, then the close frame
+        self._start_writer(peer)
         assert self._nursery is not None
         self._nursery.start_soon(self._await_close, peer)
 
@@ -325,7 +339,7 @@ class _Relay:
                 if now - peer.last_ping >= interval:
                     peer.last_ping = peer.ping_sent = now
                     with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                        peer.outbox.put_nowait(PING)
+                        self._queue_nowait(peer, PING, _ping_frame)
 
     # ---------------------------------------------------------------- shutdown
 
@@ -437,7 +451,11 @@ class _Relay:
                     headers=[("retry-after", str(math.ceil(retry)))],
                 )
             elif request.is_websocket:
-                await self._websocket(stream, request, remote, host)
+                opened = await self._open_websocket(stream, request, remote, host)
+                del request  # an idle connection keeps neither its head nor the handshake state
+                if opened is not None:
+                    ws, role, agent = opened
+                    await self._serve_websocket(ws, role, agent, remote)
             else:
                 await self._http(stream, request, host)
         except BadRequest as exc:
@@ -516,9 +534,11 @@ class _Relay:
         else:
             await respond(stream, 404, {"error": "not found", "path": path}, headers=cors)
 
-    async def _websocket(
+    async def _open_websocket(
         self, stream: trio.SocketStream, request: HttpRequest, remote: str, host: str
-    ) -> None:
+    ) -> tuple[ServerWebSocket, Role, str] | None:
+        """The opening handshake and authentication: the open WebSocket, its role and agent,
+        or None when the connection was refused (and answered)."""
         # wsproto does the opening handshake; frames that came with it go to our parser.
         head_end = request.raw.index(b"\r\n\r\n") + 4
         leftover = request.raw[head_end:]
@@ -527,18 +547,18 @@ class _Relay:
         events = list(ws_conn.events())
         if not events or not isinstance(events[0], WsRequest):
             await respond(stream, 400, {"error": "bad WebSocket handshake"})
-            return
+            return None
         ws_request = events[0]
         role = _PATHS.get(request.path)
         if role is None:
             await self._reject(stream, ws_conn, 404, "no WebSocket endpoint at this path")
-            return
+            return None
         origin = request.headers.get("origin")
         allowed = self.config.allowed_origins
         if origin is not None and "*" not in allowed and origin not in allowed:
             log.info("%s: refused handshake from origin %s", remote, origin)
             await self._reject(stream, ws_conn, 403, "origin not allowed")
-            return
+            return None
         subprotocol = "mcp" if "mcp" in ws_request.subprotocols else None
         await stream.send_all(ws_conn.send(AcceptConnection(subprotocol=subprotocol)))
         ws = ServerWebSocket(
@@ -551,18 +571,23 @@ class _Relay:
             log.info("%s: %s connection refused: %s", remote, endpoint.value, exc.reason)
             self.limiter.failed(host, trio.current_time())
             await self._refuse(ws, CLOSE_POLICY_VIOLATION, exc.reason)
-            return
+            return None
         limit = self.config.max_callers_per_agent
         if role is Role.CALLER and self.router.caller_count(agent) >= limit:
             log.warning("%s: agent %s already has %d callers", remote, agent, limit)
             reason = f"too many callers for this agent (limit {limit})"
             await self._refuse(ws, CLOSE_TOO_MANY_CALLERS, reason)
-            return
-        log.info("%s: %s connected for agent %s", remote, endpoint.value, agent)
+            return None
+        return ws, role, agent
+
+    async def _serve_websocket(
+        self, ws: ServerWebSocket, role: Role, agent: str, remote: str
+    ) -> None:
+        log.info("%s: %s connected for agent %s", remote, role.value, agent)
         try:
             await self._run_peer(ws, role, agent)
         finally:
-            log.info("%s: %s for agent %s disconnected", remote, endpoint.value, agent)
+            log.info("%s: %s for agent %s disconnected", remote, role.value, agent)
 
     async def _reject(
         self, stream: trio.SocketStream, ws_conn: WSConnection, status: int, why: str
@@ -622,7 +647,6 @@ class _Relay:
                     self._dispatch_nowait(self.router.tool_connected(conn, agent))
                 else:
                     self._dispatch_nowait(self.router.caller_connected(conn, agent))
-                nursery.start_soon(self._writer, peer)
                 task_status.started()
                 await self._reader(peer)
             finally:
@@ -661,6 +685,10 @@ class _Relay:
 
 
 _PING_FRAME = b"\x89\x00"
+
+
+def _ping_frame(_: bytes) -> bytes:
+    return _PING_FRAME
 
 
 async def _write_batch(ws: WebSocket, batch: list[bytes]) -> None:

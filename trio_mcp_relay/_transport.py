@@ -127,7 +127,8 @@ class ServerWebSocket:
         self.remote = remote
         self._parser = FrameParser(max_message_size)
         self._parser.feed(initial)
-        self._events: deque[wsframes.Event | wsframes.ProtocolError] = deque()
+        # Created while a read yields events: an idle connection holds no deque.
+        self._events: deque[wsframes.Event | wsframes.ProtocolError] | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._state = _OPEN
         self._closed: ConnectionClosed | None = None
@@ -181,11 +182,12 @@ class ServerWebSocket:
             raise self._closed
         self._parser.feed(data)
         try:
-            self._events.extend(self._parser.events())
+            events = self._parser.events()
         except wsframes.ProtocolError as exc:
             # Handle what came before the violation first, then close with its code.
-            self._events.extend(exc.events_before)
-            self._events.append(exc)
+            self._events = deque([*exc.events_before, exc])
+        else:
+            self._events = deque(events) if events else None
 
     async def _on_close(self, event: wsframes.Close) -> None:
         if self._state == _OPEN:

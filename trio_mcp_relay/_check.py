@@ -99,7 +99,7 @@ async def _http_get(base: str, target: str, timeout: float) -> _HttpAnswer:
                     return _HttpAnswer(status, body)
 
 
-def _connect_hint(exc: BaseException) -> str:
+def _connect_hint(exc: BaseException | None) -> str:
     if isinstance(exc, ConnectionRejected):
         if exc.status_code in (200, 400, 404, 405, 426):
             return PROXY_HINT + f" (got HTTP {exc.status_code} instead of 101)"
@@ -110,7 +110,7 @@ def _connect_hint(exc: BaseException) -> str:
         return "nothing answers there: is the relay running, and are --host/--port right?"
     if isinstance(exc, ConnectionClosed) and exc.reason is not None and exc.reason.code == 1008:
         return "the token was refused: is --key the server key?"
-    if isinstance(exc, trio.TooSlowError):
+    if exc is None or isinstance(exc, trio.TooSlowError):
         return "no answer in time: a firewall or proxy may be holding the connection"
     return ""
 
@@ -122,8 +122,24 @@ async def _step(
         return CheckResult(name, True, await body())
     except _Failed as exc:
         return CheckResult(name, False, exc.detail, exc.hint or failure_hint)
-    except (OSError, HandshakeError, trio.TooSlowError, ConnectionClosed, h11.ProtocolError) as exc:
-        return CheckResult(name, False, f"{type(exc).__name__}: {exc}", _connect_hint(exc))
+    except trio.TooSlowError:
+        return CheckResult(name, False, "no answer in time", failure_hint or _connect_hint(None))
+    except (OSError, HandshakeError, ConnectionClosed, h11.ProtocolError) as exc:
+        return CheckResult(name, False, describe_error(exc), _connect_hint(exc))
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line description of a connection failure, never empty."""
+    if isinstance(exc, ConnectionClosed):
+        code, reason = _close_of(exc)
+        return f"connection closed: {code} {reason}".rstrip()
+    if isinstance(exc, ConnectionRejected):
+        return f"WebSocket refused with HTTP {exc.status_code}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc) or (describe_error(cause) if cause is not None else "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _close_of(exc: ConnectionClosed) -> tuple[int, str]:
@@ -170,7 +186,7 @@ async def _health(endpoint: Endpoint) -> str:
     if answer.status == 200 and b"success" in answer.body:
         counts = json.loads(answer.body).get("result", {}).get("connections", {})
         tools, callers = counts.get("tool_connections", "?"), counts.get("robot_connections", "?")
-        return f"{tools} tools, {callers} callers connected"
+        return f"tool connections: {tools}, caller connections: {callers}"
     if b"-32004" in answer.body:
         raise _Failed(
             f"HTTP {answer.status}, -32004",

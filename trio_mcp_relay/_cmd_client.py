@@ -144,11 +144,12 @@ def _call_root(
 ) -> None:
     """A caller client: list tools, call one, or send raw JSON-RPC (MCP handshake included).
 
-    Example session:
+    Options such as --timeout go before the URL. Example session:
 
+    \b
         trio-mcp-relay call "ws://127.0.0.1:8004/mcp_endpoint/call/?token=..." tools
         trio-mcp-relay call "ws://...?token=..." call add --args '{"a": 1, "b": 2}'
-        trio-mcp-relay call "ws://...?token=..." request ping
+        trio-mcp-relay call --timeout 5 "ws://...?token=..." request ping
     """
     if not url.startswith(("ws://", "wss://")):
         raise _fail(f"the URL must start with ws:// or wss://, got {url!r}")
@@ -158,6 +159,7 @@ def _call_root(
 def _run_caller(ctx: typer.Context, work: Any) -> Any:
     from trio_websocket import ConnectionClosed, HandshakeError
 
+    from ._check import describe_error
     from .client import RpcError, open_caller
 
     url, timeout = ctx.obj
@@ -174,7 +176,7 @@ def _run_caller(ctx: typer.Context, work: Any) -> Any:
     except RpcError as exc:
         raise _fail(f"the server answered with error {exc}", 1) from None
     except (HandshakeError, OSError) as exc:
-        raise _fail(f"cannot connect to {_safe(url)}: {exc}", 1) from None
+        raise _fail(f"cannot connect to {_safe(url)}: {describe_error(exc)}", 1) from None
     except ConnectionClosed as exc:
         reason = exc.reason
         detail = f"{reason.code} {reason.reason or ''}" if reason else "1006"

@@ -412,6 +412,8 @@ class _Relay:
                 finally:
                     with trio.CancelScope(shield=True):
                         await tool_end.close(1000, "embedded tool ended")
+            if self._accept_scope.cancel_called:
+                return  # the relay is shutting down
             log.warning("agent %s: embedded tool ended", agent)
             await trio.sleep(EMBEDDED_RESTART_DELAY)
             # Replaced by a tool connected over the network: stand by until it is gone.

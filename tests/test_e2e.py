@@ -769,3 +769,38 @@ async def test_websockets_library_sees_1008_for_a_bad_token(relay: RunningRelay)
     assert code == 1008
     assert reason
     assert token not in reason
+
+
+def _websockets_conformance(tool_url: str, caller_url: str) -> dict[str, Any]:
+    """Fragmented messages, client pings and the close handshake, by the websockets library."""
+    seen: dict[str, Any] = {}
+    with connect(tool_url) as tool, connect(caller_url) as caller:
+        # A request sent as three fragments (websockets sends an iterable that way).
+        request = json.dumps(
+            {"jsonrpc": "2.0", "id": "frag", "method": "m", "params": {"x": "é" * 50}}
+        )
+        third = len(request) // 3
+        caller.send([request[:third], request[third : 2 * third], request[2 * third :]])
+        forwarded = json.loads(tool.recv(timeout=5))
+        seen["forwarded_params"] = forwarded["params"]
+        tool.send(json.dumps({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"ok": True}}))
+        seen["answer"] = json.loads(caller.recv(timeout=5))
+        # The client's ping is answered with a pong carrying its payload.
+        seen["pong"] = caller.ping(b"payload").wait(timeout=5)
+        caller.close(code=1000, reason="done")
+        seen["caller_close"] = caller.close_code  # the relay echoes the code (RFC 6455 5.5.1)
+    return seen
+
+
+async def test_websockets_library_fragments_ping_and_close(relay: RunningRelay) -> None:
+    with trio.fail_after(15):
+        seen = await trio.to_thread.run_sync(
+            _websockets_conformance,
+            relay.tool_url("conformance"),
+            relay.caller_url("conformance"),
+            abandon_on_cancel=True,
+        )
+    assert seen["forwarded_params"] == {"x": "é" * 50}
+    assert seen["answer"] == {"jsonrpc": "2.0", "id": "frag", "result": {"ok": True}}
+    assert seen["pong"] is True
+    assert seen["caller_close"] == 1000

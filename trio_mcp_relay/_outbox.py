@@ -106,6 +106,8 @@ class Outbox:
             await self._wake_writer.wait()
         count = min(limit, len(self._items))
         batch = [self._items.popleft() for _ in range(count)]
+        if not self._items:
+            self._items = None  # an empty deque still holds a block of memory
         self._writing = True
         if self._space is not None:
             self._space.set()

@@ -169,6 +169,7 @@ class ServerWebSocket:
                 else:
                     assert isinstance(event, wsframes.ProtocolError)
                     await self._fail(event.code, event.reason)
+            self._events = None  # drained: an idle connection holds no deque while it waits
             await self._read()
 
     async def _read(self) -> None:

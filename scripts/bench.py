@@ -23,13 +23,12 @@ import secrets
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from loadgen import run, run_load
+from loadgen import free_port, relay_command, run, run_load, start
 
 
 @dataclass(frozen=True)
@@ -52,50 +51,6 @@ SCENARIOS = [
 ]
 
 ECHO_SERVER = Path(__file__).parent / "echo_server.py"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(command: list[str], port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    import socket
-
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(
-        f"{command[0]} did not start: {process.stderr.read() if process.stderr else ''}"
-    )
-
-
-def relay_command(port: int, key: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "trio_mcp_relay",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--key",
-        key,
-        "--data-dir",
-        f"/tmp/bench-relay-{port}",
-        "--log-level",
-        "WARNING",
-    ]
 
 
 def measure(port: int, key: str, pid: int, s: Scenario) -> dict[str, float]:

@@ -16,7 +16,10 @@ import asyncio
 import base64
 import hashlib
 import os
+import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -321,3 +324,47 @@ def run(coroutine: Any) -> Any:
     except ImportError:
         return asyncio.run(coroutine)
     return uvloop.run(coroutine)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(command: list[str], port: int, **popen: Any) -> subprocess.Popen[bytes]:
+    """Run ``command`` and wait until something listens on ``port`` (127.0.0.1)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    deadline = time.monotonic() + 20
+
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(
+        f"{command[0]} did not start: {process.stderr.read() if process.stderr else ''}"
+    )
+
+
+def relay_command(port: int, key: str) -> list[str]:
+    """``trio-mcp-relay serve`` on 127.0.0.1:``port`` with ``key``, quiet."""
+    return [
+        sys.executable,
+        "-m",
+        "trio_mcp_relay",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--key",
+        key,
+        "--data-dir",
+        f"/tmp/bench-relay-{port}",
+        "--log-level",
+        "WARNING",
+    ]

@@ -29,7 +29,10 @@ from loadgen import (
     WsClient,
     connect,
     echo_tool,
+    free_port,
     proc_rss_bytes,
+    relay_command,
+    start,
     token_for,
 )
 
@@ -37,29 +40,6 @@ from loadgen import (
 def raise_fd_limit() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def start_relay(port: int, key: str, data_dir: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trio_mcp_relay",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--key",
-            key,
-            "--data-dir",
-            data_dir,
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.DEVNULL,
-        preexec_fn=raise_fd_limit,
-    )
 
 
 async def wait_listening(port: int, within: float = 15.0) -> None:
@@ -107,8 +87,8 @@ async def main() -> None:
     key, port, pid = args.key, args.port, args.pid
     if not port:
         key = secrets.token_hex(16)
-        port = 20000 + secrets.randbelow(10000)
-        relay = start_relay(port, key, f"/tmp/soak-relay-{port}")
+        port = free_port()
+        relay = start(relay_command(port, key), port, preexec_fn=raise_fd_limit)
         pid = relay.pid
     try:
         await wait_listening(port)

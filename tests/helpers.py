@@ -9,6 +9,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import trio
@@ -20,6 +21,29 @@ from trio_mcp_relay._server import serve_relay
 from trio_mcp_relay.client import connect_websocket
 
 KEY = "0123456789abcdef0123456789abcdef"
+
+
+def request(rid: Any, method: str = "tools/call", params: Any = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+    if params is not None:
+        frame["params"] = params
+    return frame
+
+
+def notification(method: str, params: Any = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        frame["params"] = params
+    return frame
+
+
+def result(rid: Any, value: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rid, "result": value}
+
+
+def same_id(a: Any, b: Any) -> bool:
+    """JSON-RPC id equality: same JSON type and value (``1`` is not ``1.0`` nor ``"1"``)."""
+    return type(a) is type(b) and a == b
 
 
 @attrs.frozen
@@ -112,8 +136,9 @@ async def http_get(
 
 
 async def health(relay: RunningRelay) -> dict[str, Any]:
-    """The health endpoint's ``connections`` counts."""
-    response = await http_get(relay.port, f"/mcp_endpoint/health?key={KEY}")
+    """The health endpoint's ``connections`` counts, asked with the admin key if one is set."""
+    key = quote(relay.config.admin_key or KEY, safe="")
+    response = await http_get(relay.port, f"/mcp_endpoint/health?key={key}")
     return response.json()["result"]["connections"]  # type: ignore[no-any-return]
 
 

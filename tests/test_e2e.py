@@ -34,8 +34,12 @@ from tests.helpers import (
     RunningRelay,
     health,
     http_get,
+    notification,
     peer,
     recv,
+    request,
+    result,
+    same_id,
     send,
     wait_for_counts,
 )
@@ -46,29 +50,6 @@ from trio_mcp_relay._server import serve_relay
 TIMEOUT = 5
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def request(rid: Any, method: str = "tools/call", params: Any = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-    if params is not None:
-        frame["params"] = params
-    return frame
-
-
-def notification(method: str, params: Any = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if params is not None:
-        frame["params"] = params
-    return frame
-
-
-def result(rid: Any, value: Any) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": rid, "result": value}
-
-
-def same_id(a: Any, b: Any) -> bool:
-    """JSON-RPC id equality: same JSON type and value (``1`` is not ``1.0`` nor ``"1"``)."""
-    return type(a) is type(b) and a == b
 
 
 @asynccontextmanager

@@ -54,11 +54,16 @@ from tests.helpers import (
     KEY,
     HttpResponse,
     RunningRelay,
+    health,
     http_get,
+    notification,
     peer,
     recv,
+    request,
+    result,
     send,
     start_relay,
+    wait_for_counts,
 )
 from trio_mcp_relay._auth import encrypt_token
 from trio_mcp_relay._config import RelayConfig
@@ -73,24 +78,6 @@ TINY_RCVBUF = 1024
 BIG = 2_500_000
 
 # ----------------------------------------------------------------------------- frames
-
-
-def request(rid: Any, method: str = "tools/call", params: Any = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-    if params is not None:
-        frame["params"] = params
-    return frame
-
-
-def notification(method: str, params: Any = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if params is not None:
-        frame["params"] = params
-    return frame
-
-
-def result(rid: Any, value: Any) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": rid, "result": value}
 
 
 def masked_frame(opcode: int, payload: bytes) -> bytes:
@@ -221,21 +208,6 @@ def target_of(url: str) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-async def health(relay: RunningRelay) -> dict[str, Any]:
-    """The health endpoint's connection counts, asked with the admin key if there is one."""
-    key = quote(relay.config.admin_key or KEY, safe="")
-    response = await http_get(relay.port, f"/mcp_endpoint/health?key={key}")
-    return response.json()["result"]["connections"]  # type: ignore[no-any-return]
-
-
-async def wait_for_counts(relay: RunningRelay, *, tools: int, callers: int) -> None:
-    while True:
-        counts = await health(relay)
-        if counts["tool_connections"] == tools and counts["robot_connections"] == callers:
-            return
-        await trio.sleep(0.01)
 
 
 @asynccontextmanager

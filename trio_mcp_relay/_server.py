@@ -151,37 +151,37 @@ class _Relay:
     # ---------------------------------------------------------------- dispatch
 
     async def _dispatch(self, actions: list[Action]) -> None:
+        """Carry out the router's actions; frames to a tool may wait for room (backpressure)."""
         for action in actions:
-            if type(action) is Send:
-                peer = self._peers.get(action.conn)
-                if peer is None:
-                    continue
-                if peer.role is Role.TOOL:
-                    await self._send_to_tool(peer, action)
-                else:
-                    self._send_to_caller(peer, action.data)
+            peer = self._peers.get(action.conn)
+            if type(action) is Send and peer is not None and peer.role is Role.TOOL:
+                await self._send_to_tool(peer, action)
             else:
-                assert isinstance(action, Close)
-                self._close(action.conn, action.code, action.reason)
+                self._dispatch_one_nowait(action)
 
     def _dispatch_nowait(self, actions: list[Action]) -> None:
+        """Carry out actions without waiting (teardown, timers): a full tool outbox fails the
+        frame (a request is answered -32002)."""
         for action in actions:
-            if type(action) is Send:
-                peer = self._peers.get(action.conn)
-                if peer is None:
-                    continue
-                if peer.role is Role.TOOL:
-                    try:
-                        self._put_nowait(peer, action.data)
-                    except trio.WouldBlock:
-                        self._tool_send_failed(peer, action)
-                    except trio.ClosedResourceError:
-                        pass
-                else:
-                    self._send_to_caller(peer, action.data)
-            else:
-                assert isinstance(action, Close)
-                self._close(action.conn, action.code, action.reason)
+            self._dispatch_one_nowait(action)
+
+    def _dispatch_one_nowait(self, action: Action) -> None:
+        if type(action) is not Send:
+            assert isinstance(action, Close)
+            self._close(action.conn, action.code, action.reason)
+            return
+        peer = self._peers.get(action.conn)
+        if peer is None:
+            return
+        if peer.role is Role.CALLER:
+            self._send_to_caller(peer, action.data)
+            return
+        try:
+            self._put_nowait(peer, action.data)
+        except trio.WouldBlock:
+            self._tool_send_failed(peer, action)
+        except trio.ClosedResourceError:
+            pass
 
     def _put_nowait(self, peer: _Peer, data: bytes) -> None:
         """Queue a frame for ``peer``, or write it at once when that keeps the order.

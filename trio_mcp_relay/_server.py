@@ -1,4 +1,4 @@
-"""The Trio server: sockets, tasks, channels and timeouts around the routing core.
+"""The Trio server: sockets, tasks, outboxes and timeouts around the routing core.
 
 Structure (every task has an owner)::
 
@@ -11,10 +11,14 @@ Structure (every task has an owner)::
         └── one task per TCP connection: HTTP head -> plain answer, or WebSocket
             └── connection nursery
                 ├── reader (the connection task itself): receive -> router -> dispatch
-                ├── writer: outbox channel -> batched send_all (pings go this way too)
+                ├── writer, started on first need: outbox -> batched send_all
                 └── overflow drainer, only while a caller's outbox is full
 
-Bounded channels and what happens when they are full:
+The fast path: a frame routed to a connection whose outbox is empty and whose writer holds no
+batch is written to its socket at once by the routing task (see ``_outbox.py``); whatever
+the socket does not take is queued, already framed, ahead of anything else.
+
+Bounded outboxes and what happens when they are full:
 
 * a **tool's outbox** (``outbox_size`` frames): callers block on it (backpressure on the
   callers of that agent only) for at most ``forward_timeout``; then the request is answered
@@ -757,8 +761,9 @@ async def serve_relay(
 
     Resource handling:
         Every connection runs in its own nursery inside the server's; every socket is closed
-        before ``serve_relay`` returns or raises. Each connection's outbox is a bounded memory
-        channel (``config.outbox_size``). Cancelling ``serve_relay`` also closes every peer
+        before ``serve_relay`` returns or raises. Each connection's outbox is bounded
+        (``config.outbox_size`` frames; the module docstring says what happens when full).
+        Cancelling ``serve_relay`` also closes every peer
         with 1001 and answers what is in flight, without the grace period; this takes at most
         a couple of seconds (the peers' chance to answer the close frame).
 

@@ -33,7 +33,9 @@ from typing import Any
 import attrs
 import trio
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError
+
+from .client import connect_websocket
 
 __all__ = [
     "Session",
@@ -295,7 +297,7 @@ async def check_session(
     """
     run = _Run([_Caller(i) for i in range(session.callers)])
     try:
-        async with open_websocket_url(tool_url) as tool, trio.open_nursery() as nursery:
+        async with connect_websocket(tool_url) as tool, trio.open_nursery() as nursery:
             nursery.start_soon(_tool_reader, tool, run)
             sockets = []
             for caller in run.callers:
@@ -313,7 +315,7 @@ async def check_session(
             nursery.cancel_scope.cancel()
         _final_report(run, timed_out=scope.cancelled_caught, patience=patience)
         # The relay must still accept connections after all that.
-        async with open_websocket_url(caller_url):
+        async with connect_websocket(caller_url):
             pass
     except (HandshakeError, ConnectionClosed, OSError) as exc:
         run.problems.append(f"relay connection failed: {exc!r}")
@@ -405,7 +407,7 @@ async def _tool_reader(tool: Any, run: _Run) -> None:
 async def _caller_reader(
     url: str, caller: _Caller, run: _Run, *, task_status: trio.TaskStatus[Any]
 ) -> None:
-    async with open_websocket_url(url) as ws:
+    async with connect_websocket(url) as ws:
         task_status.started(ws)
         with contextlib.suppress(ConnectionClosed):
             while True:

@@ -6,7 +6,7 @@ queued *and* the writer holds no batch it has taken but not yet written. A chann
 tell the second; this outbox can (:attr:`Outbox.idle`).
 
 Items are ``bytes`` (a JSON text frame's payload, to be framed by the writer), :class:`Encoded`
-(bytes already framed: the rest of a direct write the socket did not take), or :data:`PING`.
+(bytes already framed; empty: flush the rest of a direct write the socket kept), or :data:`PING`.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ class Outbox:
                     self._space = trio.Event()
                 await self._space.wait()
             else:
-                await trio.lowlevel.checkpoint()
+                # Queued: a cancellation now must not make the caller think it was not.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return
 
     def close(self) -> None:

@@ -16,7 +16,8 @@ Structure (every task has an owner)::
 
 The fast path: a frame routed to a connection whose outbox is empty and whose writer holds no
 batch is written to its socket at once by the routing task (see ``_outbox.py``); whatever
-the socket does not take is queued, already framed, ahead of anything else.
+the socket does not take it keeps and writes ahead of anything else, and the writer is asked
+for a write to flush it.
 
 Bounded outboxes and what happens when they are full:
 
@@ -191,8 +192,8 @@ class _Relay:
         """Queue a frame for ``peer``, or write it at once when that keeps the order.
 
         The fast path: with nothing queued and the writer idle, the frame goes straight to
-        the socket from this task (no writer wake-up); what the socket does not take is
-        queued first, already framed.
+        the socket from this task (no writer wake-up); what the socket does not take it
+        keeps, to write ahead of anything else, and an empty write is queued to flush it.
 
         Raises:
             trio.WouldBlock: the outbox is full.
@@ -207,7 +208,7 @@ class _Relay:
             if rest == b"":
                 return
             if rest is not None:
-                item = Encoded(rest)
+                item = Encoded(b"")  # the socket keeps the rest: the writer's next write sends it
         outbox.put_nowait(item)
         self._start_writer(peer)
 

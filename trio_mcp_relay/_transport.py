@@ -133,6 +133,8 @@ class ServerWebSocket:
         self._state = _OPEN
         self._closed: ConnectionClosed | None = None
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # What a direct write (send_now) left of a frame: written ahead of anything else.
+        self._rest = b""
         #: trio.current_time() of the last pong received (None: none yet).
         self.last_pong: float | None = None
 
@@ -143,6 +145,10 @@ class ServerWebSocket:
 
     async def _send_raw(self, data: bytes) -> None:
         async with self._send_lock:
+            if self._rest:
+                # The rest of a frame send_now began goes first: nothing (a pong, a close
+                # frame) may land inside it.
+                data, self._rest = self._rest + data, b""
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -217,7 +223,7 @@ class ServerWebSocket:
             await self._send_raw(b"".join([encode_text_frame(m) for m in messages]))
 
     async def send_encoded(self, data: bytes) -> None:
-        """Write bytes that are already WebSocket frames (from :meth:`send_now`'s rest)."""
+        """Write bytes that are already WebSocket frames (after what :meth:`send_now` kept)."""
         if self._state != _OPEN:
             raise ConnectionClosed(ABNORMAL_CLOSURE, "connection is closing")
         await self._send_raw(data)
@@ -226,12 +232,13 @@ class ServerWebSocket:
         """Write framed bytes at once if the socket takes them, without blocking or yielding.
 
         For the relay's fast path: the caller guarantees nothing else is queued for this
-        connection. Returns the bytes the socket did not take (``b""`` when it took all),
-        which the caller must have written next, before anything else; or None when no
-        attempt was made (a write is in progress, the connection is closing, or the stream
-        is not a socket).
+        connection. Returns the bytes the socket did not take (``b""`` when it took all):
+        this WebSocket keeps them and writes them ahead of whatever it sends next (a pong
+        from :meth:`receive` included), so the caller must make sure a write follows soon
+        (``send_encoded(b"")`` will do); or None when no attempt was made (a write is in
+        progress or owed, the connection is closing, or the stream is not a socket).
         """
-        if self._socket is None or self._state != _OPEN or self._send_lock.locked():
+        if self._socket is None or self._state != _OPEN or self._rest or self._send_lock.locked():
             return None
         fd = self._socket.fileno()  # asked each time: -1 once closed, never a reused number
         if fd < 0:
@@ -239,10 +246,11 @@ class ServerWebSocket:
         try:
             written = os.write(fd, data)
         except BlockingIOError:
-            return data
+            written = 0
         except OSError:
-            return data  # the writer will meet the error and end the connection
-        return data[written:]
+            written = 0  # the next write will meet the error and end the connection
+        self._rest = data[written:]
+        return self._rest
 
     async def ping(self, payload: bytes = b"") -> None:
         """Send a ping frame."""

@@ -6,6 +6,7 @@ import gc
 import hashlib
 import http.server
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -214,11 +215,11 @@ def test_fuzz_finds_a_planted_bug_and_prints_the_minimal_script(
 ) -> None:
     original = Router._response_from_tool
 
-    def drops_id_zero(self: Router, state: Any, frame: Any) -> Any:
+    def drops_integer_ids(self: Router, state: Any, frame: Any) -> Any:
         actions = original(self, state, frame)
-        return [a for a in actions if b'"id":0,' not in a.data]
+        return [a for a in actions if not re.search(rb'"id":-?\d+,', a.data)]
 
-    monkeypatch.setattr(Router, "_response_from_tool", drops_id_zero)
+    monkeypatch.setattr(Router, "_response_from_tool", drops_integer_ids)
     with relay_in_thread() as relay:
         result = runner.invoke(
             app,
@@ -230,14 +231,13 @@ def test_fuzz_finds_a_planted_bug_and_prints_the_minimal_script(
                 KEY,
                 "--examples",
                 "200",
-                "--seed",
-                "3",
                 "--patience",
                 "0.2",
             ],
         )
     assert result.exit_code == 1, result.output
     assert "Minimal failing script" in result.stderr
+    # Shrunk to the simplest integer id, alone.
     assert "no answer for ids [0]" in result.stderr
     steps = [line for line in result.stderr.splitlines() if " request " in line]
     assert len(steps) == 1 and steps[0].split()[-1] == "0"

@@ -9,6 +9,7 @@ with its own id, and never delivers to the wrong caller.
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any
 
 import attrs
@@ -21,6 +22,7 @@ from trio_mcp_relay._routing import Router
 from trio_mcp_relay.testing import Session, Step, check_session, sessions
 
 _agents = itertools.count()
+INT_ID = re.compile(rb'"id":(-?\d+),')
 
 
 async def play(session: Session, patience: float = 10.0) -> list[str]:
@@ -43,12 +45,13 @@ def test_live_relay_keeps_its_invariants(session: Session) -> None:
 
 def test_checker_reports_a_planted_id_type_bug(monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker can fail: a relay that returns integer ids as strings (the reference
-    server's bug) is caught, and hypothesis shrinks the script to one request and its answer."""
+    server's bug) is caught, and hypothesis shrinks the script to one request and its answer.
+    (Every integer id is affected, so any script with one answered integer id finds it.)"""
     original = Router._response_from_tool
 
     def stringly(self: Router, state: Any, frame: Any) -> Any:
         actions = original(self, state, frame)
-        return [attrs.evolve(a, data=a.data.replace(b'"id":1,', b'"id":"1",')) for a in actions]
+        return [attrs.evolve(a, data=INT_ID.sub(rb'"id":"\1",', a.data)) for a in actions]
 
     monkeypatch.setattr(Router, "_response_from_tool", stringly)
     found: list[Session] = []
@@ -61,7 +64,7 @@ def test_checker_reports_a_planted_id_type_bug(monkeypatch: pytest.MonkeyPatch) 
             found.append(session)
         assert problems == []
 
-    with pytest.raises(AssertionError, match="sent id 1, got back '1'"):
+    with pytest.raises(AssertionError, match=r"sent id (-?\d+), got back '\1'"):
         run()
     smallest = min(found, key=lambda s: len(s.steps))
     assert [step.kind for step in smallest.steps if step.kind == "request"] == ["request"]

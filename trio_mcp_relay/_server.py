@@ -315,7 +315,10 @@ class _Relay:
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await self._timer_wake.wait()
             self._timer_wake = trio.Event()
-            self._dispatch_nowait(self.router.expire(trio.current_time()))
+            try:
+                self._dispatch_nowait(self.router.expire(trio.current_time()))
+            except Exception:  # a bug here must not take every connection down
+                log.exception("deadline handling failed")
 
     async def _keepalive(self) -> None:
         """Ping every peer each ``ping_interval``; close those silent for ``ping_timeout``."""
@@ -342,9 +345,14 @@ class _Relay:
                     else:
                         continue
                 if now - peer.last_ping >= interval:
-                    peer.last_ping = peer.ping_sent = now
-                    with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                    peer.last_ping = now
+                    try:
                         self._queue_nowait(peer, PING, _ping_frame)
+                    except (trio.WouldBlock, trio.ClosedResourceError):
+                        # Its outbox is full: the slow-reader policies deal with it, and a
+                        # ping that never left cannot be missing its pong.
+                        continue
+                    peer.ping_sent = now
 
     # ---------------------------------------------------------------- shutdown
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
@@ -221,3 +222,41 @@ def test_serve_reports_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert result.exit_code == 1
     assert "error: cannot serve on 127.0.0.1:8004: Address already in use" in result.stderr
     assert result.stdout == ""
+
+
+def test_serve_with_no_arguments_on_a_fresh_directory(tmp_path: Path) -> None:
+    """`trio-mcp-relay serve` alone: generates and saves a key, prints the URLs, and they work.
+
+    Only the environment moves it off the default port (PORT=0, HOST=127.0.0.1) so that the
+    test can run beside anything else; the command line has no arguments at all.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1"}
+    for name in ("SERVER_KEY", "DATA_DIR", "ADMIN_KEY", "LOG_LEVEL"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "trio_mcp_relay", "serve"]
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as relay:
+        try:
+            assert relay.stdout is not None
+            lines = [relay.stdout.readline().strip() for _ in range(4)]
+            assert lines[0].startswith("trio-mcp-relay listening on 127.0.0.1:")
+            assert lines[1].startswith("health:  http://127.0.0.1:")
+            assert lines[2].startswith("tool:    ws://127.0.0.1:")
+            assert lines[3].startswith("caller:  ws://127.0.0.1:")
+            saved = (tmp_path / "data" / CONFIG_FILE_NAME).read_text()
+            key = parse_qs(urlsplit(lines[1].split()[-1]).query)["key"][0]
+            assert f"key = {key}" in saved
+            token = parse_qs(urlsplit(lines[2].split()[-1]).query)["token"][0]
+            assert decrypt_agent_id(key, token) == "single_module"
+            with urllib.request.urlopen(lines[1].split()[-1], timeout=5) as response:
+                assert json.load(response)["result"]["status"] == "success"
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            assert relay.wait(timeout=15) == 0

@@ -97,3 +97,35 @@ async def test_memory_pair_abrupt_close_is_1006() -> None:
         with pytest.raises(ConnectionClosed) as closed:
             await b.receive()
         assert closed.value.code == 1006
+
+
+async def test_a_failing_embedded_connection_does_not_take_the_relay_down(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug that raises while routing the embedded tool's frames ends that connection only."""
+    from trio_mcp_relay._routing import Router
+
+    original = Router.received
+
+    def broken(self: Router, conn: int, data: str | bytes, now: float) -> list[object]:
+        if b"boom" in (data.encode() if isinstance(data, str) else data):
+            raise RuntimeError("routing bug")
+        return original(self, conn, data, now)  # type: ignore[return-value]
+
+    async def noisy_tool(ws: WebSocket) -> None:
+        await ws.send_many([b'{"jsonrpc":"2.0","method":"notifications/message","params":"boom"}'])
+        await echo_tool(ws)
+
+    monkeypatch.setattr(Router, "received", broken)
+    monkeypatch.setattr("trio_mcp_relay._server.EMBEDDED_RESTART_DELAY", 60)
+    with trio.fail_after(10):
+        relay = await start_relay(nursery, embedded_tools={"noisy": noisy_tool})
+        async with peer(relay.tool_url("other")) as tool, peer(relay.caller_url("other")) as caller:
+            await wait_for_counts(
+                relay, tools=1, callers=1
+            )  # the noisy one is gone, the relay is up
+            await send(caller, {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            forwarded = await recv(tool)
+            await send(tool, {"jsonrpc": "2.0", "id": forwarded["id"], "result": {}})
+            assert (await recv(caller))["id"] == 1
+    assert "embedded tool connection failed" in caplog.text

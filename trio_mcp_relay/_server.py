@@ -415,7 +415,7 @@ class _Relay:
             )
             log.info("agent %s: embedded tool started", agent)
             async with trio.open_nursery() as nursery:
-                await nursery.start(self._run_peer, relay_end, Role.TOOL, agent)
+                await nursery.start(self._run_embedded_peer, relay_end, agent)
                 task_status.started()  # the first time only: the relay may start accepting
                 task_status = trio.TASK_STATUS_IGNORED
                 try:
@@ -432,6 +432,19 @@ class _Relay:
             # Replaced by a tool connected over the network: stand by until it is gone.
             while self.router.tool_of(agent) is not None:  # noqa: ASYNC110 (rare, coarse)
                 await trio.sleep(EMBEDDED_RESTART_DELAY)
+
+    async def _run_embedded_peer(
+        self,
+        ws: WebSocket,
+        agent: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The relay side of an embedded tool; a failure ends this connection only."""
+        try:
+            await self._run_peer(ws, Role.TOOL, agent, task_status=task_status)
+        except Exception:
+            log.exception("agent %s: embedded tool connection failed", agent)
 
     async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery) -> None:
         with self._accept_scope:

@@ -62,6 +62,7 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData
 from wsproto.events import Request as WsRequest
 
 from . import __version__
+from . import _wsframes as wsframes
 from ._auth import AesTokenAuthenticator, Authenticator, AuthError, Endpoint, redact
 from ._config import RelayConfig
 from ._frames import AUTHENTICATION_ERROR
@@ -712,7 +713,7 @@ class _Relay:
             peer.nursery.cancel_scope.cancel()
 
 
-_PING_FRAME = b"\x89\x00"
+_PING_FRAME = wsframes.frame(wsframes.OP_PING)
 
 
 def _ping_frame(_: bytes) -> bytes:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 from collections import deque
 from collections.abc import Sequence
 from typing import Final, Protocol
@@ -85,17 +84,7 @@ class WebSocket(Protocol):
 
 def encode_text_frame(payload: bytes) -> bytes:
     """One unmasked, final text frame (server to client, RFC 6455 section 5.2)."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
-
-
-def _truncate_reason(reason: str) -> str:
-    encoded = reason.encode()[:123]
-    return encoded.decode("utf-8", "ignore")
+    return wsframes.frame(wsframes.OP_TEXT, payload)
 
 
 _OPEN, _LOCAL_CLOSING, _CLOSED = range(3)
@@ -339,7 +328,7 @@ class MemoryWebSocket:
         """Tell the other end; ``receive`` there ends with ConnectionClosed(code)."""
         if self._closed is None:
             with contextlib.suppress(ConnectionClosed):
-                await self._put(_CloseMarker(code, _truncate_reason(reason)))
+                await self._put(_CloseMarker(code, wsframes.cut_reason(reason)))
 
     async def aclose(self) -> None:
         """Drop both directions at once."""

@@ -119,10 +119,14 @@ def frame(opcode: int, payload: bytes = b"") -> bytes:
     return bytes((0x80 | opcode, 127)) + _U64.pack(n) + payload
 
 
+def cut_reason(reason: str) -> str:
+    """A close reason cut to the 123 bytes a close frame has room for, on a character edge."""
+    return reason.encode()[:123].decode("utf-8", "ignore")
+
+
 def close_payload(code: int, reason: str) -> bytes:
-    """A close frame's payload: the code and a reason cut to fit 125 bytes."""
-    encoded = reason.encode()[:123].decode("utf-8", "ignore").encode()
-    return _U16.pack(code) + encoded
+    """A close frame's payload: the code and the reason, cut to fit 125 bytes."""
+    return _U16.pack(code) + cut_reason(reason).encode()
 
 
 class FrameParser:

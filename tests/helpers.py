@@ -17,8 +17,8 @@ from trio_websocket import WebSocketConnection
 
 from trio_mcp_relay._auth import caller_url, encrypt_token, tool_url
 from trio_mcp_relay._config import RelayConfig
-from trio_mcp_relay._server import serve_relay
 from trio_mcp_relay.client import connect_websocket
+from trio_mcp_relay.server import serve_relay
 
 KEY = "0123456789abcdef0123456789abcdef"
 

@@ -45,7 +45,7 @@ from tests.helpers import (
 )
 from trio_mcp_relay._auth import AuthError, Endpoint, encrypt_token, pad_key
 from trio_mcp_relay._config import RelayConfig
-from trio_mcp_relay._server import serve_relay
+from trio_mcp_relay.server import serve_relay
 
 TIMEOUT = 5
 

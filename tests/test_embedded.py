@@ -48,7 +48,7 @@ async def test_embedded_tool_answers_callers_without_a_socket(nursery: trio.Nurs
 async def test_network_tool_replaces_embedded_one_which_comes_back_after(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("trio_mcp_relay._server.EMBEDDED_RESTART_DELAY", 0.05)
+    monkeypatch.setattr("trio_mcp_relay.server.lifecycle.EMBEDDED_RESTART_DELAY", 0.05)
     with trio.fail_after(10):
         relay = await start_relay(nursery, embedded_tools={"kitchen": echo_tool})
         await wait_for_counts(relay, tools=1, callers=0)
@@ -117,7 +117,7 @@ async def test_a_failing_embedded_connection_does_not_take_the_relay_down(
         await echo_tool(ws)
 
     monkeypatch.setattr(Router, "received", broken)
-    monkeypatch.setattr("trio_mcp_relay._server.EMBEDDED_RESTART_DELAY", 60)
+    monkeypatch.setattr("trio_mcp_relay.server.lifecycle.EMBEDDED_RESTART_DELAY", 60)
     with trio.fail_after(10):
         relay = await start_relay(nursery, embedded_tools={"noisy": noisy_tool})
         async with peer(relay.tool_url("other")) as tool, peer(relay.caller_url("other")) as caller:

@@ -19,7 +19,7 @@ from ._auth import (
     encrypt_token,
 )
 from ._config import ConfigError, RelayConfig, load_config
-from ._server import serve_relay
+from .server import serve_relay
 
 __all__ = [
     "AesTokenAuthenticator",

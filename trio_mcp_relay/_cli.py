@@ -45,7 +45,7 @@ app = typer.Typer(
 
 
 class _ServeRelay(Protocol):
-    """The shape of ``trio_mcp_relay._server.serve_relay`` that the CLI relies on."""
+    """The shape of ``trio_mcp_relay.server.serve_relay`` that the CLI relies on."""
 
     def __call__(
         self,
@@ -170,7 +170,7 @@ def _exit_on_os_error(group: BaseExceptionGroup[OSError], config: RelayConfig) -
 def _load_server() -> _ServeRelay:
     # Imported only when serving: the server pulls in the whole networking stack, which
     # --help and configuration errors do not need, and this module must import without it.
-    module = importlib.import_module("trio_mcp_relay._server")
+    module = importlib.import_module("trio_mcp_relay.server")
     return cast(_ServeRelay, module.serve_relay)
 
 
@@ -232,7 +232,8 @@ def serve(
     forward_timeout: Annotated[
         float | None,
         typer.Option(
-            help="Seconds a frame may wait to be handed to a slow peer. No env var. Default: 10."
+            help="Seconds a request may wait in a tool's queue before it gets -32002. "
+            "No env var. Default: 10."
         ),
     ] = None,
     tool_request_timeout: Annotated[
@@ -286,12 +287,36 @@ def serve(
     ] = None,
     outbox_size: Annotated[
         int | None,
-        typer.Option(help="Frames queued per connection before it counts as slow. Default: 256."),
+        typer.Option(
+            help="Frames queued per connection at most: a caller over it is closed (1013), a "
+            "request to a tool over it gets -32002. Default: 256."
+        ),
+    ] = None,
+    outbox_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Bytes queued per connection at most, with the same consequences. "
+            "Default: 16777216 (16 MiB)."
+        ),
+    ] = None,
+    max_queued_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Bytes queued across all connections at most, likewise. "
+            "Default: 268435456 (256 MiB)."
+        ),
+    ] = None,
+    max_pending_per_address: Annotated[
+        int | None,
+        typer.Option(
+            help="Connections one address may hold before authenticating; more get HTTP 503. "
+            "Default: 64."
+        ),
     ] = None,
     slow_caller_grace: Annotated[
         float | None,
         typer.Option(
-            help="Seconds a caller may leave its full outbox unread before it is closed "
+            help="Seconds a frame may wait in a caller's queue before the caller is closed "
             "(1013). Default: 10."
         ),
     ] = None,
@@ -350,6 +375,9 @@ def serve(
         "max_inflight_per_caller": max_inflight_per_caller,
         "max_tool_requests": max_tool_requests,
         "outbox_size": outbox_size,
+        "outbox_bytes": outbox_bytes,
+        "max_queued_bytes": max_queued_bytes,
+        "max_pending_per_address": max_pending_per_address,
         "slow_caller_grace": slow_caller_grace,
         "shutdown_grace": shutdown_grace,
         "auth_failures": auth_failures,

@@ -134,9 +134,16 @@ class RelayConfig:
         allowed_origins: Origins allowed by CORS; ``"*"`` allows any.
         max_message_size: Largest WebSocket message accepted, in bytes.
         handshake_timeout: Seconds a new connection has to finish its HTTP/WebSocket handshake.
-        forward_timeout: Seconds a frame may wait to be handed to a peer's outbox.
+        forward_timeout: Seconds a request may wait in a tool's queue before it is answered
+            ``-32002``.
         tool_request_timeout: Seconds a tool-initiated request waits for a caller's answer.
-        outbox_size: Frames queued per connection before the peer counts as not reading.
+        outbox_size: Frames queued per connection at most (a caller over it is closed 1013, a
+            frame to a tool over it refused with ``-32002``).
+        outbox_bytes: Bytes queued per connection at most, with the same consequences (an
+            empty queue always takes one frame, however large).
+        max_queued_bytes: Bytes queued across all connections at most, likewise.
+        max_pending_per_address: Connections one client address may hold before they have
+            authenticated; more are answered HTTP 503 at once.
         admin_key: Key for the health endpoint; ``None`` means the server key (as the
             reference). Its ``repr`` is redacted.
         ping_interval: Seconds between WebSocket pings to every peer; 0 turns pings off.
@@ -148,8 +155,8 @@ class RelayConfig:
             ``-32007``.
         request_timeout: Seconds a caller request may stay unanswered before the relay answers
             ``-32006`` and cancels it at the tool; 0 (the default) waits for the tool forever.
-        slow_caller_grace: Seconds a caller's full outbox may stay full before it is closed
-            (1013).
+        slow_caller_grace: Seconds a frame may wait in a caller's queue before the caller is
+            closed (1013).
         shutdown_grace: Seconds a graceful shutdown waits for in-flight requests.
         auth_failures: Failed authentications from one address within ``auth_window`` that
             make the relay refuse that address (HTTP 429) for ``auth_ban`` seconds; 0 is off.
@@ -169,6 +176,9 @@ class RelayConfig:
     forward_timeout: float = attrs.field(default=10.0, validator=_positive)
     tool_request_timeout: float = attrs.field(default=30.0, validator=_positive)
     outbox_size: int = attrs.field(default=256, validator=_positive)
+    outbox_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
+    max_queued_bytes: int = attrs.field(default=256 * 1024 * 1024, validator=_positive)
+    max_pending_per_address: int = attrs.field(default=64, validator=_positive)
     admin_key: str | None = attrs.field(default=None, validator=_key_text, repr=_redact_key)
     ping_interval: float = attrs.field(default=20.0, validator=_zero_or_positive)
     ping_timeout: float = attrs.field(default=20.0, validator=_positive)

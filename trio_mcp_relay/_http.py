@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
@@ -94,15 +95,10 @@ async def read_request_head(stream: trio.abc.ReceiveStream) -> HttpRequest:
 
 
 def _status_reason(status: int) -> bytes:
-    return {
-        200: b"OK",
-        204: b"No Content",
-        307: b"Temporary Redirect",
-        400: b"Bad Request",
-        403: b"Forbidden",
-        404: b"Not Found",
-        405: b"Method Not Allowed",
-    }.get(status, b"")
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
 
 
 async def respond(

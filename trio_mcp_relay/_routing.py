@@ -562,7 +562,9 @@ class Router:
 
     # ------------------------------------------------------------------ failures and time
 
-    def forward_failed(self, tool: int, tool_id: int) -> list[Action]:
+    def forward_failed(
+        self, tool: int, tool_id: int, why: str = "the tool is not reading"
+    ) -> list[Action]:
         """A forwarded caller request could not be delivered to the tool: answer ``-32002``."""
         state = self._tools.get(tool)
         if state is None or state.tool != tool:
@@ -574,9 +576,7 @@ class Router:
         return [
             Send(
                 entry.caller,
-                error_frame(
-                    entry.caller_id, FORWARD_FAILED, "Forward failed", "the tool is not reading"
-                ),
+                error_frame(entry.caller_id, FORWARD_FAILED, "Forward failed", why),
             )
         ]
 

@@ -122,6 +122,8 @@ class ServerWebSocket:
         self._state = _OPEN
         self._closed: ConnectionClosed | None = None
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # Whether writes can be partial and resumed (a socket, or a stream with try_write).
+        self._direct = self._socket is not None or hasattr(stream, "try_write")
         # What a direct write (send_now) left of a frame: written ahead of anything else.
         self._rest = b""
         #: trio.current_time() of the last pong received (None: none yet).
@@ -138,11 +140,60 @@ class ServerWebSocket:
                 # The rest of a frame send_now began goes first: nothing (a pong, a close
                 # frame) may land inside it.
                 data, self._rest = self._rest + data, b""
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._state = _CLOSED
-                raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+            if not self._direct:
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._state = _CLOSED
+                    raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+            else:
+                await self._write_some(data)
+
+    def _try_write(self, data: memoryview) -> int:
+        """Write what the stream takes now, without waiting; how many bytes it took."""
+        if self._socket is None:
+            written: int = self._stream.try_write(data)  # type: ignore[attr-defined]
+            return written
+        fd = self._socket.fileno()  # asked each time: -1 once closed, never a reused number
+        if fd < 0:
+            raise OSError("socket closed")
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def _wait_writable(self) -> None:
+        if self._socket is None:
+            await self._stream.wait_writable()  # type: ignore[attr-defined]
+        else:
+            await trio.lowlevel.wait_writable(self._socket)
+
+    async def _write_some(self, data: bytes) -> None:
+        """Write all of ``data``; if cancelled, keep what did not leave for the next write.
+
+        So a write can be abandoned (a peer that stopped reading is being closed) without
+        leaving half a frame on the wire: the close frame that follows goes after its rest.
+        Works on a socket, or on any stream with ``try_write(data) -> int`` and
+        ``wait_writable()`` (the in-memory streams of the tests).
+        """
+        view = memoryview(data)
+        try:
+            while True:
+                view = view[self._try_write(view) :]
+                if not view:
+                    return
+                await self._wait_writable()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._state = _CLOSED
+            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+        except trio.Cancelled:
+            self._rest = bytes(view)
+            raise
+
+    @property
+    def unsent(self) -> int:
+        """Bytes of a started write still waiting for the socket."""
+        return len(self._rest)
 
     async def receive(self) -> str | bytes:
         """The next whole message (str for text, bytes for binary frames)."""
@@ -225,18 +276,13 @@ class ServerWebSocket:
         this WebSocket keeps them and writes them ahead of whatever it sends next (a pong
         from :meth:`receive` included), so the caller must make sure a write follows soon
         (``send_encoded(b"")`` will do); or None when no attempt was made (a write is in
-        progress or owed, the connection is closing, or the stream is not a socket).
+        progress or owed, the connection is closing, or the stream cannot take partial writes).
         """
-        if self._socket is None or self._state != _OPEN or self._rest or self._send_lock.locked():
-            return None
-        fd = self._socket.fileno()  # asked each time: -1 once closed, never a reused number
-        if fd < 0:
+        if not self._direct or self._state != _OPEN or self._rest or self._send_lock.locked():
             return None
         try:
-            written = os.write(fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
+            written = self._try_write(memoryview(data))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             written = 0  # the next write will meet the error and end the connection
         self._rest = data[written:]
         return self._rest

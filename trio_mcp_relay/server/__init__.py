@@ -1,0 +1,19 @@
+"""The Trio shell around the routing core: sockets, peers, timeouts, HTTP.
+
+Where each piece lives:
+
+* :mod:`.serve`: ``serve_relay``, listeners, the accept loop, one task per connection.
+* :mod:`.handshake`: the WebSocket opening handshake, authentication, per-address admission.
+* :mod:`.dispatch`: carries out the router's actions on peers; what a full queue means.
+* :mod:`.peer`: one connection's outbox, writer, fast path and close state.
+* :mod:`.outbox`: the bounded (frames and bytes) queue a peer's writer drains.
+* :mod:`.lifecycle`: deadline timer, keepalive, embedded tools, shutdown.
+* :mod:`.routes`: the plain HTTP endpoints (info, health) and CORS.
+"""
+
+from __future__ import annotations
+
+from .lifecycle import EmbeddedTool
+from .serve import serve_relay
+
+__all__ = ["EmbeddedTool", "serve_relay"]

@@ -1,0 +1,267 @@
+"""The dispatcher: carries out the routing core's actions on peers, and owns their lives.
+
+It is the only part of the shell that talks to the :class:`~trio_mcp_relay._routing.Router`
+and to :class:`~.peer.Peer` objects. Nothing here ever waits on another peer: a frame is
+written at once, queued, or refused, so a connection's reader always goes on reading (its
+pongs and close frames included) whatever the peers it talks to are doing.
+
+What a full or stalled outbox means, by role:
+
+* **to a tool**: a frame that does not fit (``outbox_size`` frames, ``outbox_bytes`` bytes, or
+  the relay's ``max_queued_bytes`` budget) is refused: a request is answered ``-32002`` with
+  its own id at once, a notification is dropped (and logged). A request that stays queued for
+  ``forward_timeout`` seconds is taken out of the queue and answered ``-32002``. A tool that
+  stops reading altogether is found by keepalive (a ping is owed even when its outbox is
+  full) and closed 1011; what was queued for it is answered ``-32002``, what it had received
+  ``-32003``.
+* **to a caller**: a frame that does not fit, or a queue whose oldest frame has waited
+  ``slow_caller_grace`` seconds, closes the caller 1013. What is queued for it is dropped
+  first, so the close frame is the next thing it reads; its requests are cancelled at the tool.
+
+Every peer is registered (``tool_connected`` / ``caller_connected``) before its handshake
+answer is written, so a frame routed to it right after its 101 is never refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+
+from .._config import RelayConfig
+from .._routing import Action, Close, Role, Router, Send
+from .._transport import ConnectionClosed, WebSocket
+from .outbox import ByteBudget, Outbox
+from .peer import Peer, PeerState
+
+__all__ = ["CLOSE_TIMEOUT", "Dispatcher"]
+
+log = logging.getLogger("trio_mcp_relay.server")
+
+#: How long a closing connection gets to answer our close frame before it is dropped.
+CLOSE_TIMEOUT: Final = 2.0
+CLOSE_INTERNAL_ERROR: Final = 1011  # no pong in time
+CLOSE_TRY_AGAIN_LATER: Final = 1013  # a caller that stopped reading
+
+
+class Dispatcher:
+    """Peers by connection id, the router, and what to do with each action.
+
+    Args:
+        config: limits and timeouts.
+        router: the routing core.
+        wake_timer: called when the router's next deadline may have moved earlier.
+    """
+
+    def __init__(self, config: RelayConfig, router: Router, wake_timer: Callable[[], None]) -> None:
+        self.config = config
+        self.router = router
+        self.peers: dict[int, Peer] = {}
+        self.budget = ByteBudget(config.max_queued_bytes)
+        self._ids = itertools.count(1)
+        self._wake_timer = wake_timer
+        self._nursery: trio.Nursery | None = None
+
+    def bind(self, nursery: trio.Nursery) -> None:
+        """The nursery that runs closing handshakes (it outlives any one connection)."""
+        self._nursery = nursery
+
+    # ---------------------------------------------------------------- actions
+
+    def dispatch(self, actions: list[Action]) -> None:
+        """Carry out the router's actions, never waiting."""
+        peers = self.peers
+        for action in actions:
+            if type(action) is not Send:
+                assert isinstance(action, Close)
+                peer = peers.get(action.conn)
+                if peer is not None:
+                    self.close_peer(peer, action.code, action.reason)
+                continue
+            peer = peers.get(action.conn)
+            if peer is None:
+                continue
+            if peer.role is Role.TOOL:
+                self._to_tool(peer, action)
+            else:
+                self._to_caller(peer, action.data)
+
+    def _to_tool(self, peer: Peer, action: Send) -> None:
+        try:
+            peer.send_nowait(action.data, action.request)
+        except trio.WouldBlock:
+            outbox = peer.outbox
+            why = f"the tool is not keeping up ({len(outbox)} frames, {outbox.nbytes} bytes queued)"
+            if action.request is not None:
+                log.warning("agent %s: %s; request refused", peer.agent, why)
+                self.dispatch(self.router.forward_failed(peer.conn, action.request, why))
+            else:
+                log.warning("agent %s: %s; a notification was dropped", peer.agent, why)
+        except trio.ClosedResourceError:
+            pass
+
+    def _to_caller(self, peer: Peer, data: bytes) -> None:
+        try:
+            peer.send_nowait(data)
+        except trio.WouldBlock:
+            outbox = peer.outbox
+            log.warning(
+                "agent %s: caller %d is not reading (%d frames, %d bytes queued); closing it",
+                peer.agent,
+                peer.conn,
+                len(outbox),
+                outbox.nbytes,
+            )
+            self.close_peer(
+                peer, CLOSE_TRY_AGAIN_LATER, "caller is not reading (outbox full)", abandon=True
+            )
+        except trio.ClosedResourceError:
+            pass
+
+    # ---------------------------------------------------------------- watchdog
+
+    async def _watch(self, peer: Peer) -> None:
+        """Act on frames queued too long: requests to a tool after ``forward_timeout``
+        (answered ``-32002``), anything to a caller after ``slow_caller_grace`` (closed 1013).
+        Runs from the first frame the peer's socket could not take at once."""
+        tool = peer.role is Role.TOOL
+        limit = self.config.forward_timeout if tool else self.config.slow_caller_grace
+        outbox = peer.outbox
+        while peer.state is PeerState.OPEN or peer.state is PeerState.HANDSHAKE:
+            oldest = outbox.oldest()
+            if oldest is None:
+                await outbox.wait_queued()
+                continue
+            if trio.current_time() < oldest + limit:
+                await trio.sleep_until(oldest + limit)
+                continue
+            if tool:
+                why = f"not delivered to the tool within {limit:g} s"
+                tags = outbox.expire(trio.current_time() - limit)
+                log.warning("agent %s: %d frames %s; dropped", peer.agent, len(tags) or 1, why)
+                for tag in tags:
+                    self.dispatch(self.router.forward_failed(peer.conn, tag, why))
+            else:
+                log.warning(
+                    "agent %s: caller %d did not read for %g s; closing it",
+                    peer.agent,
+                    peer.conn,
+                    limit,
+                )
+                self.close_peer(
+                    peer,
+                    CLOSE_TRY_AGAIN_LATER,
+                    f"caller did not read for {limit:g} s",
+                    abandon=True,
+                )
+
+    # ---------------------------------------------------------------- closing
+
+    def close_peer(self, peer: Peer, code: int, reason: str, *, abandon: bool = False) -> None:
+        """Unregister ``peer`` at once (its requests are answered or cancelled), then close it.
+
+        With ``abandon`` (a peer that stopped reading) what is queued for it is dropped (a
+        tool's queued requests answered ``-32002``) and the close frame goes next; it gets
+        ``slow_caller_grace`` seconds to read it. Otherwise it gets what is queued, then the
+        close frame, and ``CLOSE_TIMEOUT`` seconds to answer.
+        """
+        if peer.state is PeerState.CLOSING or peer.state is PeerState.CLOSED:
+            return
+        dropped = peer.close(code, reason, abandon=abandon)
+        if dropped and peer.role is Role.TOOL:
+            why = f"the tool connection was closed ({reason}) before this request left"
+            for tag in dropped:
+                self.dispatch(self.router.forward_failed(peer.conn, tag, why))
+        self.unregister(peer)
+        write_timeout = max(CLOSE_TIMEOUT, self.config.slow_caller_grace) if abandon else 0.0
+        assert self._nursery is not None
+        self._nursery.start_soon(self._await_close, peer, write_timeout)
+
+    async def _await_close(self, peer: Peer, write_timeout: float) -> None:
+        if write_timeout and peer.close_sent is not None:
+            with trio.move_on_after(write_timeout):
+                await peer.close_sent.wait()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await peer.done.wait()
+        peer.nursery.cancel_scope.cancel()
+
+    def unregister(self, peer: Peer) -> None:
+        """Tell the router the peer is gone (once), and carry out what follows."""
+        if self.peers.get(peer.conn) is not peer:
+            return
+        del self.peers[peer.conn]
+        if peer.role is Role.TOOL:
+            self.dispatch(self.router.tool_disconnected(peer.conn))
+        else:
+            self.dispatch(self.router.caller_disconnected(peer.conn))
+
+    def close_all(self, code: int, reason: str) -> list[Peer]:
+        """Close every peer, tools first (so callers get their ``-32003`` answers first)."""
+        peers = sorted(self.peers.values(), key=lambda p: p.role is not Role.TOOL)
+        for peer in peers:
+            self.close_peer(peer, code, reason)
+        return peers
+
+    # ---------------------------------------------------------------- a connection
+
+    async def run_peer(
+        self,
+        ws: WebSocket,
+        role: Role,
+        agent: str,
+        *,
+        accept: Callable[[], Awaitable[None]] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Register the connection, send its handshake answer, then read until it ends.
+
+        Args:
+            ws: the connection.
+            role: tool or caller.
+            agent: its agent.
+            accept: writes the handshake answer (the 101); the peer is known to the router
+                before it is called.
+            task_status: ``started()`` once the router knows the connection and it is open.
+        """
+        conn = next(self._ids)
+        config = self.config
+        outbox = Outbox(config.outbox_size, config.outbox_bytes, self.budget)
+        async with trio.open_nursery() as nursery:
+            peer = Peer(conn, role, agent, ws, outbox, nursery, trio.current_time())
+            peer.watchdog = self._watch
+            self.peers[conn] = peer
+            try:
+                if role is Role.TOOL:
+                    self.dispatch(self.router.tool_connected(conn, agent))
+                else:
+                    self.dispatch(self.router.caller_connected(conn, agent))
+                if accept is not None:
+                    await accept()
+                peer.opened()
+                task_status.started()
+                await self._read(peer)
+            finally:
+                self.unregister(peer)
+                outbox.close()
+                outbox.clear()  # give back its bytes to the relay's budget
+                peer.ended()
+                nursery.cancel_scope.cancel()
+
+    async def _read(self, peer: Peer) -> None:
+        router = self.router
+        ws = peer.ws
+        conn = peer.conn
+        while True:
+            try:
+                message = await ws.receive()
+            except ConnectionClosed as exc:
+                log.debug("connection %d closed: %d %s", conn, exc.code, exc.reason)
+                return
+            actions = router.received(conn, message, trio.current_time())
+            if router.take_deadline_change():
+                self._wake_timer()
+            if actions:
+                self.dispatch(actions)

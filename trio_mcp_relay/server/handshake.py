@@ -1,0 +1,181 @@
+"""The WebSocket opening handshake: path, origin, authentication, admission, the 101.
+
+A connection becomes a peer here. The order matters:
+
+1. wsproto parses the upgrade request (a bad one is answered 400), the path picks the role
+   (another path: 404), the ``Origin`` header is checked (403).
+2. The token is authenticated and the per-agent caller limit checked, *before* anything is
+   answered. A refused token still gets the reference server's answer: the 101, then a close
+   frame 1008 with the reason (every existing client expects exactly that).
+3. The accepted connection is handed to the dispatcher, which registers it with the router
+   and only then writes the 101: a frame routed to it right after its handshake is never
+   refused.
+
+:class:`PendingByAddress` caps the connections one address holds before they authenticate,
+so silent sockets from one address cannot use up the relay's whole connection budget.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import attrs
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection
+from wsproto.events import Request as WsRequest
+
+from .._auth import Authenticator, AuthError, Endpoint
+from .._config import RelayConfig
+from .._http import HttpRequest, respond
+from .._routing import Role
+from .._transport import ConnectionClosed, ServerWebSocket
+from .dispatch import CLOSE_TIMEOUT
+
+__all__ = ["Opened", "PendingByAddress", "open_websocket"]
+
+log = logging.getLogger("trio_mcp_relay.server")
+
+CLOSE_POLICY_VIOLATION: Final = 1008  # bad token
+CLOSE_TOO_MANY_CALLERS: Final = 4002  # max_callers_per_agent
+
+PATHS: Final = {
+    "/mcp_endpoint/mcp": Role.TOOL,
+    "/mcp_endpoint/mcp/": Role.TOOL,
+    "/mcp_endpoint/call": Role.CALLER,
+    "/mcp_endpoint/call/": Role.CALLER,
+}
+
+
+class PendingByAddress:
+    """How many connections each address holds that have not authenticated yet.
+
+    Args:
+        limit: connections per address at most; one more is refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: dict[str, int] = {}
+
+    def enter(self, address: str) -> bool:
+        """Count a new connection from ``address``; False (and not counted) when over."""
+        count = self._counts.get(address, 0)
+        if count >= self.limit:
+            return False
+        self._counts[address] = count + 1
+        return True
+
+    def leave(self, address: str) -> None:
+        """The connection authenticated, or ended."""
+        count = self._counts[address] - 1
+        if count:
+            self._counts[address] = count
+        else:
+            del self._counts[address]
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+
+@attrs.frozen
+class Opened:
+    """An authenticated WebSocket, not yet answered: ``accept`` writes its 101."""
+
+    ws: ServerWebSocket
+    role: Role
+    agent: str
+    accept: Callable[[], Awaitable[None]]
+
+
+async def open_websocket(
+    stream: trio.abc.Stream,
+    request: HttpRequest,
+    remote: str,
+    *,
+    config: RelayConfig,
+    authenticator: Authenticator,
+    caller_count: Callable[[str], int],
+    on_auth_failure: Callable[[], None],
+) -> Opened | None:
+    """Check an upgrade request and authenticate it.
+
+    Returns:
+        The connection to hand to the dispatcher, or None when it was refused (and
+        answered: 400, 404, 403, or the 101 and a close frame).
+    """
+    # wsproto does the opening handshake; frames that came with it go to our parser.
+    head_end = request.raw.index(b"\r\n\r\n") + 4
+    leftover = request.raw[head_end:]
+    ws_conn = WSConnection(ConnectionType.SERVER)
+    ws_conn.receive_data(request.raw[:head_end])
+    events = list(ws_conn.events())
+    if not events or not isinstance(events[0], WsRequest):
+        await respond(stream, 400, {"error": "bad WebSocket handshake"})
+        return None
+    ws_request = events[0]
+    role = PATHS.get(request.path)
+    if role is None:
+        await respond(stream, 404, {"error": "no WebSocket endpoint at this path"})
+        return None
+    origin = request.headers.get("origin")
+    allowed = config.allowed_origins
+    if origin is not None and "*" not in allowed and origin not in allowed:
+        log.info("%s: refused handshake from origin %s", remote, origin)
+        await respond(stream, 403, {"error": "origin not allowed"})
+        return None
+    subprotocol = "mcp" if "mcp" in ws_request.subprotocols else None
+    answer = ws_conn.send(AcceptConnection(subprotocol=subprotocol))
+    ws = ServerWebSocket(
+        stream, remote=remote, max_message_size=config.max_message_size, initial=leftover
+    )
+    endpoint = Endpoint.TOOL if role is Role.TOOL else Endpoint.CALLER
+    refusal: tuple[int, str] | None = None
+    agent = ""
+    try:
+        agent = await _authenticate(authenticator, request.query.get("token", ""), endpoint)
+    except AuthError as exc:
+        log.info("%s: %s connection refused: %s", remote, endpoint.value, exc.reason)
+        on_auth_failure()
+        refusal = (CLOSE_POLICY_VIOLATION, exc.reason)
+    else:
+        limit = config.max_callers_per_agent
+        if role is Role.CALLER and caller_count(agent) >= limit:
+            log.warning("%s: agent %s already has %d callers", remote, agent, limit)
+            refusal = (CLOSE_TOO_MANY_CALLERS, f"too many callers for this agent (limit {limit})")
+    if refusal is not None:
+        try:
+            await stream.send_all(answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        await _refuse(ws, *refusal)
+        return None
+
+    async def accept() -> None:
+        await stream.send_all(answer)
+
+    return Opened(ws, role, agent, accept)
+
+
+async def _authenticate(authenticator: Authenticator, token: str, endpoint: Endpoint) -> str:
+    if not token:
+        raise AuthError("missing token")
+    agent = authenticator(token, endpoint)
+    if inspect.isawaitable(agent):
+        agent = await agent
+    if not isinstance(agent, str) or not agent:
+        raise AuthError("token has no agentId")
+    return agent
+
+
+async def _refuse(ws: ServerWebSocket, code: int, reason: str) -> None:
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            await ws.close(code, reason)
+            while True:
+                await ws.receive()
+        except ConnectionClosed:
+            pass

@@ -1,0 +1,181 @@
+"""What runs beside the connections: the deadline timer, keepalive, embedded tools, shutdown.
+
+* The **timer** sleeps until the router's next deadline (tool requests waiting for a caller,
+  the optional relay-side request timeout) and carries out what expired.
+* **Keepalive** pings every open peer each ``ping_interval`` seconds. The ping goes ahead of
+  whatever is queued for the peer, whatever its bounds, so a ping is owed even to a peer
+  whose outbox is full; a peer that has not answered within ``ping_timeout`` is dropped
+  (1011): what was queued for it is answered ``-32002``, what it had received ``-32003``.
+* **Embedded tools** are served over an in-process WebSocket and restarted when they end.
+* **Shutdown** stops accepting, lets in-flight requests finish for a grace period, then
+  closes every peer with 1001.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Final, NoReturn, TypeAlias
+
+import trio
+
+from .._routing import Role
+from .._transport import WebSocket, memory_websocket_pair
+from .dispatch import CLOSE_INTERNAL_ERROR, CLOSE_TIMEOUT, Dispatcher
+from .peer import Peer, PeerState
+
+__all__ = ["EMBEDDED_RESTART_DELAY", "EmbeddedTool", "Lifecycle"]
+
+log = logging.getLogger("trio_mcp_relay.server")
+
+#: Seconds before an embedded tool that ended is started again.
+EMBEDDED_RESTART_DELAY = 1.0
+CLOSE_GOING_AWAY: Final = 1001  # the relay is shutting down
+
+#: Serves the tool side of one agent in-process: MCP requests arrive on the WebSocket given.
+EmbeddedTool: TypeAlias = Callable[[WebSocket], Awaitable[None]]
+
+
+class Lifecycle:
+    """The background tasks of one relay.
+
+    Args:
+        dispatcher: the peers and the router.
+        accept_scope: cancelled to stop accepting connections.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, accept_scope: trio.CancelScope) -> None:
+        self.dispatcher = dispatcher
+        self.config = dispatcher.config
+        self.router = dispatcher.router
+        self.accept_scope = accept_scope
+        self._timer_wake = trio.Event()
+        self.closing_peers: list[Peer] = []
+
+    def wake_timer(self) -> None:
+        """The router's next deadline may have moved earlier."""
+        self._timer_wake.set()
+
+    async def timer(self) -> NoReturn:
+        """Carry out the router's deadlines as they pass."""
+        while True:
+            deadline = self.router.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._timer_wake.wait()
+            self._timer_wake = trio.Event()
+            try:
+                self.dispatcher.dispatch(self.router.expire(trio.current_time()))
+            except Exception:  # a bug here must not take every connection down
+                log.exception("deadline handling failed")
+
+    async def keepalive(self) -> None:
+        """Ping every open peer each ``ping_interval``; drop those silent for ``ping_timeout``."""
+        interval, timeout = self.config.ping_interval, self.config.ping_timeout
+        if not interval:
+            return
+        tick = min(interval, timeout) / 4
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for peer in list(self.dispatcher.peers.values()):
+                try:
+                    self.keepalive_peer(peer, now, interval, timeout)
+                except Exception:  # one peer's trouble must not stop keepalive for all
+                    log.exception("keepalive failed for connection %d", peer.conn)
+
+    def keepalive_peer(self, peer: Peer, now: float, interval: float, timeout: float) -> None:
+        """One peer's keepalive step at ``now``."""
+        if peer.state is not PeerState.OPEN:
+            return
+        if peer.ping_sent is not None:
+            pong = peer.ws.last_pong
+            if pong is not None and pong >= peer.ping_sent:
+                peer.ping_sent = None
+            elif now - peer.ping_sent >= timeout:
+                log.info("agent %s: connection %d did not answer a ping", peer.agent, peer.conn)
+                self.dispatcher.close_peer(
+                    peer, CLOSE_INTERNAL_ERROR, f"no pong within {timeout:g} s", abandon=True
+                )
+                return
+            else:
+                return
+        if now - peer.last_ping >= interval:
+            peer.last_ping = now
+            peer.ping_nowait()
+            peer.ping_sent = now
+
+    # ---------------------------------------------------------------- embedded tools
+
+    async def embedded_tool(
+        self,
+        agent: str,
+        serve: EmbeddedTool,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect an in-process tool for ``agent`` over a memory WebSocket.
+
+        If it ends (a crash, or a network tool for the agent replaced it), it is started again
+        once the agent has no tool, checked every ``EMBEDDED_RESTART_DELAY`` seconds.
+        """
+        while True:
+            relay_end, tool_end = memory_websocket_pair(
+                self.config.outbox_size, names=(f"embedded:{agent}", "relay")
+            )
+            log.info("agent %s: embedded tool started", agent)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._run_embedded_peer, relay_end, agent)
+                task_status.started()  # the first time only: the relay may start accepting
+                task_status = trio.TASK_STATUS_IGNORED
+                try:
+                    await serve(tool_end)
+                except Exception:
+                    log.exception("agent %s: embedded tool failed", agent)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await tool_end.close(1000, "embedded tool ended")
+            if self.accept_scope.cancel_called:
+                return  # the relay is shutting down
+            log.warning("agent %s: embedded tool ended", agent)
+            await trio.sleep(EMBEDDED_RESTART_DELAY)
+            # Replaced by a tool connected over the network: stand by until it is gone.
+            while self.router.tool_of(agent) is not None:  # noqa: ASYNC110 (rare, coarse)
+                await trio.sleep(EMBEDDED_RESTART_DELAY)
+
+    async def _run_embedded_peer(
+        self,
+        ws: WebSocket,
+        agent: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The relay side of an embedded tool; a failure ends this connection only."""
+        try:
+            await self.dispatcher.run_peer(ws, Role.TOOL, agent, task_status=task_status)
+        except Exception:
+            log.exception("agent %s: embedded tool connection failed", agent)
+
+    # ---------------------------------------------------------------- shutdown
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let in-flight requests finish for ``grace`` s, close everyone (1001)."""
+        self.accept_scope.cancel()
+        self.router.draining = True
+        with trio.move_on_after(grace):
+            # Polled: the pending table has no "became empty" event, and this runs once.
+            while self.router.pending_count():  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        self.close_all()
+        await self.wait_closed()
+
+    def close_all(self) -> None:
+        """Close every peer with 1001: tools first, so callers get their -32003 answers."""
+        self.accept_scope.cancel()
+        self.closing_peers = self.dispatcher.close_all(CLOSE_GOING_AWAY, "relay is shutting down")
+
+    async def wait_closed(self) -> None:
+        """Give the peers being closed ``CLOSE_TIMEOUT`` seconds to finish."""
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            for peer in list(self.closing_peers):
+                await peer.done.wait()

@@ -1,0 +1,220 @@
+"""One WebSocket connection's life on the relay side: outbox, writer, fast path, close state.
+
+Theory of operation
+-------------------
+A :class:`Peer` is created for a connection that has authenticated, *before* its handshake
+answer (the 101) leaves, so that the router knows it as soon as the client does. Its state
+moves one way::
+
+    HANDSHAKE --(101 written)--> OPEN --(close asked)--> CLOSING --(task ended)--> CLOSED
+        \\_____________________________(close asked)___/^
+
+* ``HANDSHAKE``: frames routed to it are queued; no ping, no direct write.
+* ``OPEN``: a frame goes straight to the socket when nothing is queued and the writer holds
+  no batch (the *fast path*, which keeps the order only under that condition: see
+  :attr:`Outbox.idle`); otherwise it is queued for the writer task, which is started on first
+  need (an idle connection costs no task for it).
+* ``CLOSING``: nothing more is accepted. The writer sends what is queued (or, when the peer is
+  dropped for not reading, abandons it: see :meth:`Peer.close`), then the close frame.
+* ``CLOSED``: the connection task has ended.
+
+What is queued is bounded in frames and bytes (:class:`~.outbox.Outbox`); what a full outbox
+means is the dispatcher's business, not the peer's. Keepalive state (when the last ping was
+sent, whether one is owed) lives here too; the keepalive loop that reads it is in
+:mod:`.lifecycle`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import attrs
+import trio
+
+from .. import _wsframes as wsframes
+from .._routing import Role
+from .._transport import ConnectionClosed, ServerWebSocket, WebSocket, encode_text_frame
+from .outbox import PING, Encoded, Outbox
+
+__all__ = ["Peer", "PeerState"]
+
+_MAX_BATCH: Final = 256
+_PING_FRAME: Final = wsframes.frame(wsframes.OP_PING)
+
+
+class PeerState(enum.Enum):
+    """Where a connection is in its life (see the module docstring)."""
+
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@attrs.define(eq=False, slots=True)
+class Peer:
+    """A connection the router knows, and everything the relay holds for it.
+
+    Attributes:
+        conn: the router's name for this connection.
+        role: tool or caller.
+        agent: the agent id from its token.
+        ws: the WebSocket.
+        outbox: frames waiting for the writer.
+        nursery: the connection's nursery (writer and watchdog run there).
+        last_ping: ``trio.current_time()`` of the last ping queued (or of the connection).
+        ping_sent: when the ping whose pong is awaited was queued; None when none is owed.
+    """
+
+    conn: int
+    role: Role
+    agent: str
+    ws: WebSocket
+    outbox: Outbox
+    nursery: trio.Nursery
+    last_ping: float
+    ping_sent: float | None = None
+    state: PeerState = PeerState.HANDSHAKE
+    close_with: tuple[int, str] | None = None
+    writer_started: bool = False
+    #: Set when the connection task has ended (state CLOSED).
+    done: trio.Event = attrs.Factory(trio.Event)
+    #: Set once the close frame has been written (or could not be).
+    close_sent: trio.Event | None = None
+    #: Started with the writer: watches how long frames stay queued (the dispatcher's policy).
+    watchdog: Callable[[Peer], Awaitable[None]] | None = None
+    _write_scope: trio.CancelScope | None = None
+    _abandon: bool = False
+
+    # ------------------------------------------------------------------ sending
+
+    def send_nowait(self, data: bytes, request: int | None = None) -> None:
+        """Queue a JSON frame, or write it at once when that keeps the order.
+
+        Raises:
+            trio.WouldBlock: the outbox is full (in frames or bytes).
+            trio.ClosedResourceError: the peer is closing.
+        """
+        outbox = self.outbox
+        size = None
+        if self.state is PeerState.OPEN and outbox.idle and type(self.ws) is ServerWebSocket:
+            rest = self.ws.send_now(encode_text_frame(data))
+            if rest == b"":
+                return
+            if rest is not None:
+                # The socket keeps the rest: the writer's next write sends it.
+                data, size, request = Encoded(b""), len(rest), None
+        outbox.put_nowait(data, request=request, size=size)
+        self.start_writer()
+
+    def ping_nowait(self) -> None:
+        """Queue a ping ahead of every queued frame (it never counts against the bounds)."""
+        self.outbox.put_control(PING)
+        self.start_writer()
+
+    def start_writer(self) -> None:
+        """Start the writer task unless it runs (and never before the 101 has left)."""
+        if not self.writer_started and self.state is not PeerState.HANDSHAKE:
+            self.writer_started = True
+            self.nursery.start_soon(self._writer)
+            if self.watchdog is not None:
+                self.nursery.start_soon(self.watchdog, self)
+
+    def opened(self) -> None:
+        """The 101 has been written: frames queued meanwhile may go."""
+        if self.state is PeerState.HANDSHAKE:
+            self.state = PeerState.OPEN
+            if len(self.outbox):
+                self.start_writer()
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self, code: int, reason: str, *, abandon: bool = False) -> list[int]:
+        """Stop accepting frames and send the close frame after what is queued.
+
+        Args:
+            code: the close code.
+            reason: the close reason (cut to fit a close frame).
+            abandon: drop what is queued and cut short the write in progress (its unsent
+                rest still goes first, so no frame is left half written), so that a peer
+                that stopped reading gets the close frame as soon as it reads again.
+
+        Returns:
+            The request tags of frames dropped without being sent (empty unless
+            ``abandon``), so the dispatcher can answer them.
+        """
+        if self.state in (PeerState.CLOSING, PeerState.CLOSED):
+            return []
+        handshake = self.state is PeerState.HANDSHAKE
+        self.state = PeerState.CLOSING
+        self.close_with = (code, reason)
+        self.close_sent = trio.Event()
+        dropped: list[int] = []
+        if abandon:
+            self._abandon = True
+            dropped = self.outbox.clear()
+            if self._write_scope is not None:
+                self._write_scope.cancel()
+        self.outbox.close()
+        if handshake:
+            self.close_sent.set()  # no 101 left yet: nothing to close politely
+            self.nursery.cancel_scope.cancel()
+        elif not self.writer_started:
+            self.writer_started = True
+            self.nursery.start_soon(self._writer)
+        return dropped
+
+    def ended(self) -> None:
+        """The connection task has ended."""
+        self.state = PeerState.CLOSED
+        if self.close_sent is not None:
+            self.close_sent.set()
+        self.done.set()
+
+    # ------------------------------------------------------------------ writer
+
+    async def _writer(self) -> None:
+        """Write what the outbox holds, in batches; after it is closed, the close frame."""
+        ws, outbox = self.ws, self.outbox
+        try:
+            while (batch := await outbox.take(_MAX_BATCH)) is not None:
+                try:
+                    with trio.CancelScope() as self._write_scope:
+                        if self._abandon:
+                            self._write_scope.cancel()
+                        await _write_batch(ws, batch)
+                finally:
+                    self._write_scope = None
+                    outbox.written()
+            # The outbox was closed: everything queued is sent; now the close frame.
+            if self.close_with is not None:
+                await ws.close(*self.close_with)
+        except ConnectionClosed:
+            self.nursery.cancel_scope.cancel()
+        finally:
+            if self.close_sent is not None:
+                self.close_sent.set()
+
+
+async def _write_batch(ws: WebSocket, batch: list[bytes]) -> None:
+    """Send a batch of outbox items in order: one write on a socket WebSocket."""
+    if type(ws) is ServerWebSocket:
+        parts = [
+            item if type(item) is Encoded else encode_text_frame(item) if item else _PING_FRAME
+            for item in batch
+        ]
+        await ws.send_encoded(parts[0] if len(parts) == 1 else b"".join(parts))
+        return
+    frames: list[bytes] = []
+    for item in batch:
+        if item is not PING and item:
+            frames.append(item)
+            continue
+        if frames:
+            await ws.send_many(frames)
+            frames = []
+        await ws.ping()
+    if frames:
+        await ws.send_many(frames)

@@ -1,0 +1,290 @@
+"""The relay's entry point: listeners, the accept loop, and one task per connection.
+
+Structure (every task has an owner)::
+
+    serve_relay                       waits for cancellation or the shutdown trigger
+    └── connections nursery           (shielded: closing peers politely outlives a cancel)
+        ├── timer, keepalive          (lifecycle.py)
+        ├── closer tasks              one per connection being closed, bounded by a timeout
+        ├── embedded tools            one per agent served in-process
+        ├── accept loop (trio.serve_listeners, in its own cancel scope: shutdown stops it first)
+        └── one task per accepted stream: HTTP head -> a plain answer (routes.py),
+            or the WebSocket handshake (handshake.py), then the peer (dispatch.py, peer.py)
+            └── connection nursery: reader (the connection task), writer and watchdog
+
+Any ``trio.abc.Listener`` can be served: TCP listeners (the default, from ``config.host``
+and ``config.port``) or, for tests and embedding, in-memory ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import trio
+
+from .._auth import AesTokenAuthenticator, Authenticator, redact
+from .._config import RelayConfig
+from .._guard import FailureLimiter
+from .._http import BadRequest, read_request_head, respond
+from .._routing import Router
+from .dispatch import CLOSE_TIMEOUT, Dispatcher
+from .handshake import Opened, PendingByAddress, open_websocket
+from .lifecycle import EmbeddedTool, Lifecycle
+from .routes import HttpRoutes
+
+__all__ = ["serve_relay"]
+
+log = logging.getLogger("trio_mcp_relay.server")
+
+#: How long a refused connection is read from after its answer (see ``_linger``).
+_LINGER: Final = 1.0
+
+
+def peer_address(stream: trio.abc.Stream) -> tuple[str, str]:
+    """The client's host (for limits) and ``host:port`` (for logs).
+
+    A stream that is not a socket may say who it stands for with a ``remote_address``
+    attribute, ``(host, port)``; otherwise it is ``memory``.
+    """
+    address: Any = getattr(stream, "remote_address", None)
+    if address is None:
+        socket = getattr(stream, "socket", None)
+        if socket is None:
+            return "memory", "memory"
+        try:
+            address = socket.getpeername()
+        except OSError:
+            return "?", "?"
+    host, port = address[:2]
+    return str(host), f"{host}:{port}"
+
+
+class _Relay:
+    """One relay's state: the dispatcher, the background tasks, admission and the routes."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        authenticator: Authenticator | None,
+        embedded_tools: Mapping[str, EmbeddedTool] | None,
+    ) -> None:
+        if authenticator is None:
+            if not config.key:
+                raise ValueError("RelayConfig.key is required when no authenticator is given")
+            authenticator = AesTokenAuthenticator(config.key)
+        self.config = config
+        self.authenticator = authenticator
+        self.embedded_tools = dict(embedded_tools or {})
+        router = Router(
+            tool_request_timeout=config.tool_request_timeout,
+            request_timeout=config.request_timeout,
+            max_inflight_per_caller=config.max_inflight_per_caller,
+            max_tool_requests=config.max_tool_requests,
+        )
+        self.router = router
+        self.accept_scope = trio.CancelScope()
+        self.dispatcher = Dispatcher(config, router, self._wake_timer)
+        self.lifecycle = Lifecycle(self.dispatcher, self.accept_scope)
+        self.limiter = FailureLimiter(config.auth_failures, config.auth_window, config.auth_ban)
+        self.pending = PendingByAddress(config.max_pending_per_address)
+        self.admin_key = config.admin_key or config.key or ""
+        self.routes = HttpRoutes(config, self.admin_key, router.stats, self._auth_failed)
+        self._open_streams = 0
+
+    def _wake_timer(self) -> None:
+        self.lifecycle.wake_timer()
+
+    async def run_connections(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The connections nursery, inside ``scope`` (shielded from outer cancellation)."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                self.dispatcher.bind(nursery)
+                nursery.start_soon(self.lifecycle.timer)
+                nursery.start_soon(self.lifecycle.keepalive)
+                for agent, serve in self.embedded_tools.items():
+                    await nursery.start(self.lifecycle.embedded_tool, agent, serve)
+                nursery.start_soon(self._accept, listeners, nursery)
+                task_status.started()
+
+    async def _accept(
+        self, listeners: Sequence[trio.abc.Listener[Any]], nursery: trio.Nursery
+    ) -> None:
+        with self.accept_scope:
+            await trio.serve_listeners(self.handle_stream, list(listeners), handler_nursery=nursery)
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """One accepted connection, from its first byte to its close."""
+        host, remote = peer_address(stream)
+        if not self.pending.enter(host):
+            limit = self.config.max_pending_per_address
+            log.warning("%s: refused: %d unauthenticated connections from %s", remote, limit, host)
+            why = f"too many connections awaiting authentication from {host} (limit {limit})"
+            with contextlib.suppress(Exception):
+                await respond(stream, 503, {"error": why}, headers=[("retry-after", "1")])
+                await _linger(stream, min(_LINGER, self.config.handshake_timeout))
+            await trio.aclose_forcefully(stream)
+            return
+        authenticating = True
+        self._open_streams += 1
+        try:
+            if self._open_streams > self.config.max_connections:
+                log.warning("%s: refused: %d connections open", remote, self._open_streams - 1)
+                limit = self.config.max_connections
+                await respond(stream, 503, {"error": f"too many connections (limit {limit})"})
+                await _linger(stream, min(_LINGER, self.config.handshake_timeout))
+                return
+            with trio.move_on_after(self.config.handshake_timeout) as scope:
+                request = await read_request_head(stream)
+            if scope.cancelled_caught:
+                log.debug("%s: no request head within the handshake timeout", remote)
+                return
+            retry = self.limiter.retry_after(host, trio.current_time())
+            if retry is not None:
+                log.info("%s: refused: too many failed authentications", remote)
+                seconds = max(1, int(retry + 0.999))
+                await respond(
+                    stream,
+                    429,
+                    {"error": "too many failed authentications", "retry_after": seconds},
+                    headers=[("retry-after", str(seconds))],
+                )
+            elif request.is_websocket:
+                opened = await open_websocket(
+                    stream,
+                    request,
+                    remote,
+                    config=self.config,
+                    authenticator=self.authenticator,
+                    caller_count=self.router.caller_count,
+                    on_auth_failure=functools.partial(self._auth_failed, host),
+                )
+                del request  # an idle connection keeps neither its head nor the handshake state
+                self.pending.leave(host)
+                authenticating = False
+                if opened is not None:
+                    await self._serve_websocket(opened, remote)
+            else:
+                await self.routes.answer(stream, request, host)
+        except BadRequest as exc:
+            # Only the kind of error: h11 quotes the offending line, which may hold a token.
+            log.debug("%s: bad request: %s", remote, str(exc).split(":", 1)[0])
+            await respond(stream, 400, {"error": "bad request"})
+        except Exception:
+            log.exception("%s: connection failed", remote)
+        finally:
+            if authenticating:
+                self.pending.leave(host)
+            self._open_streams -= 1
+            await trio.aclose_forcefully(stream)
+
+    def _auth_failed(self, host: str) -> None:
+        self.limiter.failed(host, trio.current_time())
+
+    async def _serve_websocket(self, opened: Opened, remote: str) -> None:
+        role, agent = opened.role, opened.agent
+        log.info("%s: %s connected for agent %s", remote, role.value, agent)
+        try:
+            await self.dispatcher.run_peer(opened.ws, role, agent, accept=opened.accept)
+        finally:
+            log.info("%s: %s for agent %s disconnected", remote, role.value, agent)
+
+
+async def _linger(stream: trio.abc.Stream, seconds: float) -> None:
+    """Half-close, then discard what the client still sends, until it closes or ``seconds``.
+
+    For an answer sent before the request was read: closing a socket with unread bytes
+    resets the connection, and the reset destroys the answer before the client reads it.
+    """
+    with trio.move_on_after(seconds):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+
+
+async def serve_relay(
+    config: RelayConfig,
+    *,
+    authenticator: Authenticator | None = None,
+    shutdown: trio.Event | None = None,
+    embedded_tools: Mapping[str, EmbeddedTool] | None = None,
+    listeners: Sequence[trio.abc.Listener[Any]] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the relay until cancelled, or until ``shutdown`` is set.
+
+    Start it with ``port = await nursery.start(serve_relay, config)``: it reports the bound
+    port (useful with ``config.port == 0``) once it is accepting connections.
+
+    Args:
+        config: listening address, key and limits.
+        authenticator: maps ``(token, endpoint)`` to an agent id, or raises
+            :class:`~trio_mcp_relay.AuthError`; may be a coroutine function. Replaces the
+            reference server's AES token scheme (which needs ``config.key``).
+        shutdown: set it to shut down gracefully: stop accepting, refuse new requests, give
+            in-flight requests ``config.shutdown_grace`` seconds, close every peer with 1001
+            (requests still in flight are answered ``-32003`` first), then return.
+        embedded_tools: agent id -> a coroutine function serving that agent's tool side
+            in-process (for example ``PluginHost([...]).serve``), with no socket hop. It is
+            connected as the agent's tool when the relay starts. A tool connecting over the
+            network for that agent replaces it; it comes back when the agent has no tool.
+        listeners: serve these (any ``trio.abc.Listener``, for example in-memory listeners
+            in tests) instead of binding ``config.host``/``config.port``. The port reported
+            is then that of the first socket listener, or 0.
+        task_status: for ``nursery.start``.
+
+    Resource handling:
+        Every connection runs in its own nursery inside the server's; every stream is closed
+        before ``serve_relay`` returns or raises. What is queued for each connection is
+        bounded in frames (``outbox_size``) and bytes (``outbox_bytes``), and all queues
+        together by ``max_queued_bytes``; ``server/dispatch.py`` says what happens when a
+        bound is reached. Cancelling ``serve_relay`` also closes every peer with 1001 and
+        answers what is in flight, without the grace period; this takes at most a couple of
+        seconds (the peers' chance to answer the close frame).
+
+    Error handling:
+        A peer's misbehaviour ends that peer's connection (a JSON-RPC error or a close code)
+        and is logged; an unexpected exception in one connection is logged and closes only
+        that connection. Failing to bind the port raises ``OSError``.
+    """
+    relay = _Relay(config, authenticator, embedded_tools)
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
+    port = 0
+    for listener in listeners:
+        socket = getattr(listener, "socket", None)
+        if socket is not None:
+            port = int(socket.getsockname()[1])
+            break
+    connections_scope = trio.CancelScope(shield=True)
+    async with trio.open_nursery() as outer:
+        await outer.start(relay.run_connections, listeners, connections_scope)
+        log.info("listening on %s:%d", config.host, port)
+        log.info("health check at /mcp_endpoint/health?key=%s", redact(relay.admin_key))
+        task_status.started(port)
+        try:
+            if shutdown is None:
+                await trio.sleep_forever()
+            await shutdown.wait()
+            log.info("shutting down: in-flight requests get %g s", config.shutdown_grace)
+            await relay.lifecycle.shutdown(config.shutdown_grace)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                relay.lifecycle.close_all()
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    for peer in relay.lifecycle.closing_peers:
+                        await peer.done.wait()
+            raise
+        finally:
+            connections_scope.cancel()

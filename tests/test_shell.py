@@ -9,6 +9,7 @@ takes milliseconds, and assertions about time use the clock the relay itself use
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +21,7 @@ from wsproto.connection import ConnectionState
 
 from tests.helpers import KEY, notification, recv, request, result, send
 from tests.memnet import MemoryNet, PeerClosed, RawPeer
+from tests.test_faults import masked_frame
 from trio_mcp_relay._config import RelayConfig
 from trio_mcp_relay.server import serve_relay
 
@@ -171,10 +173,38 @@ async def test_a_caller_over_its_byte_bound_gets_1013_after_what_it_can_read(
             with pytest.raises(PeerClosed) as closed:
                 while True:
                     seen.append((await stalled.receive())["params"]["n"])
-            assert seen == list(range(len(seen)))
-            assert len(seen) < 10
+            # Only the frame begun when it was dropped: the rest of the queue was dropped.
+            assert seen == [0]
             assert closed.value.code == 1013
             assert "not reading" in closed.value.reason
+
+
+async def test_frames_a_dropped_caller_has_not_begun_to_receive_are_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def frame(n: int) -> bytes:
+        message = notification("notifications/message", {"n": n, "data": "w" * 30_000})
+        return masked_frame(0x1, json.dumps(message).encode())
+
+    with trio.fail_after(GUARD):
+        async with (
+            memory_relay(outbox_bytes=100_000) as (net, _),
+            net.raw("tool", "busy") as tool,
+            net.raw("caller", "busy", capacity=1024) as stalled,
+        ):
+            await stalled.send(request("hello", "ping"))
+            await tool.receive()
+            # Four frames in one write: the relay routes them in one step, so the caller's
+            # writer takes them as one batch (the first begun on the wire, three not).
+            await tool.stream.send_all(b"".join(frame(n) for n in range(4)))
+            await trio.testing.wait_all_tasks_blocked()
+            await tool.stream.send_all(frame(4))  # over the caller's 100 KB: dropped
+            seen = []
+            with pytest.raises(PeerClosed) as closed:
+                while True:
+                    seen.append((await stalled.receive())["params"]["n"])
+            assert seen == [0]
+            assert closed.value.code == 1013
 
 
 async def test_a_caller_that_does_not_read_for_the_grace_is_closed_1013(
@@ -255,6 +285,26 @@ async def test_a_caller_whose_requests_wait_on_a_full_tool_still_answers_pings(
             answer = await answers.receive()
             assert answer["id"] == "later" and answer["error"]["code"] == -32001
             reading.cancel_scope.cancel()
+
+
+async def test_a_ping_is_owed_even_when_the_outbox_is_full(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # forward_timeout is long: only keepalive can end the deaf tool, and its outbox is full
+    # from the start, so the ping must go out (ahead of the queue) all the same.
+    with trio.fail_after(GUARD):
+        async with (
+            memory_relay(outbox_size=4, ping_interval=5, ping_timeout=5, forward_timeout=500)
+            as (net, _),
+            net.raw("tool", "deaf", capacity=1024),
+            net.websocket("caller", "deaf") as caller,
+        ):
+            started = trio.current_time()
+            for n in range(8):
+                await send(caller, request(n, params={"data": "f" * 600}))
+            codes = [(await recv(caller))["error"]["code"] for _ in range(8)]
+            assert -32003 in codes and -32002 in codes, codes
+            assert trio.current_time() - started <= 5 + 5 + 5, trio.current_time() - started
 
 
 async def test_a_peer_that_does_not_answer_pings_is_closed_1011(

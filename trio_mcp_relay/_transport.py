@@ -18,6 +18,7 @@ Errors: every transport failure (reset, EOF, protocol violation) surfaces as
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -134,12 +135,16 @@ class ServerWebSocket:
         """How the connection ended, once it has."""
         return self._closed
 
-    async def _send_raw(self, data: bytes) -> None:
+    async def _send_raw(self, data: bytes, ends: Sequence[int] = ()) -> None:
+        """Write ``data``: whole frames, ending at the offsets ``ends`` (empty: one frame)."""
         async with self._send_lock:
-            if self._rest:
+            begun = bool(self._rest)
+            if begun:
                 # The rest of a frame send_now began goes first: nothing (a pong, a close
                 # frame) may land inside it.
+                rest = len(self._rest)
                 data, self._rest = self._rest + data, b""
+                ends = [rest, *(rest + end for end in ends)] if ends else [rest, len(data)]
             if not self._direct:
                 try:
                     await self._stream.send_all(data)
@@ -147,7 +152,7 @@ class ServerWebSocket:
                     self._state = _CLOSED
                     raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
             else:
-                await self._write_some(data)
+                await self._write_some(data, ends, begun=begun)
 
     def _try_write(self, data: memoryview) -> int:
         """Write what the stream takes now, without waiting; how many bytes it took."""
@@ -168,13 +173,14 @@ class ServerWebSocket:
         else:
             await trio.lowlevel.wait_writable(self._socket)
 
-    async def _write_some(self, data: bytes) -> None:
-        """Write all of ``data``; if cancelled, keep what did not leave for the next write.
+    async def _write_some(self, data: bytes, ends: Sequence[int], *, begun: bool) -> None:
+        """Write all of ``data``; if cancelled, keep the rest of the frame being written.
 
-        So a write can be abandoned (a peer that stopped reading is being closed) without
-        leaving half a frame on the wire: the close frame that follows goes after its rest.
-        Works on a socket, or on any stream with ``try_write(data) -> int`` and
-        ``wait_writable()`` (the in-memory streams of the tests).
+        So a write can be abandoned (a peer that stopped reading is being closed): frames
+        not begun are dropped, and the one begun is finished before anything else (the close
+        frame) goes, so no frame is left half written. Works on a socket, or on any stream
+        with ``try_write(data) -> int`` and ``wait_writable()`` (the in-memory streams of the
+        tests). ``begun``: the first frame was begun by an earlier write.
         """
         view = memoryview(data)
         try:
@@ -187,7 +193,9 @@ class ServerWebSocket:
             self._state = _CLOSED
             raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
         except trio.Cancelled:
-            self._rest = bytes(view)
+            sent = len(data) - len(view)
+            end = next((end for end in ends if end > sent), len(data))
+            self._rest = data[sent:end] if sent or begun else b""
             raise
 
     @property
@@ -262,11 +270,17 @@ class ServerWebSocket:
         else:
             await self._send_raw(b"".join([encode_text_frame(m) for m in messages]))
 
-    async def send_encoded(self, data: bytes) -> None:
-        """Write bytes that are already WebSocket frames (after what :meth:`send_now` kept)."""
+    async def send_encoded(self, frames: Sequence[bytes]) -> None:
+        """Write WebSocket frames, already encoded, in one write (after what
+        :meth:`send_now` kept). If the write is cancelled, the frames it had not begun are
+        dropped and the one it had begun is finished by the next write."""
         if self._state != _OPEN:
             raise ConnectionClosed(ABNORMAL_CLOSURE, "connection is closing")
-        await self._send_raw(data)
+        if len(frames) == 1:
+            await self._send_raw(frames[0])
+            return
+        ends = list(itertools.accumulate(len(frame) for frame in frames))
+        await self._send_raw(b"".join(frames), ends)
 
     def send_now(self, data: bytes) -> bytes | None:
         """Write framed bytes at once if the socket takes them, without blocking or yielding.
@@ -275,7 +289,7 @@ class ServerWebSocket:
         connection. Returns the bytes the socket did not take (``b""`` when it took all):
         this WebSocket keeps them and writes them ahead of whatever it sends next (a pong
         from :meth:`receive` included), so the caller must make sure a write follows soon
-        (``send_encoded(b"")`` will do); or None when no attempt was made (a write is in
+        (``send_encoded([b""])`` will do); or None when no attempt was made (a write is in
         progress or owed, the connection is closing, or the stream cannot take partial writes).
         """
         if not self._direct or self._state != _OPEN or self._rest or self._send_lock.locked():

@@ -86,7 +86,6 @@ class Peer:
     #: Started with the writer: watches how long frames stay queued (the dispatcher's policy).
     watchdog: Callable[[Peer], Awaitable[None]] | None = None
     _write_scope: trio.CancelScope | None = None
-    _abandon: bool = False
 
     # ------------------------------------------------------------------ sending
 
@@ -153,7 +152,6 @@ class Peer:
         self.close_sent = trio.Event()
         dropped: list[int] = []
         if abandon:
-            self._abandon = True
             dropped = self.outbox.clear()
             if self._write_scope is not None:
                 self._write_scope.cancel()
@@ -182,8 +180,6 @@ class Peer:
             while (batch := await outbox.take(_MAX_BATCH)) is not None:
                 try:
                     with trio.CancelScope() as self._write_scope:
-                        if self._abandon:
-                            self._write_scope.cancel()
                         await _write_batch(ws, batch)
                 finally:
                     self._write_scope = None
@@ -205,7 +201,7 @@ async def _write_batch(ws: WebSocket, batch: list[bytes]) -> None:
             item if type(item) is Encoded else encode_text_frame(item) if item else _PING_FRAME
             for item in batch
         ]
-        await ws.send_encoded(parts[0] if len(parts) == 1 else b"".join(parts))
+        await ws.send_encoded(parts)
         return
     frames: list[bytes] = []
     for item in batch:

@@ -499,53 +499,54 @@ def free_port() -> int:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
 async def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "trio_mcp_relay", "serve",
-        "--host", "127.0.0.1", "--port", str(port), "--key", KEY,
-        "--data-dir", str(tmp_path), "--shutdown-grace", "2",
-    ]  # fmt: skip
-    # The settings the command line does not give must not come from this environment.
-    unset = {"HOST", "PORT", "SERVER_KEY", "ADMIN_KEY", "DATA_DIR", "LOG_LEVEL"}
-    env = {k: v for k, v in os.environ.items() if k not in unset}
-    with (tmp_path / "relay.log").open("wb") as log_file:
-        process = await trio.lowlevel.open_process(
-            command, stdout=subprocess.PIPE, stderr=log_file, env=env
-        )
-    assert process.stdout is not None
-    try:
-        with trio.fail_after(10):
-            banner = b""
-            while b"listening on" not in banner:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, (tmp_path / "relay.log").read_text()
-                banner += chunk
-            relay = RunningRelay(port=port, config=RelayConfig(key=KEY))
-            async with tool_and_callers(relay, "sigterm", 1) as (tool, [caller]):
-                ids = ["one", "two", "three"]
-                for rid in ids:
-                    await send(caller, request(rid, params={"rid": rid}))
-                frames = [await recv(tool) for _ in ids]
-                process.send_signal(signal.SIGTERM)
-                # The relay has begun its shutdown once it stops accepting connections...
-                await poll(functools.partial(connection_refused, port))
-                await send(caller, request("refused"))
-                assert (await recv(caller))["error"]["code"] == -32003
-                # ...and the requests in flight still get their answers from the tool.
-                for frame in frames:
-                    await send(tool, result(frame["id"], frame["params"]["rid"]))
-                for rid in ids:
-                    assert await recv(caller) == result(rid, rid)
-                assert (await expect_close(caller))[0] == 1001
-                assert (await expect_close(tool))[0] == 1001
-            with trio.fail_after(5):
-                assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            await process.stdout.aclose()
+    with trio.fail_after(30):
+        port = free_port()
+        command = [
+            sys.executable, "-m", "trio_mcp_relay", "serve",
+            "--host", "127.0.0.1", "--port", str(port), "--key", KEY,
+            "--data-dir", str(tmp_path), "--shutdown-grace", "2",
+        ]  # fmt: skip
+        # The settings the command line does not give must not come from this environment.
+        unset = {"HOST", "PORT", "SERVER_KEY", "ADMIN_KEY", "DATA_DIR", "LOG_LEVEL"}
+        env = {k: v for k, v in os.environ.items() if k not in unset}
+        with (tmp_path / "relay.log").open("wb") as log_file:
+            process = await trio.lowlevel.open_process(
+                command, stdout=subprocess.PIPE, stderr=log_file, env=env
+            )
+        assert process.stdout is not None
+        try:
+            with trio.fail_after(10):
+                banner = b""
+                while b"listening on" not in banner:
+                    chunk = await process.stdout.receive_some(4096)
+                    assert chunk, (tmp_path / "relay.log").read_text()
+                    banner += chunk
+                relay = RunningRelay(port=port, config=RelayConfig(key=KEY))
+                async with tool_and_callers(relay, "sigterm", 1) as (tool, [caller]):
+                    ids = ["one", "two", "three"]
+                    for rid in ids:
+                        await send(caller, request(rid, params={"rid": rid}))
+                    frames = [await recv(tool) for _ in ids]
+                    process.send_signal(signal.SIGTERM)
+                    # The relay has begun its shutdown once it stops accepting connections...
+                    await poll(functools.partial(connection_refused, port))
+                    await send(caller, request("refused"))
+                    assert (await recv(caller))["error"]["code"] == -32003
+                    # ...and the requests in flight still get their answers from the tool.
+                    for frame in frames:
+                        await send(tool, result(frame["id"], frame["params"]["rid"]))
+                    for rid in ids:
+                        assert await recv(caller) == result(rid, rid)
+                    assert (await expect_close(caller))[0] == 1001
+                    assert (await expect_close(tool))[0] == 1001
+                with trio.fail_after(5):
+                    assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+                await process.stdout.aclose()
 
 
 # ----------------------------------------------------------------------------- 8. security

@@ -376,67 +376,73 @@ def test_schema_accepts_exactly_what_fits_the_type(hint: Any, value: Any) -> Non
 
 @pytest.mark.parametrize("version", SUPPORTED_PROTOCOL_VERSIONS)
 async def test_initialize_echoes_a_supported_version(version: str) -> None:
-    answer = await ask(
-        PluginHost([Sample()]), request(0, "initialize", {"protocolVersion": version})
-    )
-    assert answer["id"] == 0
-    assert answer["result"]["protocolVersion"] == version
-    assert answer["result"]["capabilities"] == {"tools": {"listChanged": False}}
-    assert set(answer["result"]["serverInfo"]) == {"name", "version"}
+    with trio.fail_after(10):
+        answer = await ask(
+            PluginHost([Sample()]), request(0, "initialize", {"protocolVersion": version})
+        )
+        assert answer["id"] == 0
+        assert answer["result"]["protocolVersion"] == version
+        assert answer["result"]["capabilities"] == {"tools": {"listChanged": False}}
+        assert set(answer["result"]["serverInfo"]) == {"name", "version"}
 
 
 @pytest.mark.parametrize("params", [{"protocolVersion": "1999-01-01"}, {}, None])
 async def test_initialize_offers_the_latest_version_otherwise(params: Any) -> None:
-    host = PluginHost([Sample()], name="mine", version="9", instructions="Be nice.")
-    answer = await ask(host, request("i", "initialize", params))
-    assert answer["result"]["protocolVersion"] == SUPPORTED_PROTOCOL_VERSIONS[-1]
-    assert answer["result"]["serverInfo"] == {"name": "mine", "version": "9"}
-    assert answer["result"]["instructions"] == "Be nice."
+    with trio.fail_after(10):
+        host = PluginHost([Sample()], name="mine", version="9", instructions="Be nice.")
+        answer = await ask(host, request("i", "initialize", params))
+        assert answer["result"]["protocolVersion"] == SUPPORTED_PROTOCOL_VERSIONS[-1]
+        assert answer["result"]["serverInfo"] == {"name": "mine", "version": "9"}
+        assert answer["result"]["instructions"] == "Be nice."
 
 
 async def test_ping_and_notifications() -> None:
-    host = PluginHost([Sample()])
-    assert await ask(host, request(1.5, "ping")) == {"jsonrpc": "2.0", "id": 1.5, "result": {}}
-    for method in ("notifications/initialized", "notifications/cancelled", "tools/call"):
-        assert await ask(host, {"jsonrpc": "2.0", "method": method}) is None
-    # Responses (to requests the host never sends) are dropped too.
-    assert await ask(host, {"jsonrpc": "2.0", "id": 3, "result": {}}) is None
+    with trio.fail_after(10):
+        host = PluginHost([Sample()])
+        assert await ask(host, request(1.5, "ping")) == {"jsonrpc": "2.0", "id": 1.5, "result": {}}
+        for method in ("notifications/initialized", "notifications/cancelled", "tools/call"):
+            assert await ask(host, {"jsonrpc": "2.0", "method": method}) is None
+        # Responses (to requests the host never sends) are dropped too.
+        assert await ask(host, {"jsonrpc": "2.0", "id": 3, "result": {}}) is None
 
 
 async def test_tools_list_pages_through_every_tool() -> None:
-    many = [_numbered_plugin(i) for i in range(7)]
-    host = PluginHost(many, page_size=3)
-    seen: list[str] = []
-    pages = 0
-    cursor: str | None = None
-    while True:
-        params = {"cursor": cursor} if cursor else None
-        answer = await ask(host, request(pages, "tools/list", params))
-        result = answer["result"]
-        assert len(result["tools"]) <= 3
-        seen += [t["name"] for t in result["tools"]]
-        pages += 1
-        cursor = result.get("nextCursor")
-        if cursor is None:
-            break
-        assert isinstance(cursor, str)
-    assert seen == [f"tool_{i}" for i in range(7)]
-    assert pages == 3
-    assert host.tool_names == seen
+    with trio.fail_after(10):
+        many = [_numbered_plugin(i) for i in range(7)]
+        host = PluginHost(many, page_size=3)
+        seen: list[str] = []
+        pages = 0
+        cursor: str | None = None
+        while True:
+            params = {"cursor": cursor} if cursor else None
+            answer = await ask(host, request(pages, "tools/list", params))
+            result = answer["result"]
+            assert len(result["tools"]) <= 3
+            seen += [t["name"] for t in result["tools"]]
+            pages += 1
+            cursor = result.get("nextCursor")
+            if cursor is None:
+                break
+            assert isinstance(cursor, str)
+        assert seen == [f"tool_{i}" for i in range(7)]
+        assert pages == 3
+        assert host.tool_names == seen
 
 
 async def test_tools_list_single_page_has_no_cursor() -> None:
-    answer = await ask(PluginHost([Sample()]), request(1, "tools/list", {}))
-    assert "nextCursor" not in answer["result"]
-    assert len(answer["result"]["tools"]) == len(Sample().tools())
+    with trio.fail_after(10):
+        answer = await ask(PluginHost([Sample()]), request(1, "tools/list", {}))
+        assert "nextCursor" not in answer["result"]
+        assert len(answer["result"]["tools"]) == len(Sample().tools())
 
 
 @pytest.mark.parametrize("cursor", ["nonsense", "", 5, "bzo5OQ", "bzow"])
 async def test_tools_list_rejects_bad_cursors(cursor: Any) -> None:
-    host = PluginHost([_numbered_plugin(i) for i in range(3)], page_size=1)
-    answer = await ask(host, request(1, "tools/list", {"cursor": cursor}))
-    assert answer["error"]["code"] == -32602
-    assert "cursor" in answer["error"]["message"]
+    with trio.fail_after(10):
+        host = PluginHost([_numbered_plugin(i) for i in range(3)], page_size=1)
+        answer = await ask(host, request(1, "tools/list", {"cursor": cursor}))
+        assert answer["error"]["code"] == -32602
+        assert "cursor" in answer["error"]["message"]
 
 
 def _numbered_plugin(index: int) -> Plugin:
@@ -466,28 +472,31 @@ def _numbered_plugin(index: int) -> Plugin:
 async def test_tools_call_results(
     name: str, arguments: Any, content: list[Any], structured: Any
 ) -> None:
-    answer = await ask(PluginHost([Sample()]), call(7, name, arguments))
-    expected: dict[str, Any] = {"content": content, "isError": False}
-    if structured is not None:
-        expected["structuredContent"] = structured
-    assert answer == {"jsonrpc": "2.0", "id": 7, "result": expected}
+    with trio.fail_after(10):
+        answer = await ask(PluginHost([Sample()]), call(7, name, arguments))
+        expected: dict[str, Any] = {"content": content, "isError": False}
+        if structured is not None:
+            expected["structuredContent"] = structured
+        assert answer == {"jsonrpc": "2.0", "id": 7, "result": expected}
 
 
 async def test_a_tool_that_raises_reports_it_in_the_result() -> None:
-    host = PluginHost([Sample()])
-    refused = await ask(host, call(1, "refuse"))
-    assert refused["result"] == {
-        "content": [{"type": "text", "text": "cannot do that"}],
-        "isError": True,
-    }
-    crashed = await ask(host, call(2, "crash"))
-    assert crashed["result"]["isError"] is True
-    assert crashed["result"]["content"][0]["text"] == "KeyError: 'missing'"
+    with trio.fail_after(10):
+        host = PluginHost([Sample()])
+        refused = await ask(host, call(1, "refuse"))
+        assert refused["result"] == {
+            "content": [{"type": "text", "text": "cannot do that"}],
+            "isError": True,
+        }
+        crashed = await ask(host, call(2, "crash"))
+        assert crashed["result"]["isError"] is True
+        assert crashed["result"]["content"][0]["text"] == "KeyError: 'missing'"
 
 
 async def test_blocking_tools_run_in_a_worker_thread() -> None:
-    answer = await ask(PluginHost([Sample()]), call(1, "in_thread"))
-    assert answer["result"]["content"][0]["text"] != threading.current_thread().name
+    with trio.fail_after(10):
+        answer = await ask(PluginHost([Sample()]), call(1, "in_thread"))
+        assert answer["result"]["content"][0]["text"] != threading.current_thread().name
 
 
 @pytest.mark.parametrize(
@@ -504,24 +513,26 @@ async def test_blocking_tools_run_in_a_worker_thread() -> None:
     ],
 )
 async def test_tools_call_invalid_params(params: Any, message: str) -> None:
-    answer = await ask(PluginHost([Sample()]), request("r", "tools/call", params))
-    assert answer["id"] == "r"
-    assert answer["error"]["code"] == -32602
-    assert message in answer["error"]["message"]
-    assert "result" not in answer
+    with trio.fail_after(10):
+        answer = await ask(PluginHost([Sample()]), request("r", "tools/call", params))
+        assert answer["id"] == "r"
+        assert answer["error"]["code"] == -32602
+        assert message in answer["error"]["message"]
+        assert "result" not in answer
 
 
 async def test_unknown_method() -> None:
-    answer = await ask(PluginHost([Sample()]), request(3, "resources/list"))
-    assert answer == {
-        "jsonrpc": "2.0",
-        "id": 3,
-        "error": {
-            "code": -32601,
-            "message": "Method not found",
-            "data": {"method": "resources/list"},
-        },
-    }
+    with trio.fail_after(10):
+        answer = await ask(PluginHost([Sample()]), request(3, "resources/list"))
+        assert answer == {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "error": {
+                "code": -32601,
+                "message": "Method not found",
+                "data": {"method": "resources/list"},
+            },
+        }
 
 
 @pytest.mark.parametrize(
@@ -537,15 +548,17 @@ async def test_unknown_method() -> None:
     ],
 )
 async def test_malformed_frames(frame: str | bytes, code: int) -> None:
-    answer = await ask(PluginHost([Sample()]), frame)
-    assert answer["id"] is None
-    assert answer["error"]["code"] == code
+    with trio.fail_after(10):
+        answer = await ask(PluginHost([Sample()]), frame)
+        assert answer["id"] is None
+        assert answer["error"]["code"] == code
 
 
 async def test_frames_with_a_trailing_newline_are_fine() -> None:
-    assert (await ask(PluginHost([]), b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n'))[
-        "result"
-    ] == {}
+    with trio.fail_after(10):
+        assert (await ask(PluginHost([]), b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n'))[
+            "result"
+        ] == {}
 
 
 def test_tool_names_must_be_unique_across_plugins() -> None:
@@ -569,16 +582,17 @@ class HandWritten(Plugin):
 
 
 async def test_hand_written_plugins() -> None:
-    host = PluginHost([HandWritten()])
-    answer = await ask(host, call(1, "echo", {"word": "hi"}))
-    assert answer["result"]["content"] == [{"type": "text", "text": "hi"}]
-    wrong_type = await ask(host, call(2, "echo", {"word": 5}))
-    assert wrong_type["error"]["code"] == -32602  # the host checked the schema
-    refused = await ask(host, call(3, "echo", {"word": "forbidden"}))
-    assert refused["error"] == {
-        "code": -32602,
-        "message": "Invalid arguments for tool 'echo': 'word' may not be 'forbidden'",
-    }
+    with trio.fail_after(10):
+        host = PluginHost([HandWritten()])
+        answer = await ask(host, call(1, "echo", {"word": "hi"}))
+        assert answer["result"]["content"] == [{"type": "text", "text": "hi"}]
+        wrong_type = await ask(host, call(2, "echo", {"word": 5}))
+        assert wrong_type["error"]["code"] == -32602  # the host checked the schema
+        refused = await ask(host, call(3, "echo", {"word": "forbidden"}))
+        assert refused["error"] == {
+            "code": -32602,
+            "message": "Invalid arguments for tool 'echo': 'word' may not be 'forbidden'",
+        }
 
 
 def test_jsonrpc_helpers() -> None:
@@ -776,12 +790,13 @@ def test_calculator_agrees_with_python(expression: str) -> None:
 
 
 async def test_calculator_through_the_host() -> None:
-    host = PluginHost([Calculator()])
-    ok = await ask(host, call(1, "calculate", {"expression": "6 * 7"}))
-    assert ok["result"] == {"content": [{"type": "text", "text": "42"}], "isError": False}
-    bad = await ask(host, call(2, "calculate", {"expression": "__import__('os')"}))
-    assert bad["result"]["isError"] is True
-    assert "__import__() is not allowed" in bad["result"]["content"][0]["text"]
+    with trio.fail_after(10):
+        host = PluginHost([Calculator()])
+        ok = await ask(host, call(1, "calculate", {"expression": "6 * 7"}))
+        assert ok["result"] == {"content": [{"type": "text", "text": "42"}], "isError": False}
+        bad = await ask(host, call(2, "calculate", {"expression": "__import__('os')"}))
+        assert bad["result"]["isError"] is True
+        assert "__import__() is not allowed" in bad["result"]["content"][0]["text"]
 
 
 # ----------------------------------------------------------------------------- clock
@@ -830,19 +845,22 @@ def test_clock_unknown_zones(zone: str) -> None:
 
 
 async def test_clock_errors_through_the_host() -> None:
-    host = PluginHost([fixed_clock()])
-    answer = await ask(host, call(1, "current_time", {"timezone": "Shanghai"}))
-    assert answer["result"]["isError"] is True
-    assert answer["result"]["content"][0]["text"] == (
-        "unknown timezone 'Shanghai'; did you mean Asia/Shanghai?"
-    )
-    bad_time = await ask(
-        host,
-        call(2, "convert_time", {"time": "25:99", "from_timezone": "UTC", "to_timezone": "UTC"}),
-    )
-    assert "cannot read the time" in bad_time["result"]["content"][0]["text"]
-    ok = await ask(host, call(3, "current_time", {"timezone": "Europe/Paris"}))
-    assert ok["result"]["structuredContent"]["utc_offset"] == "+02:00"
+    with trio.fail_after(10):
+        host = PluginHost([fixed_clock()])
+        answer = await ask(host, call(1, "current_time", {"timezone": "Shanghai"}))
+        assert answer["result"]["isError"] is True
+        assert answer["result"]["content"][0]["text"] == (
+            "unknown timezone 'Shanghai'; did you mean Asia/Shanghai?"
+        )
+        bad_time = await ask(
+            host,
+            call(
+                2, "convert_time", {"time": "25:99", "from_timezone": "UTC", "to_timezone": "UTC"}
+            ),
+        )
+        assert "cannot read the time" in bad_time["result"]["content"][0]["text"]
+        ok = await ask(host, call(3, "current_time", {"timezone": "Europe/Paris"}))
+        assert ok["result"]["structuredContent"]["utc_offset"] == "+02:00"
 
 
 # ----------------------------------------------------------------------------- load_plugin

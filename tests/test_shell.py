@@ -545,3 +545,26 @@ async def test_cancelling_serve_relay_answers_in_flight_requests_and_closes_1001
                         await peer.receive()
                     assert closed.value.code == 1001
                 assert trio.current_time() - started < 1
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /elsewhere HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         b"404 Not Found"),
+        (b"POST /mcp_endpoint/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+         b"405 Method Not Allowed"),
+        (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", b"404 Not Found"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"307 Temporary Redirect"),
+    ],
+)  # fmt: skip
+async def test_every_http_answer_has_its_reason_phrase(
+    autojump_clock: trio.testing.MockClock, head: bytes, status: bytes
+) -> None:
+    with trio.fail_after(GUARD):
+        async with memory_relay() as (net, _):
+            stream = net.connect()
+            await stream.send_all(head)
+            answer = await stream.receive_some()
+            assert answer.startswith(b"HTTP/1.1 " + status + b"\r\n"), answer

@@ -1,0 +1,210 @@
+"""The outbox as a unit, and the fast path's ordering guard on memory streams."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.helpers import notification, request
+from tests.test_faults import masked_frame
+from tests.test_shell import GUARD, memory_relay
+from trio_mcp_relay.server.outbox import BATCH_BYTES, PING, ByteBudget, Outbox
+
+
+def outbox(capacity: int = 4, max_bytes: int = 100, budget: int = 1000) -> Outbox:
+    return Outbox(capacity, max_bytes, ByteBudget(budget))
+
+
+async def test_bounds_in_frames_and_bytes_and_one_item_always_fits() -> None:
+    with trio.fail_after(5):
+        box = outbox(capacity=3, max_bytes=10)
+        box.put_nowait(b"x" * 50)  # empty: always room for one, however large
+        with pytest.raises(trio.WouldBlock):
+            box.put_nowait(b"y")
+        assert await box.take(10) == [b"x" * 50]
+        box.written()
+        for item in (b"aaaa", b"bbbb"):
+            box.put_nowait(item)
+        with pytest.raises(trio.WouldBlock):
+            box.put_nowait(b"ccc")  # 8 + 3 bytes > 10
+        box.put_nowait(b"cc")
+        with pytest.raises(trio.WouldBlock):
+            box.put_nowait(b"")  # 3 frames
+        assert (len(box), box.nbytes) == (3, 10)
+
+
+async def test_the_budget_is_shared_and_given_back() -> None:
+    with trio.fail_after(5):
+        budget = ByteBudget(10)
+        one, two = Outbox(10, 100, budget), Outbox(10, 100, budget)
+        one.put_nowait(b"a" * 6)
+        two.put_nowait(b"b" * 3)
+        one.put_nowait(b"a")
+        with pytest.raises(trio.WouldBlock):
+            two.put_nowait(b"bb")
+        assert budget.used == 10
+        assert one.clear() == []
+        assert budget.used == 3
+        assert await two.take(5) == [b"b" * 3]
+        assert budget.used == 3  # counted until written
+        two.written()
+        assert budget.used == 0
+
+
+async def test_a_ping_goes_first_and_never_counts() -> None:
+    with trio.fail_after(5):
+        box = outbox(capacity=2, max_bytes=10)
+        box.put_nowait(b"one")
+        box.put_nowait(b"two")
+        box.put_control(PING)
+        assert await box.take(10) == [PING, b"one", b"two"]
+
+
+async def test_expire_gives_back_request_tags_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(100):
+        box = outbox(capacity=10, max_bytes=1000)
+        box.put_nowait(b"r1", request=1)
+        box.put_nowait(b"n")
+        await trio.sleep(5)
+        box.put_nowait(b"r2", request=2)
+        box.put_control(PING)  # stamped like the head: the queue stays in time order
+        assert box.expire(trio.current_time() - 5) == [1]
+        assert len(box) == 1 and box.oldest() == trio.current_time()
+        assert box.clear() == [2]
+        assert box.oldest() is None and box.nbytes == 0
+
+
+async def test_idle_only_when_nothing_is_queued_or_being_written() -> None:
+    with trio.fail_after(5):
+        box = outbox()
+        assert box.idle
+        box.put_nowait(b"a")
+        assert not box.idle
+        await box.take(1)
+        assert not box.idle  # the writer holds a batch
+        box.written()
+        assert box.idle
+        box.close()
+        assert not box.idle
+        with pytest.raises(trio.ClosedResourceError):
+            box.put_nowait(b"b")
+        assert await box.take(1) is None
+
+
+async def test_a_batch_stops_growing_past_its_byte_size() -> None:
+    with trio.fail_after(5):
+        box = outbox(capacity=100, max_bytes=10 * BATCH_BYTES, budget=10 * BATCH_BYTES)
+        for _ in range(8):
+            box.put_nowait(b"z" * (BATCH_BYTES // 4))
+        assert len(await box.take(100) or []) == 4
+        box.written()
+        assert len(await box.take(100) or []) == 4
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=60))
+def test_what_is_taken_is_what_was_put_in_order(ops: list[tuple[bool, int]]) -> None:
+    async def main() -> None:
+        box = outbox(capacity=8, max_bytes=200, budget=10_000)
+        put: list[bytes] = []
+        taken: list[bytes] = []
+        for n, (is_put, size) in enumerate(ops):
+            if is_put:
+                item = bytes([n % 256]) * (size + 1)
+                try:
+                    box.put_nowait(item)
+                except trio.WouldBlock:
+                    continue
+                put.append(item)
+            elif len(box):
+                taken.extend(await box.take(3) or [])
+                box.written()
+            assert box.nbytes == sum(map(len, put)) - sum(map(len, taken))
+            assert box.budget.used == box.nbytes
+        box.close()
+        while (batch := await box.take(3)) is not None:
+            taken.extend(batch)
+            box.written()
+        assert taken == put
+
+    trio.run(main)
+
+
+async def test_the_fast_path_never_overtakes_queued_frames(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A caller that reads slowly, in small bites: the relay's writes to it are partial, so
+    # frames queue behind a direct write that the socket did not take whole, and later
+    # frames find the writer between batches. Every frame must arrive once, in order.
+    def frames(first: int, count: int) -> bytes:
+        return b"".join(
+            masked_frame(
+                0x1,
+                json.dumps(notification("notifications/n", {"n": n, "pad": "p" * 700})).encode(),
+            )
+            for n in range(first, first + count)
+        )
+
+    with trio.fail_after(GUARD):
+        async with (
+            memory_relay(outbox_size=10_000) as (net, _),
+            net.raw("tool", "order") as tool,
+            net.raw("caller", "order", capacity=1500) as caller,
+        ):
+            await caller.send(request("hi", "ping"))
+            await tool.receive()
+            seen: list[int] = []
+            async with trio.open_nursery() as nursery:
+
+                async def produce() -> None:
+                    sent = 0
+                    for burst in (1, 3, 1, 7, 2, 1, 5, 1, 1, 9):
+                        await tool.stream.send_all(frames(sent, burst))
+                        sent += burst
+                        await trio.sleep(0.003)
+
+                nursery.start_soon(produce)
+                while len(seen) < 31:
+                    seen.append((await caller.receive())["params"]["n"])
+                    await trio.sleep(0.001)
+            assert seen == list(range(31)), seen
+
+
+async def test_frames_queued_during_the_handshake_are_not_overtaken(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Frames routed to a caller between its registration and its 101 wait in its outbox;
+    # once it is open, a frame that finds them still queued must not take the fast path
+    # past them. Each new caller must see a gapless, ordered run of the tool's stream.
+    def frames(first: int, count: int) -> bytes:
+        return b"".join(
+            masked_frame(0x1, json.dumps(notification("n", {"n": n})).encode())
+            for n in range(first, first + count)
+        )
+
+    with trio.fail_after(GUARD):
+        async with (
+            memory_relay(outbox_size=10_000) as (net, _),
+            net.raw("tool", "stream") as tool,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def produce() -> None:
+                sent = 0
+                while True:
+                    await tool.stream.send_all(frames(sent, 3))
+                    sent += 3
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(produce)
+            for _ in range(30):
+                async with net.raw("caller", "stream") as caller:
+                    seen = [(await caller.receive())["params"]["n"] for _ in range(20)]
+                    assert seen == list(range(seen[0], seen[0] + 20)), seen
+            nursery.cancel_scope.cancel()

@@ -39,7 +39,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeAlias
 from urllib.parse import quote, unquote
 
@@ -439,6 +439,10 @@ def key_matches(given: str, keys: Sequence[str]) -> bool:
     return matched and bool(given)
 
 
+def _key_tuple(keys: Iterable[str]) -> tuple[str, ...]:
+    return (keys,) if isinstance(keys, str) else tuple(keys)
+
+
 @attrs.frozen
 class TokenAuthenticator:
     """The relay's own authentication: scoped tokens, and reference tokens unless refused.
@@ -455,9 +459,7 @@ class TokenAuthenticator:
         clock: The current Unix time (tests replace it).
     """
 
-    keys: tuple[str, ...] = attrs.field(
-        converter=tuple, repr=lambda keys: f"({len(keys)} keys)"
-    )
+    keys: tuple[str, ...] = attrs.field(converter=_key_tuple, repr=lambda k: f"({len(k)} keys)")
     accept_reference: bool = True
     clock: Callable[[], float] = attrs.field(default=time.time, repr=False)
 

@@ -46,8 +46,6 @@ grace period.
 from __future__ import annotations
 
 import contextlib
-import hmac
-import inspect
 import itertools
 import logging
 import math
@@ -63,12 +61,21 @@ from wsproto.events import Request as WsRequest
 
 from . import __version__
 from . import _wsframes as wsframes
-from ._auth import AesTokenAuthenticator, Authenticator, AuthError, Endpoint, redact
+from ._auth import (
+    Authenticator,
+    AuthError,
+    Endpoint,
+    TokenAuthenticator,
+    authenticate,
+    key_matches,
+    redact,
+)
 from ._config import RelayConfig
 from ._frames import AUTHENTICATION_ERROR
-from ._guard import FailureLimiter
+from ._guard import FailureLimiter, Penalty
 from ._http import BadRequest, HttpRequest, read_request_head, respond
 from ._outbox import PING, Encoded, Outbox
+from ._proxies import TrustedProxies
 from ._routing import Action, Close, Role, Router, Send
 from ._transport import (
     ConnectionClosed,
@@ -135,7 +142,9 @@ class _Relay:
         if authenticator is None:
             if not config.key:
                 raise ValueError("RelayConfig.key is required when no authenticator is given")
-            authenticator = AesTokenAuthenticator(config.key)
+            authenticator = TokenAuthenticator(
+                config.keys, accept_reference=config.reference_tokens
+            )
         self.config = config
         self.authenticator = authenticator
         self.router = Router(
@@ -151,8 +160,18 @@ class _Relay:
         self._accept_scope = trio.CancelScope()
         self._open_streams = 0
         self._closing_peers: list[_Peer] = []
-        self.limiter = FailureLimiter(config.auth_failures, config.auth_window, config.auth_ban)
+        # --- authentication policy (rules in _guard.py, _proxies.py, _auth.py) ---
+        self.limiter = FailureLimiter(
+            config.auth_failures,
+            config.auth_window,
+            config.auth_ban,
+            delay=config.auth_delay,
+            concurrency=config.auth_concurrency,
+        )
+        self.proxies = TrustedProxies.parse(config.trusted_proxies)
         self.admin_key = config.admin_key or config.key or ""
+        self.health_keys = (config.admin_key,) if config.admin_key else config.keys
+        # --- end of authentication policy ---
 
     # ---------------------------------------------------------------- dispatch
 
@@ -470,16 +489,12 @@ class _Relay:
             if scope.cancelled_caught:
                 log.debug("%s: no request head within the handshake timeout", remote)
                 return
-            retry = self.limiter.retry_after(host, trio.current_time())
-            if retry is not None:
-                log.info("%s: refused: too many failed authentications", remote)
-                await respond(
-                    stream,
-                    429,
-                    {"error": "too many failed authentications", "retry_after": math.ceil(retry)},
-                    headers=[("retry-after", str(math.ceil(retry)))],
-                )
-            elif request.is_websocket:
+            # --- client address: from a trusted proxy's header, else the peer (_proxies.py) ---
+            client = self.proxies.client_address(host, request.headers)
+            if client != host:
+                host, remote = client, f"{client} (via {remote})"
+            # --- end of client address ---
+            if request.is_websocket:
                 opened = await self._open_websocket(stream, request, remote, host)
                 del request  # an idle connection keeps neither its head nor the handshake state
                 if opened is not None:
@@ -540,8 +555,7 @@ class _Relay:
             await respond(stream, 200, body, headers=cors, head_only=head_only)
         elif path in ("/mcp_endpoint/health", "/mcp_endpoint/health/"):
             key = request.query.get("key", "")
-            expected = self.admin_key
-            if expected and hmac.compare_digest(key.encode(), expected.encode()):
+            if key_matches(key, self.health_keys):
                 body = {
                     "jsonrpc": "2.0",
                     "result": {"status": "success", "connections": self.router.stats()},
@@ -558,8 +572,17 @@ class _Relay:
                     },
                     "id": None,
                 }
-                self.limiter.failed(host, trio.current_time())
-                await respond(stream, 403, body, headers=cors, head_only=head_only)
+                # --- failed authentication: delay, or 429 (_guard.py) ---
+                penalty = self.limiter.penalize(host, trio.current_time())
+                if penalty.retry_after is not None:
+                    await self._too_many_failures(stream, host, penalty.retry_after)
+                    return
+                try:
+                    await trio.sleep(penalty.delay)
+                    await respond(stream, 403, body, headers=cors, head_only=head_only)
+                finally:
+                    self.limiter.release(host)
+                # --- end of failed authentication ---
         else:
             await respond(stream, 404, {"error": "not found", "path": path}, headers=cors)
 
@@ -589,17 +612,31 @@ class _Relay:
             await self._reject(stream, ws_conn, 403, "origin not allowed")
             return None
         subprotocol = "mcp" if "mcp" in ws_request.subprotocols else None
+        endpoint = Endpoint.TOOL if role is Role.TOOL else Endpoint.CALLER
+        # --- authentication first: a valid token is never delayed nor refused (_guard.py) ---
+        token = request.query.get("token", "")
+        refused: AuthError | None = None
+        penalty = Penalty()
+        try:
+            agent = (await authenticate(self.authenticator, token, endpoint)).agent
+        except AuthError as exc:
+            log.info("%s: %s connection refused: %s", remote, endpoint.value, exc.reason)
+            refused = exc
+            penalty = self.limiter.penalize(host, trio.current_time())
+            if penalty.retry_after is not None:
+                await self._too_many_failures(stream, host, penalty.retry_after)
+                return None
+        # --- end of authentication ---
         await stream.send_all(ws_conn.send(AcceptConnection(subprotocol=subprotocol)))
         ws = ServerWebSocket(
             stream, remote=remote, max_message_size=self.config.max_message_size, initial=leftover
         )
-        endpoint = Endpoint.TOOL if role is Role.TOOL else Endpoint.CALLER
-        try:
-            agent = await self._authenticate(request.query.get("token", ""), endpoint)
-        except AuthError as exc:
-            log.info("%s: %s connection refused: %s", remote, endpoint.value, exc.reason)
-            self.limiter.failed(host, trio.current_time())
-            await self._refuse(ws, CLOSE_POLICY_VIOLATION, exc.reason)
+        if refused is not None:
+            try:  # accepted first, so the client reads the reason, not a handshake timeout
+                await trio.sleep(penalty.delay)
+                await self._refuse(ws, CLOSE_POLICY_VIOLATION, refused.reason)
+            finally:
+                self.limiter.release(host)
             return None
         limit = self.config.max_callers_per_agent
         if role is Role.CALLER and self.router.caller_count(agent) >= limit:
@@ -635,15 +672,17 @@ class _Relay:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(data)
 
-    async def _authenticate(self, token: str, endpoint: Endpoint) -> str:
-        if not token:
-            raise AuthError("missing token")
-        agent = self.authenticator(token, endpoint)
-        if inspect.isawaitable(agent):
-            agent = await agent
-        if not isinstance(agent, str) or not agent:
-            raise AuthError("token has no agentId")
-        return agent
+    async def _too_many_failures(self, stream: trio.SocketStream, host: str, retry: float) -> None:
+        """HTTP 429 for an address that keeps failing to authenticate (never for a request
+        with a valid credential: see ``_guard.py``)."""
+        log.info("%s: refused: too many failed authentications", host)
+        seconds = math.ceil(retry)
+        await respond(
+            stream,
+            429,
+            {"error": "too many failed authentications", "retry_after": seconds},
+            headers=[("retry-after", str(seconds))],
+        )
 
     async def _refuse(self, ws: ServerWebSocket, code: int, reason: str) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):

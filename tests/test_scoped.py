@@ -9,6 +9,7 @@ import string
 from urllib.parse import quote, unquote
 
 import pytest
+import trio
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from trio_mcp_relay._auth import (
     Endpoint,
     Grant,
     TokenAuthenticator,
+    authenticate,
     caller_url,
     encrypt_token,
     endpoint_url,
@@ -327,3 +329,29 @@ def test_reference_tokens_never_spell_key_or_call_and_decrypt_the_reference_way(
     token = encrypt_token(key, agent)
     assert xiaozhi_safe(token)
     assert reference_decrypt(key, token) == agent
+
+
+# ----------------------------------------------------------------------------- the hook
+
+
+async def test_authenticate_normalises_every_kind_of_authenticator() -> None:
+    grant = Grant("g", TokenRole.TOOL, server_id="s", scheme="scoped")
+
+    async def async_str(token: str, endpoint: Endpoint) -> str:
+        return "async-agent"
+
+    async def async_grant(token: str, endpoint: Endpoint) -> Grant:
+        return grant
+
+    with trio.fail_after(5):
+        assert await authenticate(lambda t, e: "plain", "t", Endpoint.TOOL) == Grant(
+            "plain", scheme="custom"
+        )
+        assert (await authenticate(async_str, "t", Endpoint.CALLER)).agent == "async-agent"
+        assert await authenticate(async_grant, "t", Endpoint.TOOL) is grant
+        assert await authenticate(lambda t, e: grant, "t", Endpoint.TOOL) is grant
+        for answer in ("", None, 5, Grant("")):
+            with pytest.raises(AuthError, match="no agentId"):
+                await authenticate(lambda t, e, a=answer: a, "t", Endpoint.TOOL)  # type: ignore[misc]
+        with pytest.raises(AuthError, match="missing token"):
+            await authenticate(lambda t, e: "never asked", "", Endpoint.TOOL)

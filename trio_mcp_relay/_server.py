@@ -809,9 +809,11 @@ async def serve_relay(
 
     Args:
         config: listening address, key and limits.
-        authenticator: maps ``(token, endpoint)`` to an agent id, or raises
+        authenticator: maps ``(token, endpoint)`` to an agent id (a ``str``, or a
+            :class:`~trio_mcp_relay.Grant` carrying it), or raises
             :class:`~trio_mcp_relay.AuthError`; may be a coroutine function. Replaces the
-            reference server's AES token scheme (which needs ``config.key``).
+            default :class:`~trio_mcp_relay.TokenAuthenticator` (scoped and reference tokens
+            made with ``config.keys``).
         embedded_tools: agent id -> a coroutine function serving that agent's tool side
             in-process (for example ``PluginHost([...]).serve``), with no socket hop. It is
             connected as the agent's tool when the relay starts. A tool connecting over the

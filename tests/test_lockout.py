@@ -46,6 +46,7 @@ from trio_mcp_relay._auth import (
     scoped_token,
 )
 from trio_mcp_relay._auth import Endpoint as Ep
+from trio_mcp_relay._guard import failure_delay
 from trio_mcp_relay._scoped import REASON_EXPIRED, REASON_UNKNOWN_KEY
 
 OLD_KEY = "fedcba9876543210fedcba9876543210"
@@ -191,6 +192,26 @@ async def test_valid_credentials_pass_while_bad_ones_are_being_delayed(
     # The bad ones were delayed four at a time; the rest refused at once.
     assert sum(outcome[0] == "closed" for outcome in outcomes) >= 4
     assert sum(outcome[:2] == ("rejected", 429) for outcome in outcomes) >= 30
+
+
+async def test_failures_are_answered_after_the_scheduled_delay_and_never_more_than_10_s(
+    fast_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """The default policy, measured on the relay's own clock: nothing for a first failure,
+    then the doubling delays of ``failure_delay``, capped at 10 s."""
+    relay = await start_relay(nursery, auth_delay=10.0, auth_failures=100, ping_interval=0)
+    bad = f"{relay.base}/mcp_endpoint/mcp/?token={STALE}"
+    took = []
+    with trio.fail_after(60):
+        for _ in range(9):
+            started = trio.current_time()
+            assert await attempt(bad) == ("closed", 1008, REASON_WRONG_KEY)
+            took.append(trio.current_time() - started)
+    for previous, seconds in enumerate(took):
+        expected = failure_delay(previous, 10.0)
+        assert expected <= seconds < expected + 1.0, (previous, seconds)
+    assert took[0] < 1.0 and max(took) < 11.0
+    assert took[-1] >= 10.0 > took[-3]
 
 
 async def test_a_stale_client_every_half_second_for_40_s_does_not_keep_the_tool_out(

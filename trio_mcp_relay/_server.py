@@ -626,18 +626,26 @@ class _Relay:
             if penalty.retry_after is not None:
                 await self._too_many_failures(stream, host, penalty.retry_after)
                 return None
-        # --- end of authentication ---
-        await stream.send_all(ws_conn.send(AcceptConnection(subprotocol=subprotocol)))
-        ws = ServerWebSocket(
-            stream, remote=remote, max_message_size=self.config.max_message_size, initial=leftover
-        )
+
+        async def accept() -> ServerWebSocket:
+            await stream.send_all(ws_conn.send(AcceptConnection(subprotocol=subprotocol)))
+            return ServerWebSocket(
+                stream,
+                remote=remote,
+                max_message_size=self.config.max_message_size,
+                initial=leftover,
+            )
+
         if refused is not None:
             try:  # accepted first, so the client reads the reason, not a handshake timeout
+                refused_ws = await accept()
                 await trio.sleep(penalty.delay)
-                await self._refuse(ws, CLOSE_POLICY_VIOLATION, refused.reason)
+                await self._refuse(refused_ws, CLOSE_POLICY_VIOLATION, refused.reason)
             finally:
-                self.limiter.release(host)
+                self.limiter.release(host)  # however this ends: the slot must come back
             return None
+        # --- end of authentication ---
+        ws = await accept()
         limit = self.config.max_callers_per_agent
         if role is Role.CALLER and self.router.caller_count(agent) >= limit:
             log.warning("%s: agent %s already has %d callers", remote, agent, limit)

@@ -287,3 +287,41 @@ def test_retry_after_is_positive_and_never_longer_than_the_ban(
         else:
             assert wait is not None
             assert 0 < wait <= ban
+
+
+@given(
+    concurrency=st.integers(1, 4),
+    cap=st.sampled_from([0.0, 1.0, 10.0]),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["penalize", "release"]),
+            st.sampled_from([A, B]),
+            st.sampled_from([0.0, 0.1, 1.0, 20.0]),
+        ),
+        max_size=60,
+    ),
+)
+def test_penalties_respect_the_cap_the_slots_and_refuse_only_with_a_reason(
+    concurrency: int, cap: float, ops: list[tuple[str, str, float]]
+) -> None:
+    limiter = FailureLimiter(5, window=10.0, ban=30.0, delay=cap, concurrency=concurrency)
+    now = 0.0
+    held = {A: 0, B: 0}
+    for kind, address, step in ops:
+        now += step
+        if kind == "release":
+            if held[address]:
+                held[address] -= 1
+                limiter.release(address)
+            continue
+        banned = limiter.retry_after(address, now) is not None
+        full = limiter.waiting(address) >= concurrency
+        penalty = limiter.penalize(address, now)
+        assert 0.0 <= penalty.delay <= cap
+        if penalty.retry_after is None:
+            assert not banned and not full
+            held[address] += 1
+        else:
+            assert banned or full
+            assert penalty.retry_after > 0 and penalty.delay == 0.0
+        assert limiter.waiting(address) == held[address] <= concurrency

@@ -21,6 +21,8 @@ from trio_mcp_relay.client import connect_websocket
 from trio_mcp_relay.server import serve_relay
 
 KEY = "0123456789abcdef0123456789abcdef"
+#: The longest delay before a failed authentication is answered, in relays tests start.
+TEST_AUTH_DELAY = 0.05
 
 
 def request(rid: Any, method: str = "tools/call", params: Any = None) -> dict[str, Any]:
@@ -81,8 +83,11 @@ async def start_relay(
     """Start serve_relay in ``nursery`` on 127.0.0.1:0 and return where it listens.
 
     ``overrides`` are RelayConfig fields; ``embedded_tools`` and ``shutdown`` go to serve_relay.
+    Failed authentications are delayed at most ``TEST_AUTH_DELAY`` unless ``auth_delay`` says
+    otherwise, so that tests refusing tokens on purpose stay fast.
     """
-    config = RelayConfig(**{"host": "127.0.0.1", "port": 0, "key": KEY, **overrides})
+    defaults = {"host": "127.0.0.1", "port": 0, "key": KEY, "auth_delay": TEST_AUTH_DELAY}
+    config = RelayConfig(**{**defaults, **overrides})
     port = await nursery.start(
         functools.partial(serve_relay, config, embedded_tools=embedded_tools, shutdown=shutdown)
     )

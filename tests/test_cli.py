@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import signal
 from pathlib import Path
 from typing import Any, NoReturn
@@ -15,7 +16,7 @@ import trio.testing
 from typer.testing import CliRunner
 
 from trio_mcp_relay import _cli
-from trio_mcp_relay._auth import decrypt_agent_id
+from trio_mcp_relay._auth import Endpoint, TokenAuthenticator, TokenRole, xiaozhi_safe
 from trio_mcp_relay._cli import app, banner, run_with_banner
 from trio_mcp_relay._config import CONFIG_FILE_NAME, RelayConfig
 
@@ -61,14 +62,16 @@ def test_serve_help_documents_every_option() -> None:
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     env_only = {"enable_cors", "allowed_origins"}
+    derived = {"previous_keys"}  # the keys after the first --key
     options = ["--config"] + [
         "--" + field.name.replace("_", "-")
         for field in attrs.fields(RelayConfig)
-        if field.name not in env_only
+        if field.name not in env_only | derived
     ]
     for option in options:
         assert option in text
-    for env_name in ("HOST", "PORT", "SERVER_KEY", "DATA_DIR", "LOG_LEVEL", "ADMIN_KEY"):
+    env_names = ("HOST", "PORT", "SERVER_KEY", "DATA_DIR", "LOG_LEVEL", "ADMIN_KEY")
+    for env_name in (*env_names, "REFERENCE_TOKENS", "TRUSTED_PROXIES"):
         assert f"Env: {env_name}." in text
     assert "[server]" in text  # brackets survive help formatting
     assert text.count("Default:") == len(options)
@@ -129,20 +132,36 @@ def config(**overrides: object) -> RelayConfig:
     return RelayConfig(**values)  # type: ignore[arg-type]
 
 
+def without_tokens(lines: list[str]) -> list[str]:
+    """Banner lines with their tokens blanked: scoped tokens differ at every start."""
+    return [re.sub(r"token=[^&\s]+", "token=T", line) for line in lines]
+
+
 def test_banner_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_cli, "local_ip", lambda: "192.0.2.10")
     lines = banner(config(), 8123)
     assert lines[0] == "trio-mcp-relay listening on 0.0.0.0:8123"
     assert lines[1] == f"health:  http://192.0.2.10:8123/mcp_endpoint/health?key={KEY}"
-    for line, label, path in (
-        (lines[2], "tool:    ", "/mcp_endpoint/mcp/"),
-        (lines[3], "caller:  ", "/mcp_endpoint/call/"),
+    check = TokenAuthenticator((KEY,), accept_reference=False)
+    for line, label, path, role in (
+        (lines[2], "tool:    ", "/mcp_endpoint/mcp/", TokenRole.TOOL),
+        (lines[3], "caller:  ", "/mcp_endpoint/call/", TokenRole.CALLER),
+        (lines[4], "xiaozhi: ", "/mcp_endpoint/mcp/", TokenRole.CALLER),
     ):
         assert line.startswith(label)
         url = urlsplit(line.removeprefix(label))
         assert (url.scheme, url.netloc, url.path) == ("ws", "192.0.2.10:8123", path)
-        assert decrypt_agent_id(KEY, parse_qs(url.query)["token"][0]) == "single_module"
-    assert len(lines) == 4
+        token = parse_qs(url.query)["token"][0]
+        endpoint = Endpoint.TOOL if role is TokenRole.TOOL else Endpoint.CALLER
+        grant = check(token, endpoint)
+        assert (grant.agent, grant.role, grant.expires) == ("single_module", role, None)
+        assert xiaozhi_safe(url.query)
+    # xiaozhi-server's own test of an endpoint URL, and the caller URL it derives from it.
+    xiaozhi_url = lines[4].removeprefix("xiaozhi: ")
+    assert xiaozhi_url.startswith("ws") and "/mcp/" in xiaozhi_url
+    assert "key" not in xiaozhi_url.lower() and "call" not in xiaozhi_url.lower()
+    assert urlsplit(xiaozhi_url.replace("/mcp/", "/call/")).path == "/mcp_endpoint/call/"
+    assert len(lines) == 5
 
 
 @pytest.mark.parametrize(
@@ -176,7 +195,7 @@ async def test_run_with_banner_prints_once_listening(
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
     out = capsys.readouterr().out.splitlines()
-    assert out == banner(config(), 4321)
+    assert without_tokens(out) == without_tokens(banner(config(), 4321))
 
 
 def test_serve_prints_banner_and_exits_0_on_keyboard_interrupt(
@@ -199,7 +218,7 @@ def test_serve_prints_banner_and_exits_0_on_keyboard_interrupt(
     args = ["serve", "--data-dir", str(tmp_path), "--port", "0", "--key", KEY, "--host", "::1"]
     result = runner.invoke(app, [*args, "--max-message-size", "2048", "--log-level", "debug"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == banner(seen[0], 4321)
+    assert without_tokens(result.stdout.splitlines()) == without_tokens(banner(seen[0], 4321))
     assert seen[0].max_message_size == 2048
     assert seen[0].log_level == "DEBUG"
     assert result.stderr == ""
@@ -245,16 +264,17 @@ def test_serve_with_no_arguments_on_a_fresh_directory(tmp_path: Path) -> None:
     ) as relay:
         try:
             assert relay.stdout is not None
-            lines = [relay.stdout.readline().strip() for _ in range(4)]
+            lines = [relay.stdout.readline().strip() for _ in range(5)]
             assert lines[0].startswith("trio-mcp-relay listening on 127.0.0.1:")
             assert lines[1].startswith("health:  http://127.0.0.1:")
             assert lines[2].startswith("tool:    ws://127.0.0.1:")
             assert lines[3].startswith("caller:  ws://127.0.0.1:")
+            assert lines[4].startswith("xiaozhi: ws://127.0.0.1:")
             saved = (tmp_path / "data" / CONFIG_FILE_NAME).read_text()
             key = parse_qs(urlsplit(lines[1].split()[-1]).query)["key"][0]
             assert f"key = {key}" in saved
             token = parse_qs(urlsplit(lines[2].split()[-1]).query)["token"][0]
-            assert decrypt_agent_id(key, token) == "single_module"
+            assert TokenAuthenticator(key)(token, Endpoint.TOOL).agent == "single_module"
             with urllib.request.urlopen(lines[1].split()[-1], timeout=5) as response:
                 assert json.load(response)["result"]["status"] == "success"
         finally:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
@@ -20,12 +21,20 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.helpers import KEY, RunningRelay, relay_in_thread
-from trio_mcp_relay._auth import caller_url, decrypt_agent_id
+from trio_mcp_relay._auth import (
+    AuthError,
+    Endpoint,
+    TokenAuthenticator,
+    caller_url,
+    decrypt_agent_id,
+    xiaozhi_safe,
+)
 from trio_mcp_relay._cli import app
 from trio_mcp_relay._routing import Router
 from trio_mcp_relay._transport import ConnectionClosed, WebSocket
 
 runner = CliRunner()
+OLD = "fedcba9876543210fedcba9876543210"
 
 
 async def calculator(ws: WebSocket) -> None:
@@ -111,6 +120,89 @@ def test_url_prints_both_urls_for_the_agent() -> None:
     assert tool.startswith("tool:    wss://relay.example:443/mcp_endpoint/mcp/?token=")
     assert caller.startswith("caller:  wss://relay.example:443/mcp_endpoint/call/?token=")
     assert decrypt_agent_id(KEY, unquote(tool.split("token=")[1])) == "a1"
+
+
+def scoped_check(key: str = KEY, now: float | None = None) -> TokenAuthenticator:
+    return TokenAuthenticator((key,), accept_reference=False, clock=lambda: now or time.time())
+
+
+@pytest.mark.parametrize("role", ["tool", "caller", "both"])
+def test_token_with_a_role_is_scoped_to_it(role: str) -> None:
+    result = runner.invoke(app, ["token", "agent-7", "--role", role, "--key", KEY])
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    assert token.startswith("st1.") and xiaozhi_safe(token)
+    grant = scoped_check()(token, Endpoint.CALLER if role == "caller" else Endpoint.TOOL)
+    assert (grant.agent, grant.role.label, grant.expires, grant.server_id) == (
+        "agent-7",
+        role,
+        None,
+        None,
+    )
+
+
+def test_token_expires_and_server_id() -> None:
+    before = time.time()
+    args = ["token", "a", "--role", "tool", "--expires", "3600", "--server-id", "kitchen"]
+    result = runner.invoke(app, [*args, "--key", f"{KEY},{OLD}"])  # the first key signs
+    assert result.exit_code == 0, result.output
+    grant = scoped_check()(result.stdout.strip(), Endpoint.TOOL)
+    assert grant.server_id == "kitchen"
+    assert grant.expires is not None and before + 3600 <= grant.expires <= time.time() + 3601
+    late = scoped_check(now=grant.expires)
+    with pytest.raises(AuthError, match="expired"):
+        late(result.stdout.strip(), Endpoint.TOOL)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--role", "admin"], "--role: 'admin' is not a role"),
+        (["--role", "tool", "--expires", "0"], "--expires: 0 is not a positive"),
+        (["--expires", "60"], "--expires and --server-id need --role"),
+        (["--server-id", "s"], "--expires and --server-id need --role"),
+    ],
+)
+def test_token_and_url_usage_errors(args: list[str], message: str) -> None:
+    for command in ("token", "url"):
+        result = runner.invoke(app, [command, "a", *args, "--key", KEY])
+        assert result.exit_code == 2, (command, result.output)
+        assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("role", "labels"),
+    [
+        ("tool", ["tool"]),
+        ("caller", ["caller", "xiaozhi"]),
+        ("both", ["tool", "caller"]),
+    ],
+)
+def test_url_with_a_role(role: str, labels: list[str]) -> None:
+    result = runner.invoke(
+        app, ["url", "a1", "--role", role, "--key", KEY, "--host", "relay.example", "--secure"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == labels
+    for line in lines:
+        label, url = line.split(maxsplit=1)
+        path = "/mcp_endpoint/call/" if label == "caller:" else "/mcp_endpoint/mcp/"
+        assert url.startswith(f"wss://relay.example:8004{path}?token=st1.")
+        token = url.split("token=")[1]
+        assert xiaozhi_safe(token)
+        endpoint = Endpoint.CALLER if role == "caller" else Endpoint.TOOL
+        assert scoped_check()(token, endpoint).agent == "a1"
+    if role == "caller":  # what xiaozhi-server derives from its URL opens the caller side
+        xiaozhi = lines[1].split()[1]
+        assert xiaozhi.replace("/mcp/", "/call/") == lines[0].split()[1]
+
+
+def test_reference_urls_never_spell_key_or_call() -> None:
+    for number in range(15):  # the library is checked on 10,000 ids (test_scoped.py)
+        result = runner.invoke(app, ["url", f"agent-{number}", "--key", KEY, "--host", "h"])
+        for line in result.stdout.splitlines():
+            assert xiaozhi_safe(line.split("token=")[1]), line
 
 
 def test_call_tools_lists_every_page_as_a_table(relay: RunningRelay) -> None:

@@ -114,6 +114,11 @@ def test_field_names_and_defaults() -> None:
         "auth_failures": 10,
         "auth_window": 60.0,
         "auth_ban": 60.0,
+        "auth_delay": 10.0,
+        "auth_concurrency": 4,
+        "previous_keys": (),
+        "reference_tokens": True,
+        "trusted_proxies": (),
     }
 
 
@@ -551,3 +556,68 @@ def test_local_ip_falls_back_to_loopback(monkeypatch: pytest.MonkeyPatch) -> Non
     _RecordingSocket.calls = []
     monkeypatch.setattr("trio_mcp_relay._config.socket.socket", Unreachable)
     assert local_ip() == "127.0.0.1"
+
+
+# --- Key rotation, token schemes, trusted proxies ---------------------------------------------
+
+OLD = "fedcba9876543210fedcba9876543210"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"flags": {"key": [KEY, OLD]}},  # --key given twice
+        {"flags": {"key": [f"{KEY},{OLD}"]}},
+        {"environ": {"SERVER_KEY": f"{KEY}, {OLD}"}},
+        {"file": f"[server]\nkey = {KEY},{OLD}\n"},
+    ],
+)
+def test_several_keys_the_first_signs(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    if "file" in kwargs:
+        write_cfg(tmp_path, kwargs.pop("file"))
+    config = load(tmp_path, **kwargs)
+    assert config.key == KEY
+    assert config.previous_keys == (OLD,)
+    assert config.keys == (KEY, OLD)
+    assert KEY not in repr(config) and OLD not in repr(config)
+    assert not (tmp_path / CONFIG_FILE_NAME).exists() or "file" not in kwargs
+
+
+def test_one_key_has_no_previous_keys_and_duplicates_are_dropped(tmp_path: Path) -> None:
+    assert load(tmp_path, environ={"SERVER_KEY": KEY}).keys == (KEY,)
+    assert load(tmp_path, environ={"SERVER_KEY": f"{KEY},{KEY}"}).keys == (KEY,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"environ": {"SERVER_KEY": f"{KEY},,{OLD}"}}, "SERVER_KEY (environment): an empty key"),
+        ({"flags": {"key": [KEY, ""]}}, "--key: must not hold an empty key"),
+        ({"environ": {"TRUSTED_PROXIES": "10.0.0.1,nginx"}}, "TRUSTED_PROXIES (environment):"),
+        ({"flags": {"trusted_proxies": ("10.0.0.0/33",)}}, "--trusted-proxies: '10.0.0.0/33'"),
+        ({"environ": {"REFERENCE_TOKENS": "sometimes"}}, "REFERENCE_TOKENS (environment):"),
+        ({"flags": {"auth_delay": -1}}, "--auth-delay: -1.0 is not zero or a positive"),
+        ({"flags": {"auth_concurrency": 0}}, "--auth-concurrency: 0 is not a positive"),
+    ],
+)
+def test_malformed_new_settings_name_the_setting(
+    tmp_path: Path, kwargs: dict[str, Any], expected: str
+) -> None:
+    kwargs.setdefault("environ", {}).setdefault("SERVER_KEY", KEY)
+    assert expected in config_error(tmp_path, **kwargs)
+
+
+def test_trusted_proxies_and_reference_tokens_from_every_source(tmp_path: Path) -> None:
+    write_cfg(
+        tmp_path,
+        f"[server]\nkey = {KEY}\n[security]\ntrusted_proxies = 10.0.0.0/8, ::1\n"
+        "reference_tokens = false\n",
+    )
+    from_file = load(tmp_path)
+    assert from_file.trusted_proxies == ("10.0.0.0/8", "::1")
+    assert from_file.reference_tokens is False
+    from_env = load(tmp_path, environ={"TRUSTED_PROXIES": "127.0.0.1", "REFERENCE_TOKENS": "1"})
+    assert from_env.trusted_proxies == ("127.0.0.1",)
+    assert from_env.reference_tokens is True
+    from_flags = load(tmp_path, flags={"trusted_proxies": ["192.0.2.0/24", "192.0.2.7"]})
+    assert from_flags.trusted_proxies == ("192.0.2.0/24", "192.0.2.7")

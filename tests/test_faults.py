@@ -590,14 +590,15 @@ async def http_get_from(source: str, port: int, target: str) -> HttpResponse:
     return HttpResponse(status, {}, body)
 
 
-async def test_repeated_auth_failures_ban_the_address_for_a_while(nursery: trio.Nursery) -> None:
+async def test_an_address_that_keeps_failing_gets_429_but_never_for_a_valid_credential(
+    nursery: trio.Nursery,
+) -> None:
     ban = 0.5
     relay = await start_relay(nursery, auth_failures=3, auth_window=10, auth_ban=ban)
-    good = quote(relay.token("victim"), safe="")
     bad = quote(encrypt_token("not the server key", "victim"), safe="")
     health_target = f"/mcp_endpoint/health?key={KEY}"
     with trio.fail_after(TIMEOUT):
-        # Peers connected before the ban are not disturbed by it.
+        # Peers connected before are not disturbed.
         async with tool_and_callers(relay, "established", 1) as (tool, [caller]):
             for url in (
                 f"{relay.base}/mcp_endpoint/call/?token={bad}",
@@ -607,24 +608,28 @@ async def test_repeated_auth_failures_ban_the_address_for_a_while(nursery: trio.
                     assert (await expect_close(refused))[0] == 1008
             wrong_key = await http_get(relay.port, "/mcp_endpoint/health?key=guess")
             assert wrong_key.status == 403
-            # Three failures: now even a good token is refused before the handshake...
-            upgrade = await http_get(relay.port, f"/mcp_endpoint/call/?token={good}", UPGRADE)
+            # Three failures: further failing requests are refused at once, before any
+            # handshake...
+            upgrade = await http_get(relay.port, f"/mcp_endpoint/call/?token={bad}", UPGRADE)
             assert upgrade.status == 429
             assert 1 <= int(upgrade.headers["retry-after"]) <= 1 + ban
             assert "sec-websocket-accept" not in upgrade.headers
-            # ...and so is the health check with the right key.
-            plain = await http_get(relay.port, health_target)
-            assert plain.status == 429
-            assert b"success" not in plain.body
-            assert "retry-after" in plain.headers
-            # Only this address is refused: 127.0.0.2 is another client.
-            assert (await http_get_from("127.0.0.2", relay.port, health_target)).status == 200
-            await round_trip(tool, caller, "during the ban")
-            await trio.sleep(ban)  # the point of the test: the ban runs out
+            wrong_again = await http_get(relay.port, "/mcp_endpoint/health?key=guess")
+            assert wrong_again.status == 429
+            assert b"success" not in wrong_again.body
+            assert "retry-after" in wrong_again.headers
+            # ...but a valid token and the right health key from the same address are not.
             assert (await http_get(relay.port, health_target)).status == 200
             async with peer(relay.caller_url("established")) as newcomer:
                 await wait_for_counts(relay, tools=1, callers=2)
-                await round_trip(tool, newcomer, "after the ban")
+                await round_trip(tool, newcomer, "while failures are refused")
+            # Only this address: 127.0.0.2 failing gets its 1008 (a 403 here), not a 429.
+            other = await http_get_from("127.0.0.2", relay.port, "/mcp_endpoint/health?key=x")
+            assert other.status == 403
+            await round_trip(tool, caller, "during the refusal")
+            await trio.sleep(ban)  # the point of the test: the refusal runs out
+            async with peer(f"{relay.base}/mcp_endpoint/call/?token={bad}") as refused:
+                assert (await expect_close(refused))[0] == 1008
 
 
 async def test_browser_origins_are_checked_on_the_handshake(nursery: trio.Nursery) -> None:

@@ -1,4 +1,5 @@
-"""FailureLimiter: pure bookkeeping, driven directly (no sockets, no Trio).
+"""FailureLimiter and the delay schedule: pure bookkeeping, driven directly (no sockets, no
+Trio clock: the time is an argument).
 
 The property tests compare it with a model that keeps every failure it ever saw and filters
 by time on each question, which is obviously right but unbounded; the limiter must give the
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_mcp_relay._guard import FailureLimiter
+from trio_mcp_relay._guard import DOUBLINGS, FailureLimiter, Penalty, failure_delay
 
 A, B = "192.0.2.1", "192.0.2.2"
 
@@ -64,12 +65,13 @@ def test_addresses_are_counted_separately() -> None:
     assert limiter.retry_after(B, 1.0) is None
 
 
-def test_limit_zero_turns_it_off() -> None:
-    limiter = FailureLimiter(0, window=10.0, ban=5.0)
+def test_limit_zero_turns_refusals_off_but_not_delays() -> None:
+    limiter = FailureLimiter(0, window=10.0, ban=5.0, delay=8.0)
     for second in range(100):
         assert limiter.failed(A, float(second)) is False
     assert limiter.retry_after(A, 100.0) is None
-    assert limiter.tracked() == 0
+    assert limiter.tracked() == 1
+    assert limiter.penalize(A, 100.0) == Penalty(delay=8.0)
 
 
 def test_limit_one_bans_on_the_first_failure() -> None:
@@ -109,6 +111,76 @@ def test_failures_from_new_addresses_never_evict_a_ban() -> None:
     for n in range(50):
         limiter.failed(f"10.0.1.{n}", 2.0 + n / 100)
     assert limiter.retry_after(A, 3.0) == pytest.approx(98.0)
+
+
+# ----------------------------------------------------------------------------- delays
+
+
+def test_the_delay_schedule_for_the_default_cap() -> None:
+    delays = [failure_delay(previous, 10.0) for previous in range(10)]
+    assert delays == [0.0, 0.15625, 0.3125, 0.625, 1.25, 2.5, 5.0, 10.0, 10.0, 10.0]
+
+
+@given(previous=st.integers(-5, 10_000), cap=st.floats(0.0, 60.0, allow_nan=False))
+def test_a_first_failure_is_never_slowed_and_no_delay_exceeds_the_cap(
+    previous: int, cap: float
+) -> None:
+    delay = failure_delay(previous, cap)
+    assert 0.0 <= delay <= cap
+    if previous <= 0 or cap == 0:
+        assert delay == 0.0
+    if previous > DOUBLINGS:
+        assert delay == cap
+
+
+@given(previous=st.integers(1, 30), cap=st.floats(0.001, 60.0, allow_nan=False))
+def test_delays_grow_until_the_cap(previous: int, cap: float) -> None:
+    assert failure_delay(previous + 1, cap) >= failure_delay(previous, cap)
+    if failure_delay(previous, cap) < cap:
+        assert failure_delay(previous + 1, cap) == pytest.approx(2 * failure_delay(previous, cap))
+
+
+def test_penalties_grow_with_failures_in_the_window() -> None:
+    limiter = FailureLimiter(10, window=60.0, ban=60.0, delay=10.0, concurrency=100)
+    seen = [limiter.penalize(A, float(n)).delay for n in range(9)]
+    assert seen == [failure_delay(n, 10.0) for n in range(9)]
+    # Another address starts from nothing.
+    assert limiter.penalize(B, 9.0) == Penalty(delay=0.0)
+    # Once the failures have left the window, the next one is a first failure again.
+    fresh = FailureLimiter(10, window=60.0, ban=60.0)
+    fresh.penalize(A, 0.0)
+    fresh.penalize(A, 1.0)
+    assert fresh.penalize(A, 60.5) == Penalty(delay=failure_delay(1, 10.0))
+    assert fresh.penalize(A, 200.0) == Penalty(delay=0.0)
+
+
+def test_an_address_that_keeps_failing_is_refused_with_429_then_forgiven() -> None:
+    limiter = FailureLimiter(3, window=60.0, ban=30.0, delay=1.0, concurrency=100)
+    for n in range(3):
+        penalty = limiter.penalize(A, float(n))
+        assert penalty.retry_after is None
+        limiter.release(A)
+    # The third failure got the address refused: failing requests now get 429 at once...
+    assert limiter.penalize(A, 3.0) == Penalty(retry_after=29.0)
+    assert limiter.penalize(A, 10.0) == Penalty(retry_after=22.0)
+    # ...without holding a slot or being counted, and only for the ban.
+    assert limiter.waiting(A) == 0
+    assert limiter.penalize(A, 32.0) == Penalty(delay=0.0)
+
+
+def test_concurrent_failures_per_address_are_limited() -> None:
+    limiter = FailureLimiter(100, window=60.0, ban=60.0, delay=10.0, concurrency=2)
+    first, second = limiter.penalize(A, 0.0), limiter.penalize(A, 0.0)
+    assert first.retry_after is None and second.retry_after is None
+    assert limiter.waiting(A) == 2
+    third = limiter.penalize(A, 0.0)
+    assert third.retry_after is not None and third.retry_after >= 1.0
+    assert limiter.penalize(B, 0.0).retry_after is None  # other addresses are not affected
+    limiter.release(A)
+    assert limiter.penalize(A, 0.1).retry_after is None
+    for _ in range(5):
+        limiter.release(A)
+    assert limiter.waiting(A) == 0  # extra releases never go negative
 
 
 # ----------------------------------------------------------------------------- properties
@@ -215,3 +287,41 @@ def test_retry_after_is_positive_and_never_longer_than_the_ban(
         else:
             assert wait is not None
             assert 0 < wait <= ban
+
+
+@given(
+    concurrency=st.integers(1, 4),
+    cap=st.sampled_from([0.0, 1.0, 10.0]),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["penalize", "release"]),
+            st.sampled_from([A, B]),
+            st.sampled_from([0.0, 0.1, 1.0, 20.0]),
+        ),
+        max_size=60,
+    ),
+)
+def test_penalties_respect_the_cap_the_slots_and_refuse_only_with_a_reason(
+    concurrency: int, cap: float, ops: list[tuple[str, str, float]]
+) -> None:
+    limiter = FailureLimiter(5, window=10.0, ban=30.0, delay=cap, concurrency=concurrency)
+    now = 0.0
+    held = {A: 0, B: 0}
+    for kind, address, step in ops:
+        now += step
+        if kind == "release":
+            if held[address]:
+                held[address] -= 1
+                limiter.release(address)
+            continue
+        banned = limiter.retry_after(address, now) is not None
+        full = limiter.waiting(address) >= concurrency
+        penalty = limiter.penalize(address, now)
+        assert 0.0 <= penalty.delay <= cap
+        if penalty.retry_after is None:
+            assert not banned and not full
+            held[address] += 1
+        else:
+            assert banned or full
+            assert penalty.retry_after > 0 and penalty.delay == 0.0
+        assert limiter.waiting(address) == held[address] <= concurrency

@@ -1,9 +1,10 @@
 """trio-mcp-relay: a Trio MCP endpoint relay, wire-compatible with mcp-endpoint-server.
 
 The public surface: run the relay inside a Trio program with :func:`serve_relay`, configure
-it with :class:`RelayConfig`, replace the token scheme with an authenticator (raise
-:class:`AuthError` to refuse), and mint the reference server's tokens with
-:func:`encrypt_token`.
+it with :class:`RelayConfig`, replace the token schemes with an authenticator (raise
+:class:`AuthError` to refuse; return an agent id or a :class:`Grant`), mint the reference
+server's tokens with :func:`encrypt_token` and scoped tokens (a role, an expiry) with
+:func:`scoped_token`; :class:`TokenAuthenticator` checks both.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from ._auth import (
     Authenticator,
     AuthError,
     Endpoint,
+    Grant,
+    TokenAuthenticator,
+    TokenRole,
     decrypt_agent_id,
     encrypt_token,
+    scoped_token,
 )
 from ._config import ConfigError, RelayConfig, load_config
 from .server import serve_relay
@@ -27,10 +32,14 @@ __all__ = [
     "Authenticator",
     "ConfigError",
     "Endpoint",
+    "Grant",
     "RelayConfig",
+    "TokenAuthenticator",
+    "TokenRole",
     "__version__",
     "decrypt_agent_id",
     "encrypt_token",
     "load_config",
+    "scoped_token",
     "serve_relay",
 ]

@@ -1,13 +1,26 @@
-"""Tokens: the reference server's AES-ECB scheme, and the authenticator hook.
+"""Tokens: the reference server's AES-ECB scheme, scoped tokens, and the authenticator hook.
 
-A token is ``base64(AES-ECB-PKCS7(key_bytes, '{"agentId": "<id>"}'))``, URL-quoted when it
-travels in a query string. The key bytes are the server key's UTF-8 encoding, used as is when
-it is 16, 24 or 32 bytes long (AES-128/192/256) and otherwise zero-padded or cut to 32 bytes.
-The same token opens both endpoints of an agent.
+Two token schemes are accepted side by side, told apart by their first characters:
 
-ECB and a bare key are the reference's choices, kept for wire compatibility: a token is a
-bearer secret that names an agent, not a confidential message. Anything that needs more can
-plug in its own :data:`Authenticator`.
+* **Reference tokens**, ``base64(AES-ECB-PKCS7(key_bytes, '{"agentId": "<id>"}'))``, URL-quoted
+  when they travel in a query string. The key bytes are the server key's UTF-8 encoding, used
+  as is when it is 16, 24 or 32 bytes long (AES-128/192/256) and otherwise zero-padded or cut
+  to 32 bytes. The same token opens both endpoints of an agent and never expires. ECB and a
+  bare key are the reference's choices, kept for wire compatibility: every device and
+  manager-api keep working. :class:`TokenAuthenticator` can be told to refuse them.
+* **Scoped tokens**, ``st1.…`` (see ``_scoped.py``): authenticated, limited to a role (tool,
+  caller or both), optionally to a ``server_id`` and a lifetime.
+
+Several server keys may be configured (rotation): the first one makes new tokens, and a token
+made with any of them is accepted, so a key can be retired once its tokens are replaced.
+
+Every token this module mints is free of ``key`` and ``call`` in any letter case, because
+xiaozhi-server refuses an endpoint URL containing either. A reference token's ciphertext is
+fixed by its plaintext, so :func:`encrypt_token` picks, among JSON texts that parse to the same
+payload (they differ in insignificant whitespace), the first whose token qualifies; the first
+candidate is manager-api's own spelling, so most tokens are byte for byte what it makes.
+
+Anything that needs another scheme can plug in its own :data:`Authenticator`.
 
 Nothing in this module logs, and no :class:`AuthError` reason ever contains the token or the
 key: use :func:`redact` when a secret has to appear in a log line.
@@ -19,10 +32,14 @@ import base64
 import binascii
 import enum
 import hashlib
+import hmac
+import inspect
+import itertools
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeAlias
 from urllib.parse import quote, unquote
 
@@ -30,18 +47,38 @@ import attrs
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ._scoped import (
+    Claims,
+    ScopedTokenError,
+    TokenRole,
+    is_scoped,
+    mint_scoped,
+    verify_scoped,
+    xiaozhi_safe,
+)
+
 __all__ = [
     "AesTokenAuthenticator",
     "AuthError",
     "Authenticator",
+    "Claims",
     "Endpoint",
+    "Grant",
+    "TokenAuthenticator",
+    "TokenRole",
+    "authenticate",
     "caller_url",
     "decrypt_agent_id",
     "encrypt_token",
+    "endpoint_url",
     "health_url",
+    "key_matches",
+    "mint_scoped",
     "pad_key",
     "redact",
+    "scoped_token",
     "tool_url",
+    "xiaozhi_safe",
 ]
 
 _AES_KEY_SIZES = frozenset({16, 24, 32})
@@ -80,6 +117,9 @@ REASON_WRONG_KEY = "token does not decrypt with this server's key"
 REASON_NOT_JSON = "token payload is not JSON"
 REASON_NO_AGENT_ID = "token has no agentId"
 REASON_AGENT_ID_NOT_STRING = "token agentId is not a string"
+REASON_REFERENCE_REFUSED = "reference tokens are refused here: use a scoped token"
+REASON_CALLER_ON_TOOL = "a caller token cannot open the tool endpoint"
+REASON_TOOL_ON_CALLER = "a tool token cannot open the caller endpoint"
 
 
 class Endpoint(enum.Enum):
@@ -92,13 +132,69 @@ class Endpoint(enum.Enum):
     """``/mcp_endpoint/call/``: an MCP client that calls the agent's tools."""
 
 
-Authenticator: TypeAlias = Callable[[str, Endpoint], str | Awaitable[str]]
+@attrs.frozen
+class Grant:
+    """What an accepted token grants.
+
+    Attributes:
+        agent: The agent id.
+        role: The endpoints the token opens (``BOTH`` for reference tokens).
+        server_id: The tool server the token is bound to, or None (reference tokens, and
+            scoped tokens minted without one).
+        expires: Unix time after which the token stops working, or None.
+        scheme: ``"reference"`` or ``"scoped"``.
+        key_index: Which configured key accepted it (0 is the current signing key; more means
+            a key kept for rotation), or None when an authenticator did not say.
+    """
+
+    agent: str
+    role: TokenRole = TokenRole.BOTH
+    server_id: str | None = None
+    expires: int | None = None
+    scheme: str = "reference"
+    key_index: int | None = None
+
+
+Authenticator: TypeAlias = Callable[
+    [str, Endpoint], str | Grant | Awaitable[str] | Awaitable[Grant]
+]
 """Turns a token presented on an endpoint into an agent id.
 
-It may be a plain function or a coroutine function. It raises :class:`AuthError` to reject the
-token; the relay then closes the connection with 1008 and the error's ``reason``. The token is
-passed exactly as it came out of the query string (already URL-decoded once).
+It may be a plain function or a coroutine function. It returns the agent id as a ``str`` (as
+it always could) or, to say more, a :class:`Grant` (the relay then also knows the token's
+``server_id``, role and expiry; :func:`authenticate` turns either into a :class:`Grant`). It
+raises :class:`AuthError` to reject the token; the relay then closes the connection with 1008
+and the error's ``reason``. The token is passed exactly as it came out of the query string
+(already URL-decoded once).
 """
+
+
+async def authenticate(authenticator: Authenticator, token: str, endpoint: Endpoint) -> Grant:
+    """Run any :data:`Authenticator` and normalise its answer: what the server calls.
+
+    Args:
+        authenticator: A plain or async authenticator returning a ``str`` or a :class:`Grant`.
+        token: The ``token`` query parameter.
+        endpoint: Where it was presented.
+
+    Returns:
+        The grant; a bare agent id becomes ``Grant(agent)`` (role ``BOTH``, no server id).
+
+    Raises:
+        AuthError: The token is missing, refused, or named no agent.
+    """
+    if not token:
+        raise AuthError(REASON_MISSING)
+    answer: object = authenticator(token, endpoint)
+    if inspect.isawaitable(answer):
+        answer = await answer
+    if isinstance(answer, Grant):
+        if not answer.agent:
+            raise AuthError(REASON_NO_AGENT_ID)
+        return answer
+    if not isinstance(answer, str) or not answer:
+        raise AuthError(REASON_NO_AGENT_ID)
+    return Grant(answer, scheme="custom")
 
 
 def pad_key(key: str) -> bytes:
@@ -137,14 +233,44 @@ def encrypt_token(key: str, agent_id: str, *, md5: bool = False) -> str:
     """
     if md5:
         agent_id = hashlib.md5(agent_id.encode("utf-8")).hexdigest()
-    # json.dumps' default separators give the '{"agentId": "<id>"}' manager-api writes, and it
-    # escapes quotes, backslashes and control characters in odd ids.
-    plaintext = json.dumps({"agentId": agent_id}).encode("utf-8")
-    padder = padding.PKCS7(_BLOCK_BITS).padder()
-    padded = padder.update(plaintext) + padder.finalize()
-    encryptor = _cipher(key).encryptor()
-    ciphertext = encryptor.update(padded) + encryptor.finalize()
-    return base64.b64encode(ciphertext).decode("ascii")
+    cipher = _cipher(key)
+    for plaintext in _payload_spellings(agent_id):
+        padder = padding.PKCS7(_BLOCK_BITS).padder()
+        padded = padder.update(plaintext) + padder.finalize()
+        encryptor = cipher.encryptor()
+        ciphertext = encryptor.update(padded) + encryptor.finalize()
+        token = base64.b64encode(ciphertext).decode("ascii")
+        # Quoting for a URL adds only "%", digits and B, D, F: it can neither make nor break
+        # a forbidden word, so checking the plain token is enough.
+        if xiaozhi_safe(token):
+            return token
+    raise AssertionError("unreachable: the spellings never run out")
+
+
+def _payload_spellings(agent_id: str) -> Iterator[bytes]:
+    """JSON texts of ``{"agentId": agent_id}``, all parsing to the same object, without end.
+
+    The first is manager-api's ``{"agentId": "<id>"}`` (json.dumps' default separators, which
+    also escape quotes, backslashes and control characters in odd ids). The others put
+    insignificant spaces in the four places JSON allows inside this object (after ``{``,
+    around ``:``, before ``}``), fewest first; spaces after ``{`` shift every block, so each
+    spelling gives a wholly different ciphertext.
+    """
+    value = json.dumps(agent_id)
+    canonical = (0, 0, 1, 0)
+    yield _spelled(value, canonical)
+    for total in itertools.count():
+        for first in range(total + 1):
+            for second in range(total - first + 1):
+                for third in range(total - first - second + 1):
+                    spaces = (first, second, third, total - first - second - third)
+                    if spaces != canonical:
+                        yield _spelled(value, spaces)
+
+
+def _spelled(value: str, spaces: tuple[int, int, int, int]) -> bytes:
+    a, b, c, d = (" " * n for n in spaces)
+    return f'{{{a}"agentId"{b}:{c}{value}{d}}}'.encode()
 
 
 def _token_candidates(token: str) -> list[str]:
@@ -174,7 +300,7 @@ def _b64decode(text: str) -> bytes | None:
         return None
 
 
-def decrypt_agent_id(key: str, token: str) -> str:
+def decrypt_agent_id(key: str | Sequence[str], token: str) -> str:
     """Find the agent id a token stands for.
 
     The token may still be URL-quoted, or have had its ``+`` turned into spaces by a query
@@ -183,7 +309,7 @@ def decrypt_agent_id(key: str, token: str) -> str:
     ``{"agentId": "x"}``).
 
     Args:
-        key: The server key.
+        key: The server key, or several (rotation): each is tried in turn.
         token: The token from the ``token`` query parameter.
 
     Returns:
@@ -193,6 +319,25 @@ def decrypt_agent_id(key: str, token: str) -> str:
         AuthError: The token is missing, is not base64, does not decrypt with ``key``, or does
             not hold a JSON object with a non-empty string ``agentId``.
     """
+    keys = [key] if isinstance(key, str) else list(key)
+    return _decrypt_with_any(keys, token)[0]
+
+
+def _decrypt_with_any(keys: Sequence[str], token: str) -> tuple[str, int]:
+    """The agent id and the index of the key it decrypts with; the first key's reason when
+    none does (a wrong key is the likeliest explanation, and it is the same for every key)."""
+    first: AuthError | None = None
+    for index, key in enumerate(keys):
+        try:
+            return _decrypt_one(key, token), index
+        except AuthError as exc:
+            if exc.reason in (REASON_MISSING, REASON_NOT_BASE64):
+                raise  # the same for every key
+            first = first or exc
+    raise first or AuthError(REASON_WRONG_KEY)
+
+
+def _decrypt_one(key: str, token: str) -> str:
     if not token.strip():
         raise AuthError(REASON_MISSING)
     candidates = _token_candidates(token)
@@ -282,6 +427,124 @@ class AesTokenAuthenticator:
             AuthError: The token is not valid for this key.
         """
         return decrypt_agent_id(self.key, token)
+
+
+def key_matches(given: str, keys: Sequence[str]) -> bool:
+    """Whether ``given`` is one of ``keys``, compared in constant time (every key is compared,
+    so the time says neither which key matched nor how much of one)."""
+    given_bytes = given.encode("utf-8")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given_bytes, key.encode("utf-8"))
+    return matched and bool(given)
+
+
+def _key_tuple(keys: Iterable[str]) -> tuple[str, ...]:
+    return (keys,) if isinstance(keys, str) else tuple(keys)
+
+
+@attrs.frozen
+class TokenAuthenticator:
+    """The relay's own authentication: scoped tokens, and reference tokens unless refused.
+
+    Scoped tokens open only the endpoints of their role and stop working at their expiry.
+    Reference tokens open both endpoints (they carry no role). With several keys, the first is
+    the one :func:`scoped_token` and :func:`encrypt_token` should be given; tokens made with
+    any of them are accepted (rotation).
+
+    Attributes:
+        keys: The server keys, the signing key first. Their ``repr`` is redacted.
+        accept_reference: Accept reference-scheme tokens (the default: every existing device
+            keeps working); False requires scoped tokens.
+        clock: The current Unix time (tests replace it).
+    """
+
+    keys: tuple[str, ...] = attrs.field(converter=_key_tuple, repr=lambda k: f"({len(k)} keys)")
+    accept_reference: bool = True
+    clock: Callable[[], float] = attrs.field(default=time.time, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("TokenAuthenticator needs at least one key")
+
+    def __call__(self, token: str, endpoint: Endpoint) -> Grant:
+        """Check ``token`` for ``endpoint``.
+
+        Args:
+            token: The token from the query string.
+            endpoint: The endpoint it was presented on.
+
+        Returns:
+            What the token grants.
+
+        Raises:
+            AuthError: The token is invalid, expired, refused for its scheme, or its role does
+                not include ``endpoint``; the reason says which.
+        """
+        cleaned = token.strip(" \t\r\n\v\f")
+        if "%" in cleaned:
+            cleaned = unquote(cleaned)  # quoted once more than the query parser undid
+        if is_scoped(cleaned):
+            try:
+                claims, index = verify_scoped(self.keys, cleaned, now=self.clock())
+            except ScopedTokenError as exc:
+                raise AuthError(exc.reason) from None
+            if endpoint is Endpoint.TOOL and claims.role is TokenRole.CALLER:
+                raise AuthError(REASON_CALLER_ON_TOOL)
+            if endpoint is Endpoint.CALLER and claims.role is TokenRole.TOOL:
+                raise AuthError(REASON_TOOL_ON_CALLER)
+            return Grant(
+                claims.agent, claims.role, claims.server_id, claims.expires, "scoped", index
+            )
+        if not token.strip():
+            raise AuthError(REASON_MISSING)
+        if not self.accept_reference:
+            raise AuthError(REASON_REFERENCE_REFUSED)
+        agent, index = _decrypt_with_any(self.keys, token)
+        return Grant(agent, key_index=index)
+
+
+def scoped_token(
+    key: str,
+    agent_id: str,
+    role: TokenRole,
+    *,
+    expires_in: float | None = None,
+    server_id: str | None = None,
+    now: float | None = None,
+) -> str:
+    """Mint a scoped token (free of ``key`` and ``call``, URL-safe as it is).
+
+    Args:
+        key: The signing key (the first configured key).
+        agent_id: The agent.
+        role: The endpoints it opens.
+        expires_in: Seconds from now until it stops working (rounded up to a whole second);
+            None for never.
+        server_id: Bind it to one tool server id, or None.
+        now: The current Unix time; default ``time.time()``.
+
+    Returns:
+        The token.
+    """
+    expires = None
+    if expires_in is not None:
+        if not expires_in > 0:
+            raise ValueError("expires_in must be positive")
+        expires = int(-(-((time.time() if now is None else now) + expires_in) // 1))
+    return mint_scoped(key, Claims(agent_id, role, server_id or None, expires))
+
+
+def endpoint_url(base_ws: str, endpoint: Endpoint, token: str) -> str:
+    """``<base_ws>/mcp_endpoint/mcp/?token=…`` (tool) or ``…/call/?token=…`` (caller).
+
+    Args:
+        base_ws: Scheme, host and port, e.g. ``ws://192.168.1.2:8004``.
+        endpoint: Which endpoint.
+        token: Any token; it is URL-quoted here.
+    """
+    path = TOOL_PATH if endpoint is Endpoint.TOOL else CALLER_PATH
+    return _url(base_ws, path, "token", token)
 
 
 def _url(base: str, path: str, param: str, value: str) -> str:

@@ -22,7 +22,14 @@ import trio
 import typer
 
 from trio_mcp_relay import _cmd_client, _cmd_pipe, _cmd_tools
-from trio_mcp_relay._auth import RedactingFilter, caller_url, health_url, tool_url
+from trio_mcp_relay._auth import (
+    Endpoint,
+    RedactingFilter,
+    TokenRole,
+    endpoint_url,
+    health_url,
+    scoped_token,
+)
 from trio_mcp_relay._config import ConfigError, RelayConfig, load_config, local_ip
 
 __all__ = ["app", "main"]
@@ -79,6 +86,13 @@ def _url_host(config: RelayConfig) -> str:
 def banner(config: RelayConfig, port: int) -> list[str]:
     """The start-up lines: where the relay listens and the URLs to copy.
 
+    The URLs carry scoped tokens for the agent ``single_module``, without expiry, made with
+    the first key: ``tool`` for the tool bridge (it cannot be used to call), ``caller`` for
+    MCP clients, and ``xiaozhi`` for xiaozhi-server, which only accepts a ``/mcp/`` URL and
+    dials ``/call/`` with the same token itself, so it gets the caller token in that form.
+    None of them contains ``key`` or ``call`` in its token. Each start mints new tokens;
+    those printed before stay valid as long as their key is configured.
+
     Args:
         config: The loaded configuration (its key must be set).
         port: The port actually bound (differs from ``config.port`` when that is 0).
@@ -89,11 +103,15 @@ def banner(config: RelayConfig, port: int) -> list[str]:
     if config.key is None:
         raise ValueError("the configuration has no key; load it with load_config()")
     address = f"{_url_host(config)}:{port}"
+    base = f"ws://{address}"
+    tool_token = scoped_token(config.key, BANNER_AGENT, TokenRole.TOOL)
+    caller_token = scoped_token(config.key, BANNER_AGENT, TokenRole.CALLER)
     return [
         f"trio-mcp-relay listening on {config.host}:{port}",
         f"health:  {health_url(f'http://{address}', config.key)}",
-        f"tool:    {tool_url(f'ws://{address}', config.key, BANNER_AGENT)}",
-        f"caller:  {caller_url(f'ws://{address}', config.key, BANNER_AGENT)}",
+        f"tool:    {endpoint_url(base, Endpoint.TOOL, tool_token)}",
+        f"caller:  {endpoint_url(base, Endpoint.CALLER, caller_token)}",
+        f"xiaozhi: {endpoint_url(base, Endpoint.TOOL, caller_token)}",
     ]
 
 
@@ -185,11 +203,12 @@ def serve(
         typer.Option(help="TCP port to listen on (0 picks a free one). Env: PORT. Default: 8004."),
     ] = None,
     key: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
-            help="Server key: decrypts tokens and guards /mcp_endpoint/health. "
-            "Env: SERVER_KEY. Default: [server] key from the config file, or a new random "
-            "key saved there.",
+            help="Server key: signs and checks tokens, guards /mcp_endpoint/health. Repeat it "
+            "(or separate keys with commas) to rotate: the first signs new tokens, tokens "
+            "made with any listed key are accepted. Env: SERVER_KEY. Default: [server] key "
+            "from the config file, or a new random key saved there.",
             show_default=False,
         ),
     ] = None,
@@ -330,8 +349,9 @@ def serve(
     auth_failures: Annotated[
         int | None,
         typer.Option(
-            help="Failed authentications per address within --auth-window that get it refused "
-            "(HTTP 429) for --auth-ban seconds; 0 is off. Default: 10."
+            help="Failed authentications per client address within --auth-window after "
+            "which its failing requests get HTTP 429 at once for --auth-ban seconds (a valid "
+            "token or key is never refused); 0 is off. Default: 10."
         ),
     ] = None,
     auth_window: Annotated[
@@ -339,6 +359,38 @@ def serve(
     ] = None,
     auth_ban: Annotated[
         float | None, typer.Option(help="See --auth-failures, in seconds. Default: 60.")
+    ] = None,
+    auth_delay: Annotated[
+        float | None,
+        typer.Option(
+            help="Longest delay, in seconds, before a failed authentication is answered "
+            "(1008 or 403); none for a first failure, then doubling; 0 is off. Default: 10."
+        ),
+    ] = None,
+    auth_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="Failed authentications per client address waiting out their delay at "
+            "once; more get HTTP 429. Default: 4."
+        ),
+    ] = None,
+    reference_tokens: Annotated[
+        bool | None,
+        typer.Option(
+            "--reference-tokens/--no-reference-tokens",
+            help="Accept the reference server's tokens (both endpoints, no expiry) besides "
+            "scoped ones. Env: REFERENCE_TOKENS. Default: accepted.",
+            show_default=False,
+        ),
+    ] = None,
+    trusted_proxies: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Reverse proxies (addresses or networks, comma-separated or repeated) whose "
+            "Forwarded, X-Forwarded-For or X-Real-IP header gives the client address for "
+            "limits and logs. Env: TRUSTED_PROXIES. Default: none.",
+            show_default=False,
+        ),
     ] = None,
     tools: Annotated[
         list[str] | None,
@@ -354,13 +406,14 @@ def serve(
 ) -> None:
     """Run the relay until interrupted.
 
-    Prints the health, tool and caller URLs (for agent single_module) once listening. Flags
+    Prints the health URL and scoped tool, caller and xiaozhi-server URLs (for agent
+    single_module) once listening. Flags
     beat environment variables, which beat the config file, which beats the defaults.
     """
     flags: dict[str, object | None] = {
         "host": host,
         "port": port,
-        "key": key,
+        "key": key or None,
         "log_level": log_level,
         "max_message_size": max_message_size,
         "handshake_timeout": handshake_timeout,
@@ -383,6 +436,10 @@ def serve(
         "auth_failures": auth_failures,
         "auth_window": auth_window,
         "auth_ban": auth_ban,
+        "auth_delay": auth_delay,
+        "auth_concurrency": auth_concurrency,
+        "reference_tokens": reference_tokens,
+        "trusted_proxies": ",".join(trusted_proxies) if trusted_proxies else None,
     }
     try:
         relay_config = load_config(

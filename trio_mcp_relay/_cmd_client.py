@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -13,7 +14,15 @@ from urllib.parse import quote, urlsplit
 import trio
 import typer
 
-from ._auth import caller_url, encrypt_token, tool_url
+from ._auth import (
+    Endpoint,
+    TokenRole,
+    caller_url,
+    encrypt_token,
+    endpoint_url,
+    scoped_token,
+    tool_url,
+)
 from ._config import ConfigError, RelayConfig, load_config, local_ip
 
 __all__ = ["register"]
@@ -57,6 +66,61 @@ def _key_config(key: str | None, config: Path | None, data_dir: Path | None) -> 
         raise _fail(str(exc)) from None
 
 
+RoleOption = Annotated[
+    str | None,
+    typer.Option(
+        "--role",
+        help="Mint a scoped token that opens only this endpoint: tool, caller or both. "
+        "Default: a reference-scheme token (both endpoints, never expires).",
+        show_default=False,
+    ),
+]
+ExpiresOption = Annotated[
+    float | None,
+    typer.Option(
+        "--expires",
+        help="With --role: the token stops working after this many seconds. "
+        "Default: never expires.",
+        show_default=False,
+    ),
+]
+ServerIdOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server-id",
+        help="With --role: bind the token to this tool server id. Default: none.",
+        show_default=False,
+    ),
+]
+
+
+def _mint(
+    cfg: RelayConfig,
+    agent_id: str,
+    role: str | None,
+    expires: float | None,
+    server_id: str | None,
+    md5: bool,
+) -> str:
+    """A scoped token when a role is given, else a reference token; usage errors exit 2."""
+    assert cfg.key is not None
+    if role is None:
+        if expires is not None or server_id is not None:
+            raise _fail("--expires and --server-id need --role (scoped tokens carry them)")
+        return encrypt_token(cfg.key, agent_id, md5=md5)
+    try:
+        parsed = TokenRole.from_label(role)
+    except ValueError as exc:
+        raise _fail(f"--role: {exc}") from None
+    if expires is not None and not expires > 0:
+        raise _fail(f"--expires: {expires:g} is not a positive number of seconds")
+    if server_id == "":
+        raise _fail("--server-id: must not be empty")
+    if md5:
+        agent_id = hashlib.md5(agent_id.encode("utf-8")).hexdigest()
+    return scoped_token(cfg.key, agent_id, parsed, expires_in=expires, server_id=server_id)
+
+
 def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
@@ -75,6 +139,9 @@ def register(app: typer.Typer) -> None:
 
 def token_command(
     agent_id: Annotated[str, typer.Argument(help="The agent id to put in the token.")],
+    role: RoleOption = None,
+    expires: ExpiresOption = None,
+    server_id: ServerIdOption = None,
     md5: Annotated[
         bool, typer.Option("--md5", help="Put md5(agent id) in the token, as manager-api does.")
     ] = False,
@@ -85,13 +152,15 @@ def token_command(
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Mint a token for AGENT_ID with the configured key.
+    """Mint a token for AGENT_ID with the configured key (the first one, if several).
 
-    Example: trio-mcp-relay token my-agent --key 0123...
+    Without --role, a reference-scheme token (what manager-api makes); with --role, a scoped
+    token. Neither contains "key" or "call", which xiaozhi-server refuses in URLs.
+
+    Example: trio-mcp-relay token my-agent --role tool --expires 2592000 --key 0123...
     """
     cfg = _key_config(key, config, data_dir)
-    assert cfg.key is not None
-    minted = encrypt_token(cfg.key, agent_id, md5=md5)
+    minted = _mint(cfg, agent_id, role, expires, server_id, md5)
     print(quote(minted, safe="") if quoted else minted)
 
 
@@ -110,19 +179,38 @@ def url_command(
     md5: Annotated[
         bool, typer.Option("--md5", help="Put md5(agent id) in the token, as manager-api does.")
     ] = False,
+    role: RoleOption = None,
+    expires: ExpiresOption = None,
+    server_id: ServerIdOption = None,
     key: KeyOption = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Print the tool and caller URLs of AGENT_ID for the configured key.
+    """Print the URLs of AGENT_ID for the configured key.
 
-    Example: trio-mcp-relay url my-agent --host relay.example.com --port 443 --secure
+    Without --role: the tool and caller URLs, with the same reference-scheme token. With
+    --role tool: the tool URL; --role caller: the caller URL, and the xiaozhi URL to give
+    xiaozhi-server (a /mcp/ URL with the caller token: it dials /call/ itself); --role both:
+    tool and caller URLs with one token.
+
+    Example: trio-mcp-relay url my-agent --role tool --host relay.example.com --port 443 --secure
     """
     cfg = _key_config(key, config, data_dir)
     assert cfg.key is not None
     base = f"{'wss' if secure else 'ws'}://{host or local_ip()}:{port or cfg.port}"
-    print(f"tool:    {tool_url(base, cfg.key, agent_id, md5=md5)}")
-    print(f"caller:  {caller_url(base, cfg.key, agent_id, md5=md5)}")
+    if role is None:
+        _mint(cfg, agent_id, role, expires, server_id, md5)  # the usage checks
+        print(f"tool:    {tool_url(base, cfg.key, agent_id, md5=md5)}")
+        print(f"caller:  {caller_url(base, cfg.key, agent_id, md5=md5)}")
+        return
+    token = _mint(cfg, agent_id, role, expires, server_id, md5)
+    parsed = TokenRole.from_label(role)
+    if parsed is not TokenRole.CALLER:
+        print(f"tool:    {endpoint_url(base, Endpoint.TOOL, token)}")
+    if parsed is not TokenRole.TOOL:
+        print(f"caller:  {endpoint_url(base, Endpoint.CALLER, token)}")
+    if parsed is TokenRole.CALLER:
+        print(f"xiaozhi: {endpoint_url(base, Endpoint.TOOL, token)}")
 
 
 # ------------------------------------------------------------------------- call

@@ -17,6 +17,13 @@ reference server in place and keep its key (and so every token already handed ou
     allowed_origins = *
     enable_cors = true
 
+Settings only this relay has live in the same file (``[security] reference_tokens``,
+``[security] trusted_proxies``); the reference ignores what it does not know.
+
+Key rotation: ``[server] key``, ``SERVER_KEY`` and ``--key`` (repeatable) take several keys,
+comma-separated. The first becomes :attr:`RelayConfig.key` (it makes new tokens and is the
+default health key), the others :attr:`RelayConfig.previous_keys` (still accepted).
+
 Every value goes through one cattrs converter into :class:`RelayConfig`, whose attrs
 validators hold the rules; a value that fails becomes a :class:`ConfigError` naming the
 setting the way its source spells it (``PORT (environment)``, ``[server] port in <file>``,
@@ -37,13 +44,14 @@ import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import attrs
 import cattrs
 from cattrs.errors import ClassValidationError
 
 from trio_mcp_relay._auth import redact
+from trio_mcp_relay._proxies import parse_networks
 
 __all__ = ["CONFIG_FILE_NAME", "ConfigError", "RelayConfig", "load_config", "local_ip"]
 
@@ -119,6 +127,26 @@ def _redact_key(key: str | None) -> str:
     return "None" if key is None else repr(redact(key))
 
 
+def _redact_keys(keys: tuple[str, ...]) -> str:
+    return repr(tuple(redact(key) for key in keys))
+
+
+_Texts: TypeAlias = "attrs.Attribute[tuple[str, ...]]"
+
+
+def _keys_text(_: object, attribute: _Texts, value: tuple[str, ...]) -> None:
+    for key in value:
+        if key == "":
+            raise _InvalidValue(attribute.name, "must not hold an empty key")
+
+
+def _networks(_: object, attribute: _Texts, value: tuple[str, ...]) -> None:
+    try:
+        parse_networks(value)
+    except ValueError as exc:
+        raise _InvalidValue(attribute.name, str(exc)) from None
+
+
 @attrs.frozen
 class RelayConfig:
     """Everything the relay needs to start.
@@ -158,10 +186,25 @@ class RelayConfig:
         slow_caller_grace: Seconds a frame may wait in a caller's queue before the caller is
             closed (1013).
         shutdown_grace: Seconds a graceful shutdown waits for in-flight requests.
-        auth_failures: Failed authentications from one address within ``auth_window`` that
-            make the relay refuse that address (HTTP 429) for ``auth_ban`` seconds; 0 is off.
-        auth_window: See ``auth_failures``.
+        auth_failures: Failed authentications from one client address within
+            ``auth_window`` after which further *failing* requests from it are refused at once
+            (HTTP 429 with ``Retry-After``) for ``auth_ban`` seconds; 0 is off. A request
+            carrying a valid token or key is never refused this way.
+        auth_window: See ``auth_failures``; also how long failures count towards the delay.
         auth_ban: See ``auth_failures``.
+        auth_delay: Longest delay, in seconds, before a failed authentication is answered
+            (1008, or 403 on the health endpoint). The first failure from an address is not
+            delayed; each further one within ``auth_window`` waits twice as long as the one
+            before, up to this. 0 turns delays off.
+        auth_concurrency: Failed authentications from one client address that may be
+            waiting out their delay at once; one more is answered 429 at once.
+        previous_keys: Keys accepted besides ``key`` (rotation): tokens made with them keep
+            working, new tokens are made with ``key``. Their ``repr`` is redacted.
+        reference_tokens: Accept the reference scheme's tokens (one token per agent, both
+            endpoints, no expiry). False requires scoped tokens.
+        trusted_proxies: Addresses and networks (``10.0.0.0/8``) of reverse proxies whose
+            ``Forwarded``, ``X-Forwarded-For`` or ``X-Real-IP`` header names the client
+            address used for limits and logs; from anyone else these headers are ignored.
     """
 
     host: str = attrs.field(default="0.0.0.0", validator=_not_empty)
@@ -192,6 +235,18 @@ class RelayConfig:
     auth_failures: int = attrs.field(default=10, validator=_zero_or_positive)
     auth_window: float = attrs.field(default=60.0, validator=_positive)
     auth_ban: float = attrs.field(default=60.0, validator=_positive)
+    auth_delay: float = attrs.field(default=10.0, validator=_zero_or_positive)
+    auth_concurrency: int = attrs.field(default=4, validator=_positive)
+    previous_keys: tuple[str, ...] = attrs.field(
+        default=(), validator=_keys_text, repr=_redact_keys
+    )
+    reference_tokens: bool = True
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_networks)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted server key, the signing key first (empty before a key is set)."""
+        return ((self.key,) if self.key is not None else ()) + self.previous_keys
 
 
 # --- Structuring -----------------------------------------------------------------------------
@@ -237,7 +292,7 @@ def _structure_origins(value: object, _: type) -> tuple[str, ...]:
         return tuple(origin.strip() for origin in value.split(",") if origin.strip())
     if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
         return tuple(value)
-    raise ValueError(f"{value!r} is not a comma-separated list of origins")
+    raise ValueError(f"{value!r} is not a comma-separated list")
 
 
 def _structure_path(value: object, _: type) -> Path:
@@ -268,6 +323,8 @@ _ENV_NAMES: Final = {
     "allowed_origins": "ALLOWED_ORIGINS",
     "data_dir": "DATA_DIR",
     "admin_key": "ADMIN_KEY",
+    "reference_tokens": "REFERENCE_TOKENS",
+    "trusted_proxies": "TRUSTED_PROXIES",
 }
 
 # The reference's [server] debug switches uvicorn's auto-reload, which has no counterpart
@@ -280,7 +337,12 @@ _FILE_NAMES: Final = {
     "allowed_origins": ("security", "allowed_origins"),
     "enable_cors": ("security", "enable_cors"),
     "admin_key": ("security", "admin_key"),
+    "reference_tokens": ("security", "reference_tokens"),
+    "trusted_proxies": ("security", "trusted_proxies"),
 }
+
+# previous_keys is not a setting of its own: it is what follows the first key in "key".
+_SETTING_OF: Final = {"previous_keys": "key"}
 
 _FIELDS: Final = frozenset(field.name for field in attrs.fields(RelayConfig))
 
@@ -293,6 +355,7 @@ class _Source:
     file: Path | None = None
 
     def describe(self, field: str) -> str:
+        field = _SETTING_OF.get(field, field)
         if self.kind == "flag":
             return "--" + field.replace("_", "-")
         if self.kind == "environment":
@@ -370,8 +433,9 @@ def load_config(
         flags: Command-line values by :class:`RelayConfig` field name; ``None`` means the
             flag was not given.
         environ: The environment, usually ``os.environ``. Read: ``HOST``, ``PORT``,
-            ``SERVER_KEY``, ``LOG_LEVEL``, ``ENABLE_CORS``, ``ALLOWED_ORIGINS`` (comma
-            separated) and ``DATA_DIR``.
+            ``SERVER_KEY`` (comma-separated keys, the signing key first), ``LOG_LEVEL``,
+            ``ENABLE_CORS``, ``ALLOWED_ORIGINS`` (comma separated), ``DATA_DIR``,
+            ``ADMIN_KEY``, ``REFERENCE_TOKENS`` and ``TRUSTED_PROXIES`` (comma separated).
         config_file: A reference-format INI file that must exist; ``None`` reads
             ``<data dir>/.mcp-endpoint-server.cfg`` if it exists.
         data_dir: The data directory given on the command line, if any; it beats
@@ -412,6 +476,8 @@ def load_config(
         if field != "data_dir" and flag_value is not None:
             merged[field] = (flag_value, _FLAG)
 
+    if "key" in merged:
+        _split_keys(merged)
     generated_key = "key" not in merged
     if generated_key:
         # The reference's own format: 32 hex characters (it uses uuid4().hex).
@@ -422,6 +488,26 @@ def load_config(
         assert config.key is not None
         _save_key(path, config.key)
     return config
+
+
+def _split_keys(merged: dict[str, tuple[object, _Source]]) -> None:
+    """``key`` may hold several keys (a list from a repeated flag, or comma-separated text):
+    the first stays ``key``, the rest become ``previous_keys``, from the same source."""
+    value, source = merged["key"]
+    items = value if isinstance(value, list | tuple) else [value]
+    if not all(isinstance(item, str) for item in items):
+        return  # not text: the converter reports it
+    keys: list[str] = []
+    for item in items:
+        assert isinstance(item, str)
+        pieces = [piece.strip() for piece in item.split(",")] if "," in item else [item]
+        if "" in pieces and len(pieces) > 1:
+            raise ConfigError(f"{source.describe('key')}: an empty key in the list")
+        keys += [piece for piece in dict.fromkeys(pieces) if piece not in keys]
+    if not keys:
+        raise ConfigError(f"{source.describe('key')}: must not be empty")
+    merged["key"] = (keys[0], source)
+    merged["previous_keys"] = (tuple(keys[1:]), source)
 
 
 def _structure(merged: Mapping[str, tuple[object, _Source]]) -> RelayConfig:

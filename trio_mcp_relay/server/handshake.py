@@ -5,8 +5,11 @@ A connection becomes a peer here. The order matters:
 1. wsproto parses the upgrade request (a bad one is answered 400), the path picks the role
    (another path: 404), the ``Origin`` header is checked (403).
 2. The token is authenticated and the per-agent caller limit checked, *before* anything is
-   answered. A refused token still gets the reference server's answer: the 101, then a close
-   frame 1008 with the reason (every existing client expects exactly that).
+   answered, so a valid token is never delayed nor refused because of other failures. A
+   refused token still gets the reference server's answer: the 101, then a close frame 1008
+   with the reason (every existing client expects exactly that), after the delay the
+   failed-authentication policy gives (``_guard.py``), or HTTP 429 for an address that keeps
+   failing.
 3. The accepted connection is handed to the dispatcher, which registers it with the router
    and only then writes the 101: a frame routed to it right after its handshake is never
    refused.
@@ -17,7 +20,6 @@ so silent sockets from one address cannot use up the relay's whole connection bu
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -28,12 +30,14 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection
 from wsproto.events import Request as WsRequest
 
-from .._auth import Authenticator, AuthError, Endpoint
+from .._auth import Authenticator, AuthError, Endpoint, authenticate
 from .._config import RelayConfig
+from .._guard import FailureLimiter, Penalty
 from .._http import HttpRequest, respond
 from .._routing import Role
 from .._transport import ConnectionClosed, ServerWebSocket
 from .dispatch import CLOSE_TIMEOUT
+from .routes import too_many_failures
 
 __all__ = ["Opened", "PendingByAddress", "open_websocket"]
 
@@ -95,13 +99,14 @@ async def open_websocket(
     stream: trio.abc.Stream,
     request: HttpRequest,
     remote: str,
+    client: str,
     *,
     config: RelayConfig,
     authenticator: Authenticator,
     caller_count: Callable[[str], int],
-    on_auth_failure: Callable[[], None],
+    limiter: FailureLimiter,
 ) -> Opened | None:
-    """Check an upgrade request and authenticate it.
+    """Check an upgrade request and authenticate it; ``client`` is the host for limits.
 
     Returns:
         The connection to hand to the dispatcher, or None when it was refused (and
@@ -134,12 +139,16 @@ async def open_websocket(
     )
     endpoint = Endpoint.TOOL if role is Role.TOOL else Endpoint.CALLER
     refusal: tuple[int, str] | None = None
+    penalty: Penalty | None = None
     agent = ""
     try:
-        agent = await _authenticate(authenticator, request.query.get("token", ""), endpoint)
+        agent = (await authenticate(authenticator, request.query.get("token", ""), endpoint)).agent
     except AuthError as exc:
         log.info("%s: %s connection refused: %s", remote, endpoint.value, exc.reason)
-        on_auth_failure()
+        penalty = limiter.penalize(client, trio.current_time())
+        if penalty.retry_after is not None:
+            await too_many_failures(stream, client, penalty.retry_after)
+            return None
         refusal = (CLOSE_POLICY_VIOLATION, exc.reason)
     else:
         limit = config.max_callers_per_agent
@@ -147,28 +156,23 @@ async def open_websocket(
             log.warning("%s: agent %s already has %d callers", remote, agent, limit)
             refusal = (CLOSE_TOO_MANY_CALLERS, f"too many callers for this agent (limit {limit})")
     if refusal is not None:
-        try:
-            await stream.send_all(answer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return None
-        await _refuse(ws, *refusal)
+        try:  # accepted first, so the client reads the reason, not a handshake timeout
+            try:
+                await stream.send_all(answer)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            if penalty is not None:
+                await trio.sleep(penalty.delay)
+            await _refuse(ws, *refusal)
+        finally:
+            if penalty is not None:
+                limiter.release(client)  # however this ends: the slot must come back
         return None
 
     async def accept() -> None:
         await stream.send_all(answer)
 
     return Opened(ws, role, agent, accept)
-
-
-async def _authenticate(authenticator: Authenticator, token: str, endpoint: Endpoint) -> str:
-    if not token:
-        raise AuthError("missing token")
-    agent = authenticator(token, endpoint)
-    if inspect.isawaitable(agent):
-        agent = await agent
-    if not isinstance(agent, str) or not agent:
-        raise AuthError("token has no agentId")
-    return agent
 
 
 async def _refuse(ws: ServerWebSocket, code: int, reason: str) -> None:

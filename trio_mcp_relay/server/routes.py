@@ -6,18 +6,23 @@ closed afterwards (the endpoints are probes, not an API).
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 
 from .. import __version__
+from .._auth import key_matches
 from .._config import RelayConfig
 from .._frames import AUTHENTICATION_ERROR
+from .._guard import FailureLimiter
 from .._http import HttpRequest, respond
 
-__all__ = ["HttpRoutes"]
+__all__ = ["HttpRoutes", "too_many_failures"]
+
+log = logging.getLogger("trio_mcp_relay.server")
 
 _Headers = list[tuple[str, str]]
 _Handler = Callable[[trio.abc.Stream, HttpRequest, _Headers, str], Awaitable[None]]
@@ -28,22 +33,22 @@ class HttpRoutes:
 
     Args:
         config: CORS settings.
-        admin_key: the key the health endpoint asks for.
+        health_keys: the keys the health endpoint accepts (any of them).
         stats: the connection counts the health endpoint reports.
-        on_auth_failure: called with the client's host when a wrong key is presented.
+        limiter: the failed-authentication policy a wrong key is answered by.
     """
 
     def __init__(
         self,
         config: RelayConfig,
-        admin_key: str,
+        health_keys: Sequence[str],
         stats: Callable[[], dict[str, Any]],
-        on_auth_failure: Callable[[str], None],
+        limiter: FailureLimiter,
     ) -> None:
         self.config = config
-        self.admin_key = admin_key
+        self.health_keys = health_keys
         self._stats = stats
-        self._on_auth_failure = on_auth_failure
+        self._limiter = limiter
         self._routes: dict[str, _Handler] = {
             "/": self._root,
             "/mcp_endpoint": self._info,
@@ -121,9 +126,7 @@ class HttpRoutes:
         client: str,
     ) -> None:
         head_only = request.method == "HEAD"
-        key = request.query.get("key", "")
-        expected = self.admin_key
-        if expected and hmac.compare_digest(key.encode(), expected.encode()):
+        if key_matches(request.query.get("key", ""), self.health_keys):
             body: dict[str, Any] = {
                 "jsonrpc": "2.0",
                 "result": {"status": "success", "connections": self._stats()},
@@ -140,5 +143,26 @@ class HttpRoutes:
             },
             "id": None,
         }
-        self._on_auth_failure(client)
-        await respond(stream, 403, body, headers=cors, head_only=head_only)
+        # A failed authentication: delayed, or 429 for an address that keeps failing.
+        penalty = self._limiter.penalize(client, trio.current_time())
+        if penalty.retry_after is not None:
+            await too_many_failures(stream, client, penalty.retry_after)
+            return
+        try:
+            await trio.sleep(penalty.delay)
+            await respond(stream, 403, body, headers=cors, head_only=head_only)
+        finally:
+            self._limiter.release(client)
+
+
+async def too_many_failures(stream: trio.abc.Stream, client: str, retry: float) -> None:
+    """HTTP 429 for an address that keeps failing to authenticate (never for a request with
+    a valid credential: see ``_guard.py``)."""
+    log.info("%s: refused: too many failed authentications", client)
+    seconds = math.ceil(retry)
+    await respond(
+        stream,
+        429,
+        {"error": "too many failed authentications", "retry_after": seconds},
+        headers=[("retry-after", str(seconds))],
+    )

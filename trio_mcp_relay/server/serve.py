@@ -19,17 +19,17 @@ and ``config.port``) or, for tests and embedding, in-memory ones.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import trio
 
-from .._auth import AesTokenAuthenticator, Authenticator, redact
+from .._auth import Authenticator, TokenAuthenticator, redact
 from .._config import RelayConfig
 from .._guard import FailureLimiter
 from .._http import BadRequest, read_request_head, respond
+from .._proxies import TrustedProxies
 from .._routing import Router
 from .dispatch import CLOSE_TIMEOUT, Dispatcher
 from .handshake import Opened, PendingByAddress, open_websocket
@@ -75,7 +75,9 @@ class _Relay:
         if authenticator is None:
             if not config.key:
                 raise ValueError("RelayConfig.key is required when no authenticator is given")
-            authenticator = AesTokenAuthenticator(config.key)
+            authenticator = TokenAuthenticator(
+                config.keys, accept_reference=config.reference_tokens
+            )
         self.config = config
         self.authenticator = authenticator
         self.embedded_tools = dict(embedded_tools or {})
@@ -89,10 +91,18 @@ class _Relay:
         self.accept_scope = trio.CancelScope()
         self.dispatcher = Dispatcher(config, router, self._wake_timer)
         self.lifecycle = Lifecycle(self.dispatcher, self.accept_scope)
-        self.limiter = FailureLimiter(config.auth_failures, config.auth_window, config.auth_ban)
+        self.limiter = FailureLimiter(
+            config.auth_failures,
+            config.auth_window,
+            config.auth_ban,
+            delay=config.auth_delay,
+            concurrency=config.auth_concurrency,
+        )
+        self.proxies = TrustedProxies.parse(config.trusted_proxies)
         self.pending = PendingByAddress(config.max_pending_per_address)
         self.admin_key = config.admin_key or config.key or ""
-        self.routes = HttpRoutes(config, self.admin_key, router.stats, self._auth_failed)
+        health_keys = (config.admin_key,) if config.admin_key else config.keys
+        self.routes = HttpRoutes(config, health_keys, router.stats, self.limiter)
         self._open_streams = 0
 
     def _wake_timer(self) -> None:
@@ -148,25 +158,20 @@ class _Relay:
             if scope.cancelled_caught:
                 log.debug("%s: no request head within the handshake timeout", remote)
                 return
-            retry = self.limiter.retry_after(host, trio.current_time())
-            if retry is not None:
-                log.info("%s: refused: too many failed authentications", remote)
-                seconds = max(1, int(retry + 0.999))
-                await respond(
-                    stream,
-                    429,
-                    {"error": "too many failed authentications", "retry_after": seconds},
-                    headers=[("retry-after", str(seconds))],
-                )
-            elif request.is_websocket:
+            # The client's address: from a trusted proxy's header, else the peer's.
+            client = self.proxies.client_address(host, request.headers)
+            if client != host:
+                remote = f"{client} (via {remote})"
+            if request.is_websocket:
                 opened = await open_websocket(
                     stream,
                     request,
                     remote,
+                    client,
                     config=self.config,
                     authenticator=self.authenticator,
                     caller_count=self.router.caller_count,
-                    on_auth_failure=functools.partial(self._auth_failed, host),
+                    limiter=self.limiter,
                 )
                 del request  # an idle connection keeps neither its head nor the handshake state
                 self.pending.leave(host)
@@ -174,7 +179,7 @@ class _Relay:
                 if opened is not None:
                     await self._serve_websocket(opened, remote)
             else:
-                await self.routes.answer(stream, request, host)
+                await self.routes.answer(stream, request, client)
         except BadRequest as exc:
             # Only the kind of error: h11 quotes the offending line, which may hold a token.
             log.debug("%s: bad request: %s", remote, str(exc).split(":", 1)[0])
@@ -186,9 +191,6 @@ class _Relay:
                 self.pending.leave(host)
             self._open_streams -= 1
             await trio.aclose_forcefully(stream)
-
-    def _auth_failed(self, host: str) -> None:
-        self.limiter.failed(host, trio.current_time())
 
     async def _serve_websocket(self, opened: Opened, remote: str) -> None:
         role, agent = opened.role, opened.agent
@@ -229,9 +231,11 @@ async def serve_relay(
 
     Args:
         config: listening address, key and limits.
-        authenticator: maps ``(token, endpoint)`` to an agent id, or raises
+        authenticator: maps ``(token, endpoint)`` to an agent id (a ``str``, or a
+            :class:`~trio_mcp_relay.Grant` carrying it), or raises
             :class:`~trio_mcp_relay.AuthError`; may be a coroutine function. Replaces the
-            reference server's AES token scheme (which needs ``config.key``).
+            default :class:`~trio_mcp_relay.TokenAuthenticator` (scoped and reference tokens
+            made with ``config.keys``).
         shutdown: set it to shut down gracefully: stop accepting, refuse new requests, give
             in-flight requests ``config.shutdown_grace`` seconds, close every peer with 1001
             (requests still in flight are answered ``-32003`` first), then return.

@@ -171,6 +171,7 @@ async def flood(port: int, pid: int, args: argparse.Namespace) -> dict[str, Any]
     blob = "f" * (4 * 1024 * 1024 - 100)
     busy: list[float] = []
     frame = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/message", "params": blob})
+    flood_start = time.perf_counter()
     assert tool.client is not None and tool.client.transport is not None
     for n in range(300):
         tool.client.send(frame)
@@ -195,7 +196,8 @@ async def flood(port: int, pid: int, args: argparse.Namespace) -> dict[str, Any]
     ok = ok and (p99(busy) <= 3 * p99(idle) or p99(busy) < 250)
     return {
         "scenario": "flood", "ok": ok, "rss_growth_mib": round(growth, 1), "close_code": code,
-        "close_after_flood_s": round(close_after, 2), "idle_p99_ms": round(p99(idle), 2),
+        "close_after_flood_s": round(close_after, 2),
+        "flood_s": round(flood_end - flood_start, 2), "idle_p99_ms": round(p99(idle), 2),
         "during_flood_p99_ms": round(p99(busy), 2),
     }  # fmt: skip
 

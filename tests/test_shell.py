@@ -215,13 +215,24 @@ async def test_a_caller_that_does_not_read_for_the_grace_is_closed_1013(
         async with (
             memory_relay(slow_caller_grace=grace) as (net, _),
             net.websocket("tool", "busy") as tool,
+            net.websocket("caller", "busy") as healthy,
             net.raw("caller", "busy", capacity=2048) as stalled,
+            net.websocket("tool", "other") as other_tool,
+            net.websocket("caller", "other") as other_caller,
         ):
             await stalled.send(request("ping-me", "ping"))
             await recv(tool)
             started = trio.current_time()
             for n in range(10):  # 10 x 1 KB: within every bound, but never read
                 await send(tool, notification("notifications/message", {"n": n, "d": "q" * 1000}))
+                assert (await recv(healthy))["params"]["n"] == n
+            # During the stall, another caller of the agent and another agent are served.
+            for ws, peer_tool in ((healthy, tool), (other_caller, other_tool)):
+                await send(ws, request("meanwhile"))
+                asked = await recv(peer_tool)
+                await send(peer_tool, result(asked["id"], "ok"))
+                assert await recv(ws) == result("meanwhile", "ok")
+            assert trio.current_time() - started < 1
             cancelled = await recv(tool)
             assert cancelled["method"] == "notifications/cancelled"
             assert trio.current_time() - started >= grace

@@ -45,6 +45,9 @@ log = logging.getLogger("trio_mcp_relay.server")
 CLOSE_TIMEOUT: Final = 2.0
 CLOSE_INTERNAL_ERROR: Final = 1011  # no pong in time
 CLOSE_TRY_AGAIN_LATER: Final = 1013  # a caller that stopped reading
+#: How many ``slow_caller_grace`` periods a peer dropped for not reading is given to read its
+#: close frame (it holds at most the rest of the one frame it was receiving meanwhile).
+ABANDONED_HOLD_GRACES: Final = 3
 
 
 class Dispatcher:
@@ -164,9 +167,10 @@ class Dispatcher:
         """Unregister ``peer`` at once (its requests are answered or cancelled), then close it.
 
         With ``abandon`` (a peer that stopped reading) what is queued for it is dropped (a
-        tool's queued requests answered ``-32002``) and the close frame goes next; it gets
-        ``slow_caller_grace`` seconds to read it. Otherwise it gets what is queued, then the
-        close frame, and ``CLOSE_TIMEOUT`` seconds to answer.
+        tool's queued requests answered ``-32002``) and the close frame goes next, after the
+        rest of the frame it was receiving; it gets ``ABANDONED_HOLD_GRACES`` times
+        ``slow_caller_grace`` seconds to read that far. Otherwise it gets what is queued,
+        then the close frame, and ``CLOSE_TIMEOUT`` seconds to answer.
         """
         if peer.state is PeerState.CLOSING or peer.state is PeerState.CLOSED:
             return
@@ -176,7 +180,8 @@ class Dispatcher:
             for tag in dropped:
                 self.dispatch(self.router.forward_failed(peer.conn, tag, why))
         self.unregister(peer)
-        write_timeout = max(CLOSE_TIMEOUT, self.config.slow_caller_grace) if abandon else 0.0
+        grace = self.config.slow_caller_grace
+        write_timeout = max(CLOSE_TIMEOUT, ABANDONED_HOLD_GRACES * grace) if abandon else 0.0
         assert self._nursery is not None
         self._nursery.start_soon(self._await_close, peer, write_timeout)
 

@@ -105,6 +105,22 @@ class ServerWebSocket:
         initial: bytes the client sent after its handshake request, already read.
     """
 
+    # Slots: an idle relay holds one of these per connection, thousands of them.
+    __slots__ = (
+        "_closed",
+        "_direct",
+        "_events",
+        "_parser",
+        "_rest",
+        "_socket",
+        "_state",
+        "_stream",
+        "_write_done",
+        "_writing",
+        "last_pong",
+        "remote",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -119,7 +135,8 @@ class ServerWebSocket:
         self._parser.feed(initial)
         # Created while a read yields events: an idle connection holds no deque.
         self._events: deque[wsframes.Event | wsframes.ProtocolError] | None = None
-        self._send_lock = trio.StrictFIFOLock()
+        self._writing = False
+        self._write_done: trio.Event | None = None
         self._state = _OPEN
         self._closed: ConnectionClosed | None = None
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -136,8 +153,19 @@ class ServerWebSocket:
         return self._closed
 
     async def _send_raw(self, data: bytes, ends: Sequence[int] = ()) -> None:
-        """Write ``data``: whole frames, ending at the offsets ``ends`` (empty: one frame)."""
-        async with self._send_lock:
+        """Write ``data``: whole frames, ending at the offsets ``ends`` (empty: one frame).
+
+        One write at a time (the writer's batches, the reader's pongs and close replies). Not
+        a ``trio.Lock``: thousands of idle connections would each hold one (and its parking
+        lot); an event exists only while a write waits for another.
+        """
+        await trio.lowlevel.checkpoint()
+        while self._writing:
+            if self._write_done is None:
+                self._write_done = trio.Event()
+            await self._write_done.wait()
+        self._writing = True
+        try:
             begun = bool(self._rest)
             if begun:
                 # The rest of a frame send_now began goes first: nothing (a pong, a close
@@ -153,6 +181,11 @@ class ServerWebSocket:
                     raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
             else:
                 await self._write_some(data, ends, begun=begun)
+        finally:
+            self._writing = False
+            if self._write_done is not None:
+                self._write_done.set()
+                self._write_done = None
 
     def _try_write(self, data: memoryview) -> int:
         """Write what the stream takes now, without waiting; how many bytes it took."""
@@ -292,7 +325,7 @@ class ServerWebSocket:
         (``send_encoded([b""])`` will do); or None when no attempt was made (a write is in
         progress or owed, the connection is closing, or the stream cannot take partial writes).
         """
-        if not self._direct or self._state != _OPEN or self._rest or self._send_lock.locked():
+        if not self._direct or self._state != _OPEN or self._rest or self._writing:
             return None
         try:
             written = self._try_write(memoryview(data))

@@ -136,6 +136,8 @@ class FrameParser:
         max_message_size: the largest message accepted, in bytes.
     """
 
+    __slots__ = ("_buffer", "_opcode", "_parts", "_size", "max_message_size")
+
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
         self._buffer = bytearray()

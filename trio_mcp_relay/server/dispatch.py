@@ -245,6 +245,7 @@ class Dispatcher:
                     self.dispatch(self.router.caller_connected(conn, agent))
                 if accept is not None:
                     await accept()
+                    accept = None  # an open connection keeps nothing of its handshake
                 peer.opened()
                 task_status.started()
                 await self._read(peer)

@@ -21,7 +21,7 @@ so silent sockets from one address cannot use up the relay's whole connection bu
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -85,14 +85,20 @@ class PendingByAddress:
         return sum(self._counts.values())
 
 
-@attrs.frozen
+@attrs.define(slots=True)
 class Opened:
-    """An authenticated WebSocket, not yet answered: ``accept`` writes its 101."""
+    """An authenticated WebSocket, not yet answered: :meth:`accept` writes its 101."""
 
     ws: ServerWebSocket
     role: Role
     agent: str
-    accept: Callable[[], Awaitable[None]]
+    stream: trio.abc.Stream
+    answer: bytes
+
+    async def accept(self) -> None:
+        """Write the handshake answer (once; nothing of it is kept afterwards)."""
+        answer, self.answer = self.answer, b""
+        await self.stream.send_all(answer)
 
 
 async def open_websocket(
@@ -168,11 +174,7 @@ async def open_websocket(
             if penalty is not None:
                 limiter.release(client)  # however this ends: the slot must come back
         return None
-
-    async def accept() -> None:
-        await stream.send_all(answer)
-
-    return Opened(ws, role, agent, accept)
+    return Opened(ws, role, agent, stream, answer)
 
 
 async def _refuse(ws: ServerWebSocket, code: int, reason: str) -> None:

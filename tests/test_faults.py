@@ -66,7 +66,6 @@ from tests.helpers import (
 )
 from trio_mcp_relay._auth import encrypt_token
 from trio_mcp_relay._config import RelayConfig
-from trio_mcp_relay.server import serve_relay
 
 TIMEOUT = 5
 #: A receive buffer so small that a peer which does not read stops the relay's writes to it
@@ -238,17 +237,6 @@ async def round_trip(tool: WebSocketConnection, caller: WebSocketConnection, rid
     assert await recv(caller) == result(rid, {"probe": rid})
 
 
-async def timed_round_trips(
-    tool: WebSocketConnection, caller: WebSocketConnection, n: int
-) -> list[float]:
-    durations = []
-    for index in range(n):
-        start = trio.current_time()
-        await round_trip(tool, caller, f"rt-{index}")
-        durations.append(trio.current_time() - start)
-    return durations
-
-
 async def expect_close(ws: WebSocketConnection) -> tuple[int, str]:
     """Read until the relay closes a trio-websocket peer; its close code and reason."""
     with pytest.raises(ConnectionClosed) as caught:
@@ -271,13 +259,6 @@ async def poll(predicate: Callable[[], Awaitable[bool]]) -> None:
         await trio.sleep(0.01)
 
 
-async def wait_until_callers(relay: RunningRelay, agent: str, n: int) -> None:
-    async def done() -> bool:
-        return await callers_of(relay, agent) == n
-
-    await poll(done)
-
-
 @pytest.fixture(autouse=True)
 def no_relay_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Faults end peers, never the relay: nothing here may log an unexpected exception."""
@@ -298,18 +279,6 @@ class Embedded:
     relay: RunningRelay
     shutdown: trio.Event
     returned: trio.Event
-
-
-async def start_embedded(nursery: trio.Nursery, **overrides: Any) -> Embedded:
-    config = RelayConfig(**{"host": "127.0.0.1", "port": 0, "key": KEY, **overrides})
-    shutdown, returned = trio.Event(), trio.Event()
-
-    async def run(*, task_status: trio.TaskStatus[int]) -> None:
-        await serve_relay(config, shutdown=shutdown, task_status=task_status)
-        returned.set()
-
-    port = await nursery.start(run)
-    return Embedded(RunningRelay(port=port, config=config), shutdown, returned)
 
 
 # ----------------------------------------------------------------------------- 1. stalled caller
@@ -864,13 +833,14 @@ async def test_a_burst_of_10000_notifications(nursery: trio.Nursery) -> None:
                 bursting.start_soon(hostile.send_raw, burst)
                 # The tool gets what fits its 4-frame queue, in order; the rest is dropped,
                 # never buffered without bound...
-                with trio.move_on_after(2):
-                    while not seen or seen[-1] != n - 1:
+                seen.append((await recv(a.victim_tool))["params"][0])
+                # ...and another agent's round trip completes while the burst goes on.
+                await round_trip(a.bystander_tool, a.bystander, "during")
+                while seen[-1] != n - 1:
+                    with trio.move_on_after(1) as quiet:  # what was dropped never comes
                         seen.append((await recv(a.victim_tool))["params"][0])
-                        if len(seen) == 1:
-                            # ...and another agent's round trip completes during the burst.
-                            await round_trip(a.bystander_tool, a.bystander, "during")
-                            assert not seen or seen[-1] < n - 1
+                    if quiet.cancelled_caught:
+                        break
             assert seen == sorted(set(seen)) and seen, seen[:10]
             # The same 10,000 as one JSON batch: one error, as batches are not supported.
             batch = json.dumps([notification("notifications/n", [i]) for i in range(n)])

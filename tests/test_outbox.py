@@ -208,3 +208,27 @@ async def test_frames_queued_during_the_handshake_are_not_overtaken(
                     seen = [(await caller.receive())["params"]["n"] for _ in range(20)]
                     assert seen == list(range(seen[0], seen[0] + 20)), seen
             nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_connection_is_pinged_without_a_writer_task() -> None:
+    # Thousands of idle connections are pinged every interval: each ping that the socket
+    # takes at once must not leave a writer task (and its memory) behind.
+    from tests.memnet import Pipe, PipeStream
+    from trio_mcp_relay._routing import Role
+    from trio_mcp_relay._transport import ServerWebSocket
+    from trio_mcp_relay.server.peer import Peer
+
+    with trio.fail_after(5):
+        up, down = Pipe(1000), Pipe(1000)
+        ws = ServerWebSocket(PipeStream(down, up, ("x", 1)), remote="x", max_message_size=100)
+        async with trio.open_nursery() as nursery:
+            peer = Peer(1, Role.CALLER, "a", ws, outbox(), nursery, 0.0)
+            peer.opened()
+            peer.ping_nowait()
+            assert down.buffer == b"\x89\x00"  # the ping frame, on the wire at once
+            assert not peer.writer_started
+            down.capacity = 0  # a full socket: now the ping must be queued for a writer
+            down.buffer.clear()
+            peer.ping_nowait()
+            assert peer.writer_started
+            nursery.cancel_scope.cancel()

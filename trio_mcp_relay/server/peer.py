@@ -109,7 +109,16 @@ class Peer:
         self.start_writer()
 
     def ping_nowait(self) -> None:
-        """Queue a ping ahead of every queued frame (it never counts against the bounds)."""
+        """Send a ping now, or queue it ahead of every queued frame (it never counts against
+        the bounds). An idle connection's ping is written at once: no writer task for it."""
+        if self.state is PeerState.OPEN and self.outbox.idle and type(self.ws) is ServerWebSocket:
+            rest = self.ws.send_now(_PING_FRAME)
+            if rest == b"":
+                return
+            if rest is not None:
+                self.outbox.put_nowait(Encoded(b""), size=len(rest))
+                self.start_writer()
+                return
         self.outbox.put_control(PING)
         self.start_writer()
 

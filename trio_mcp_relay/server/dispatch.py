@@ -143,8 +143,15 @@ class Dispatcher:
                 continue
             if tool:
                 why = f"not delivered to the tool within {limit:g} s"
+                queued = len(outbox)
                 tags = outbox.expire(trio.current_time() - limit)
-                log.warning("agent %s: %d frames %s; dropped", peer.agent, len(tags) or 1, why)
+                log.warning(
+                    "agent %s: %d frames %s (%d requests answered -32002)",
+                    peer.agent,
+                    queued - len(outbox),
+                    why,
+                    len(tags),
+                )
                 for tag in tags:
                     self.dispatch(self.router.forward_failed(peer.conn, tag, why))
             else:

@@ -15,6 +15,8 @@ import typer
 
 from ._auth import caller_url, encrypt_token, tool_url
 from ._config import ConfigError, RelayConfig, load_config, local_ip
+from ._endpoint import KIND_NAMES, EndpointUrl, UrlError, parse_endpoint_url
+from ._fuzz import Finding, FuzzerFailed, FuzzReport, describe_step, run_fuzz
 
 __all__ = ["register"]
 
@@ -295,74 +297,218 @@ def check_command(
 # ------------------------------------------------------------------------- fuzz
 
 
+def _resolve_key(
+    key: str | None,
+    endpoint: EndpointUrl,
+    config: Path | None,
+    data_dir: Path | None,
+    *,
+    needed_for: str,
+) -> str:
+    """The key: --key, else the URL's ?key=, else as serve reads it (SERVER_KEY, config)."""
+    if key is None and endpoint.key is not None:
+        return endpoint.key
+    cfg_dir = data_dir or Path(os.environ.get("DATA_DIR", "data"))
+    has_file = config is not None or (cfg_dir / ".mcp-endpoint-server.cfg").exists()
+    if key is None and "SERVER_KEY" not in os.environ and not has_file:
+        raise _fail(
+            f"{needed_for}, so it needs the server key: pass --key, set SERVER_KEY, or give "
+            "the health URL the relay prints (http://HOST:PORT/mcp_endpoint/health?key=KEY)"
+        )
+    cfg = _key_config(key, config, data_dir)
+    assert cfg.key is not None
+    return cfg.key
+
+
+def _endpoint(url: str) -> EndpointUrl:
+    try:
+        return parse_endpoint_url(url)
+    except UrlError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _family_list(values: list[str] | None, option: str) -> set[str]:
+    from .testing import FAMILIES
+
+    names = {n.strip() for v in values or [] for n in v.split(",") if n.strip()}
+    unknown = sorted(names - FAMILIES.keys())
+    if unknown:
+        raise _fail(
+            f"{option} {unknown[0]!r} is not an invariant family; choose from "
+            + ", ".join(FAMILIES)
+        )
+    return names
+
+
 def fuzz_command(
+    url_argument: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[URL]",
+            help="The endpoint: the health URL the relay prints (it carries the key), a base "
+            "URL (http(s):// or ws(s)://HOST:PORT), or a tool or caller URL.",
+            show_default=False,
+        ),
+    ] = None,
     url: Annotated[
-        str, typer.Option(help="Base WebSocket URL of the endpoint, e.g. ws://127.0.0.1:8004.")
-    ] = "ws://127.0.0.1:8004",
+        str | None, typer.Option("--url", help="The endpoint, as URL.", show_default=False)
+    ] = None,
     key: KeyOption = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
-    examples: Annotated[int, typer.Option(help="How many scripts to try.")] = 100,
+    examples: Annotated[int, typer.Option(min=1, help="How many scripts to try.")] = 100,
     seed: Annotated[int | None, typer.Option(help="Random seed, to repeat a run.")] = None,
     patience: Annotated[
-        float, typer.Option(help="Seconds to wait for answers in each script.")
+        float,
+        typer.Option(
+            help="Seconds each phase that must complete may take (registration, the last answers)."
+        ),
     ] = 2.0,
+    grace: Annotated[
+        float,
+        typer.Option(help="Seconds to wait after that for frames still missing."),
+    ] = 0.3,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Check only these invariant families (comma-separated, repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Do not check these invariant families, e.g. to fuzz past a known "
+            "defect (comma-separated, repeatable).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Fuzz a live endpoint with hypothesis and check the relay invariants.
 
-    Each script connects a tool and up to four callers for a fresh agent and sends
-    interleaved requests with colliding ids, invalid frames from both sides, tool
-    notifications and out-of-order answers. Checked: the endpoint stays up, every
-    well-formed request is answered exactly once with its own id, nothing reaches the wrong
-    caller, invalid frames get -32700/-32600. On a failure, prints the minimal failing
-    script found by shrinking; exits 1.
+    Each script connects a tool and up to four callers for a fresh agent: requests with
+    colliding ids (0, "", 1 vs 1.0 vs "1", huge integers), progress, cancellations, invalid
+    frames, callers leaving; tool answers in any order (late, duplicate, stray),
+    notifications, requests to the caller side, garbage. Each violated invariant family is a
+    finding, shrunk to a minimal script and printed with the frames exchanged; then a table
+    of every family. Exit status: 0 all held, 1 findings, 2 the endpoint could not be fuzzed
+    (the message says why).
 
-    Example: trio-mcp-relay fuzz --url ws://127.0.0.1:8004 --key 0123... --examples 200
+    \b
+    Invariant families (for --only and --skip):
+      liveness, answers, ids, isolation, invalid-frames, notifications,
+      tool-requests, progress, cancellation, late-answers
+
+    Example: trio-mcp-relay fuzz "http://127.0.0.1:8004/mcp_endpoint/health?key=0123..."
     """
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hypothesis_seed
+    from .testing import FAMILIES, CannotConnect
 
-    from .testing import Session, check_session, sessions
-
-    cfg = _key_config(key, config, data_dir)
-    assert cfg.key is not None
-    if not url.startswith(("ws://", "wss://")):
-        raise _fail(f"--url must start with ws:// or wss://, got {url!r}")
-    base = url.rstrip("/")
-    failures: list[tuple[Session, list[str]]] = []
-    tried = 0
-
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        phases=[Phase.generate, Phase.shrink],
-        suppress_health_check=list(HealthCheck),
-        print_blob=False,
+    given = url_argument or url or "http://127.0.0.1:8004"
+    endpoint = _endpoint(given)
+    if endpoint.kind == "other":
+        raise _fail(
+            f"{endpoint.shown} is not an mcp-endpoint-server endpoint (no /mcp_endpoint/ "
+            "path): fuzz needs a relay it can create agents on"
+        )
+    secret = _resolve_key(
+        key,
+        endpoint,
+        config,
+        data_dir,
+        needed_for="fuzz mints a token for a fresh agent per script",
     )
-    @given(sessions())
-    def one(session: Session) -> None:
-        nonlocal tried
-        tried += 1
-        agent = f"trio-mcp-relay-fuzz-{secrets.token_hex(6)}"
-        tool, caller = tool_url(base, cfg.key or "", agent), caller_url(base, cfg.key or "", agent)
-        problems = trio.run(lambda: check_session(tool, caller, session, patience=patience))
-        if problems:
-            failures.append((session, problems))
-            raise AssertionError(problems[0])
-
-    if seed is not None:
-        one = hypothesis_seed(seed)(one)
+    if endpoint.kind in ("tool", "caller"):
+        print(
+            f"note: given {KIND_NAMES[endpoint.kind]}; fuzzing the endpoint at "
+            f"{endpoint.ws_base} with fresh agents",
+            file=sys.stderr,
+        )
+    selected = _family_list(only, "--only") or set(FAMILIES)
+    skipped = _family_list(skip, "--skip")
+    selected -= skipped
+    if not selected:
+        raise _fail("--only and --skip leave no invariant family to check")
+    run_seed = seed if seed is not None else secrets.randbelow(2**31)
+    print(
+        f"fuzzing {endpoint.ws_base}: up to {examples} scripts, {len(selected)} invariant "
+        f"families, seed {run_seed}",
+        flush=True,
+    )
     try:
-        one()
-    except AssertionError:
-        session, problems = failures[-1]
-        print(f"FAIL after {tried} scripts. Minimal failing script:", file=sys.stderr)
-        print(f"  callers: {session.callers}", file=sys.stderr)
-        for step in session.steps:
-            print(f"  {step.who!s:>5} {step.kind:<8} {step.value!r:.100}", file=sys.stderr)
-        print("Violations:", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    print(f"{tried} scripts, 0 failed: every invariant held")
+        report = run_fuzz(
+            endpoint.ws_base,
+            secret,
+            examples=examples,
+            seed=run_seed,
+            patience=patience,
+            grace=grace,
+            families=selected,
+            on_finding=_print_finding,
+        )
+    except CannotConnect as exc:
+        raise _fail(f"cannot fuzz: {exc}") from None
+    except FuzzerFailed as exc:
+        raise _fail(
+            f"the fuzzer itself failed ({exc}): a bug in trio-mcp-relay; please report it with "
+            f"--seed {run_seed}"
+        ) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    _print_summary(report, skipped, run_seed)
+    if report.findings:
+        raise typer.Exit(1)
+
+
+def _print_finding(number: int, finding: Finding) -> None:
+    from .testing import FAMILIES
+
+    session = finding.session
+    own = [v for v in finding.result.violations if v.family == finding.family]
+    others = [v for v in finding.result.violations if v.family != finding.family]
+    print()
+    print(f"FINDING {number} [{finding.family}]: {FAMILIES[finding.family]}, broken:")
+    for violation in own:
+        print(f"  {violation}")
+    for violation in others:
+        print(f"  also [{violation.family}]: {violation}")
+    plural = "s" if session.callers != 1 else ""
+    print(f"Minimal script ({session.callers} caller{plural}, each connected and answered once):")
+    for step in session.steps:
+        print(f"  {describe_step(step)}")
+    if not session.steps:
+        print("  (nothing)")
+    if not finding.reproduced:
+        print("  (not shrunk further or not repeated: it failed once, and replaying it did not")
+        print("  give the same outcome; the failure may depend on timing)")
+    print("Frames exchanged:")
+    for line in finding.result.transcript:
+        print(f"  {line}")
+    sys.stdout.flush()
+
+
+def _print_summary(report: FuzzReport, skipped: set[str], seed: int) -> None:
+    from .testing import FAMILIES
+
+    found = {f.family: i for i, f in enumerate(report.findings, 1)}
+    print()
+    width = max(len(name) for name in FAMILIES)
+    print(f"{'invariant family':<{max(width, 16)}}  result")
+    for name in FAMILIES:
+        if name in found:
+            result = f"FAIL  (finding {found[name]})"
+        elif name in report.families and report.stopped is not None:
+            result = "not finished (the run stopped)"
+        elif name in report.families:
+            result = "pass"
+        else:
+            result = "skipped" + (" (--skip)" if name in skipped else " (--only)")
+        print(f"{name:<{max(width, 16)}}  {result}")
+    failed = len(report.findings)
+    verdict = (
+        f"{failed} of {len(report.families)} invariant families failed"
+        if failed
+        else f"every invariant held ({len(report.families)} families)"
+    )
+    if report.stopped is not None:
+        print(f"The run stopped early: the endpoint stopped working ({report.stopped}).")
+    print(f"{report.scripts} scripts: {verdict}. Repeat with --seed {seed}.")

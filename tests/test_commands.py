@@ -201,6 +201,54 @@ def test_check_blames_a_proxy_that_does_not_forward_upgrades() -> None:
     assert "FAIL  tool connection" in result.stdout
     assert "proxy in front must forward it" in result.stdout
     assert "PASS  HTTP status endpoint" in result.stdout
+    assert "FAIL  bad token refused" in result.stdout  # a 404 is no token check
+
+
+def test_check_given_the_printed_health_url_passes_every_check(relay: RunningRelay) -> None:
+    health = f"http://127.0.0.1:{relay.port}/mcp_endpoint/health?key={KEY}"
+    result = runner.invoke(app, ["check", health])
+    assert result.exit_code == 0, result.output
+    assert "8 passed, 0 failed" in result.stdout.splitlines()[-1]
+
+
+def test_check_given_a_tool_url_says_so_and_still_checks(
+    relay: RunningRelay, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.delenv("SERVER_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with_key = runner.invoke(app, ["check", relay.tool_url("calc"), "--key", KEY])
+    assert with_key.exit_code == 0, with_key.output
+    assert with_key.stdout.startswith("note: given a tool URL (/mcp_endpoint/mcp/); checking")
+    assert "8 passed, 0 failed" in with_key.stdout
+    cases = (
+        ("calc", "answered by the agent's tool", "5 passed, 0 failed, 3 skipped"),
+        ("nobody", "forwarded", "6 passed, 0 failed, 2 skipped"),
+    )
+    for agent, trip, total in cases:
+        result = runner.invoke(app, ["check", relay.tool_url(agent)])
+        assert result.exit_code == 0, result.output
+        assert "with this URL's token" in result.stdout.splitlines()[0]
+        assert "SKIP  health with the key" in result.stdout
+        assert re.search(rf"PASS  forwarded round trip +.*{trip}", result.stdout), result.stdout
+        assert result.stdout.splitlines()[-1] == total
+
+
+def test_call_takes_options_anywhere_and_a_tool_url(relay: RunningRelay) -> None:
+    url = relay.caller_url("calc")
+    listed = runner.invoke(app, ["call", url, "tools", "--timeout", "5"])
+    assert listed.exit_code == 0, listed.output
+    added = runner.invoke(
+        app, ["call", "--timeout", "5", url, "call", "--args", '{"a": 2, "b": 3}', "add"]
+    )
+    assert added.exit_code == 0, added.output
+    assert added.stdout.strip() == "5"
+    via_tool_url = runner.invoke(app, ["call", relay.tool_url("calc"), "tools"])
+    assert via_tool_url.exit_code == 0, via_tool_url.output
+    assert "note: that is a tool URL" in via_tool_url.stderr
+    assert via_tool_url.stdout.startswith("add ")
+    health = f"{relay.http}/mcp_endpoint/health?key={KEY}"
+    minted = runner.invoke(app, ["call", health, "tools", "--agent", "calc"])
+    assert minted.exit_code == 0, minted.output
 
 
 def test_fuzz_passes_against_our_relay(relay: RunningRelay) -> None:

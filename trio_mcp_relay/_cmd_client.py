@@ -8,14 +8,20 @@ import secrets
 import sys
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import trio
 import typer
 
 from ._auth import caller_url, encrypt_token, tool_url
 from ._config import ConfigError, RelayConfig, load_config, local_ip
-from ._endpoint import KIND_NAMES, EndpointUrl, UrlError, parse_endpoint_url
+from ._endpoint import (
+    KIND_NAMES,
+    EndpointUrl,
+    UrlError,
+    describe_connect_failure,
+    parse_endpoint_url,
+)
 from ._fuzz import Finding, FuzzerFailed, FuzzReport, describe_step, run_fuzz
 
 __all__ = ["register"]
@@ -69,7 +75,7 @@ def register(app: typer.Typer) -> None:
     app.command(name="url")(url_command)
     app.command(name="check")(check_command)
     app.command(name="fuzz")(fuzz_command)
-    app.add_typer(call_app, name="call")
+    app.command(name="call")(call_command)
 
 
 # ------------------------------------------------------------------------- token / url
@@ -129,42 +135,123 @@ def url_command(
 
 # ------------------------------------------------------------------------- call
 
-call_app = typer.Typer(
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
+
+def _optional_key(
+    key: str | None, endpoint: EndpointUrl, config: Path | None, data_dir: Path | None
+) -> str | None:
+    """--key, else the URL's ?key=, else SERVER_KEY or the config file, else None."""
+    if key is not None:
+        return key
+    if endpoint.key is not None:
+        return endpoint.key
+    cfg_dir = data_dir or Path(os.environ.get("DATA_DIR", "data"))
+    has_file = config is not None or (cfg_dir / ".mcp-endpoint-server.cfg").exists()
+    if "SERVER_KEY" not in os.environ and not has_file:
+        return None
+    return _key_config(None, config, data_dir).key
 
 
-@call_app.callback()
-def _call_root(
-    ctx: typer.Context,
+def _caller_url_for(
+    given: str, key: str | None, agent: str | None, config: Path | None, data_dir: Path | None
+) -> str:
+    endpoint = _endpoint(given)
+    if endpoint.kind == "other":
+        raise _fail(
+            f"{endpoint.shown} is a tool-side URL of another kind of endpoint: call needs a "
+            "caller URL, ws://HOST:PORT/mcp_endpoint/call/?token=..."
+        )
+    if endpoint.kind == "tool":
+        print(
+            "note: that is a tool URL (/mcp_endpoint/mcp/, where tools connect); calling "
+            "through the caller URL with the same token (/mcp_endpoint/call/)",
+            file=sys.stderr,
+        )
+    if endpoint.token is not None and agent is None:
+        return endpoint.caller_url()
+    secret = _optional_key(key, endpoint, config, data_dir)
+    if secret is None:
+        raise _fail(
+            f"{KIND_NAMES[endpoint.kind]} has no token: give the caller URL "
+            f"({endpoint.ws_base}/mcp_endpoint/call/?token=...), or the key (--key, or the "
+            "health URL) and --agent"
+        )
+    return endpoint.caller_url(secret, agent or DEFAULT_AGENT)
+
+
+DEFAULT_AGENT = "single_module"
+
+_CALL_ACTIONS = ("tools", "call", "request")
+
+
+def call_command(
     url: Annotated[
         str,
-        typer.Argument(help="Caller URL: ws://host:port/mcp_endpoint/call/?token=..."),
+        typer.Argument(
+            help="Where to call: the caller URL (ws://HOST:PORT/mcp_endpoint/call/?token=...), "
+            "the tool URL of the same agent, or a base or health URL with the key (then "
+            "--agent picks the agent).",
+            show_default=False,
+        ),
     ],
+    action: Annotated[
+        str,
+        typer.Argument(
+            metavar="tools|call|request",
+            help="tools: list the tools. call TOOL: call one (--args). request METHOD "
+            "[PARAMS]: send one raw JSON-RPC request.",
+            show_default=False,
+        ),
+    ],
+    words: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[TOOL | METHOD [PARAMS]]", show_default=False),
+    ] = None,
+    args: Annotated[
+        str, typer.Option("--args", help="The tool's arguments, as a JSON object (for call).")
+    ] = "{}",
     timeout: Annotated[float, typer.Option(help="Seconds each request may take.")] = 30.0,
+    agent: Annotated[
+        str | None,
+        typer.Option(
+            help=f"The agent, when the URL has no token (default {DEFAULT_AGENT}).",
+            show_default=False,
+        ),
+    ] = None,
+    key: KeyOption = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """A caller client: list tools, call one, or send raw JSON-RPC (MCP handshake included).
 
-    Options such as --timeout go before the URL. Example session:
+    Options may go anywhere on the line. Example session:
 
     \b
         trio-mcp-relay call "ws://127.0.0.1:8004/mcp_endpoint/call/?token=..." tools
         trio-mcp-relay call "ws://...?token=..." call add --args '{"a": 1, "b": 2}'
-        trio-mcp-relay call --timeout 5 "ws://...?token=..." request ping
+        trio-mcp-relay call "ws://...?token=..." request ping --timeout 5
     """
-    if not url.startswith(("ws://", "wss://")):
-        raise _fail(f"the URL must start with ws:// or wss://, got {url!r}")
-    ctx.obj = (url, timeout)
+    if action not in _CALL_ACTIONS:
+        raise _fail(f"unknown action {action!r}: use tools, call TOOL, or request METHOD [PARAMS]")
+    rest = list(words or [])
+    caller = _caller_url_for(url, key, agent, config, data_dir)
+    if action == "tools":
+        if rest:
+            raise _fail(f"tools takes no further arguments, got {rest[0]!r}")
+        _call_tools(caller, timeout)
+    elif action == "call":
+        if len(rest) != 1:
+            raise _fail("call needs exactly one TOOL name (its arguments go in --args)")
+        _call_tool(caller, timeout, rest[0], args)
+    else:
+        if not 1 <= len(rest) <= 2:
+            raise _fail("request needs a METHOD, and optionally PARAMS as JSON")
+        _call_request(caller, timeout, rest[0], rest[1] if len(rest) == 2 else None)
 
 
-def _run_caller(ctx: typer.Context, work: Any) -> Any:
+def _run_caller(url: str, timeout: float, work: Any) -> Any:
     from trio_websocket import ConnectionClosed, HandshakeError
 
-    from ._check import describe_error
     from .client import RpcError, open_caller
-
-    url, timeout = ctx.obj
 
     async def main() -> Any:
         async with open_caller(url, timeout=timeout) as caller:
@@ -176,15 +263,17 @@ def _run_caller(ctx: typer.Context, work: Any) -> Any:
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
     except RpcError as exc:
-        raise _fail(f"the server answered with error {exc}", 1) from None
-    except (HandshakeError, OSError) as exc:
-        raise _fail(f"cannot connect to {_safe(url)}: {describe_error(exc)}", 1) from None
-    except ConnectionClosed as exc:
-        reason = exc.reason
-        detail = f"{reason.code} {reason.reason or ''}" if reason else "1006"
-        raise _fail(f"the connection was closed: {detail}", 1) from None
+        hint = (
+            ": this connection is on the tool side; use the caller URL "
+            "(/mcp_endpoint/call/?token=...)"
+            if exc.code == -32005
+            else ""
+        )
+        raise _fail(f"the server answered with error {exc}{hint}", 1) from None
+    except (HandshakeError, OSError, ConnectionClosed) as exc:
+        raise _fail(describe_connect_failure(exc, url), 1) from None
     except trio.TooSlowError:
-        raise _fail(f"no answer within {timeout:g} s", 1) from None
+        raise _fail(f"no answer within {timeout:g} s (--timeout)", 1) from None
 
 
 def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -195,15 +284,8 @@ def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     return exc
 
 
-def _safe(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-@call_app.command("tools")
-def call_tools(ctx: typer.Context) -> None:
-    """List the agent's tools as a table."""
-    tools: list[dict[str, Any]] = _run_caller(ctx, lambda caller: caller.list_tools())
+def _call_tools(url: str, timeout: float) -> None:
+    tools: list[dict[str, Any]] = _run_caller(url, timeout, lambda caller: caller.list_tools())
     if not tools:
         print("(no tools)")
         return
@@ -215,20 +297,14 @@ def call_tools(ctx: typer.Context) -> None:
         print(f"{t.get('name', ''):<{width}}  ({params})  {description[0] if description else ''}")
 
 
-@call_app.command("call")
-def call_tool(
-    ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="The tool's name.")],
-    args: Annotated[str, typer.Option("--args", help="Arguments as a JSON object.")] = "{}",
-) -> None:
-    """Call a tool and print its result."""
+def _call_tool(url: str, timeout: float, name: str, args: str) -> None:
     try:
         arguments = json.loads(args)
     except ValueError as exc:
         raise _fail(f"--args is not JSON: {exc}") from None
     if not isinstance(arguments, dict):
         raise _fail("--args must be a JSON object, e.g. '{\"a\": 1}'")
-    result = _run_caller(ctx, lambda caller: caller.call_tool(name, arguments))
+    result = _run_caller(url, timeout, lambda caller: caller.call_tool(name, arguments))
     texts = [c.get("text", "") for c in result.get("content", []) if c.get("type") == "text"]
     if texts and "structuredContent" not in result:
         print("\n".join(texts))
@@ -238,30 +314,32 @@ def call_tool(
         raise typer.Exit(1)
 
 
-@call_app.command("request")
-def call_request(
-    ctx: typer.Context,
-    method: Annotated[str, typer.Argument(help="JSON-RPC method, e.g. tools/list.")],
-    params: Annotated[str | None, typer.Argument(help="Params as JSON.")] = None,
-) -> None:
-    """Send one raw JSON-RPC request and print its result."""
+def _call_request(url: str, timeout: float, method: str, params: str | None) -> None:
     try:
         parsed = None if params is None else json.loads(params)
     except ValueError as exc:
         raise _fail(f"PARAMS is not JSON: {exc}") from None
-    print(_pretty(_run_caller(ctx, lambda caller: caller.request(method, parsed))))
+    print(_pretty(_run_caller(url, timeout, lambda caller: caller.request(method, parsed))))
 
 
 # ------------------------------------------------------------------------- check
 
 
 def check_command(
-    url: Annotated[
+    url_argument: Annotated[
         str | None,
-        typer.Option(help="Base URL of the endpoint, e.g. http://127.0.0.1:8004 (or https://)."),
+        typer.Argument(
+            metavar="[URL]",
+            help="The endpoint: the health URL the relay prints (it carries the key), a base "
+            "URL (http(s):// or ws(s)://HOST:PORT), or a tool or caller URL.",
+            show_default=False,
+        ),
     ] = None,
-    host: Annotated[str, typer.Option(help="Host, when --url is not given.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port, when --url is not given.")] = 8004,
+    url: Annotated[
+        str | None, typer.Option("--url", help="The endpoint, as URL.", show_default=False)
+    ] = None,
+    host: Annotated[str, typer.Option(help="Host, when no URL is given.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port, when no URL is given.")] = 8004,
     key: KeyOption = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
@@ -270,26 +348,47 @@ def check_command(
     """Check that an MCP endpoint works: health with the key, a tool and a caller connection,
     a forwarded round trip, the error for a missing tool, and a bad token refused.
 
-    Prints a pass/fail table with a hint for each failure; exits 0 only if all pass. Works
+    Prints a pass/fail table with a hint for each failure; exits 0 only if none fails. Works
     against trio-mcp-relay, the reference mcp-endpoint-server, and either behind a proxy.
+    Given a tool or caller URL and no key, it checks with that URL's token (the steps that
+    need the key are skipped, and an agent's connected tool is never replaced).
 
-    Example: trio-mcp-relay check --url http://127.0.0.1:8004 --key 0123...
+    Example: trio-mcp-relay check "http://127.0.0.1:8004/mcp_endpoint/health?key=0123..."
     """
     from ._check import Endpoint, run_checks
 
-    cfg = _key_config(key, config, data_dir)
-    assert cfg.key is not None
-    base = (url or f"http://{host}:{port}").rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise _fail(f"--url must start with http:// or https://, got {base!r}")
-    results = trio.run(run_checks, Endpoint(base, cfg.key, timeout))
+    endpoint = _endpoint(url_argument or url or f"http://{host}:{port}")
+    if endpoint.kind == "other":
+        raise _fail(
+            f"{endpoint.shown} is not an mcp-endpoint-server endpoint (no /mcp_endpoint/ path)"
+        )
+    secret = _optional_key(key, endpoint, config, data_dir)
+    if secret is None and endpoint.token is None:
+        raise _fail(
+            "check needs the server key: pass --key, set SERVER_KEY, or give the health URL "
+            "the relay prints (http://HOST:PORT/mcp_endpoint/health?key=KEY)"
+        )
+    if endpoint.kind in ("tool", "caller"):
+        how = (
+            "with fresh agents of the key"
+            if secret is not None
+            else "with this URL's token (no key given: the steps that need it are skipped)"
+        )
+        print(
+            f"note: given {KIND_NAMES[endpoint.kind]}; checking the endpoint at "
+            f"{endpoint.http_base} {how}"
+        )
+    results = trio.run(run_checks, Endpoint(endpoint.http_base, secret, timeout, endpoint.token))
     width = max(len(r.name) for r in results)
     for r in results:
-        print(f"{'PASS' if r.ok else 'FAIL'}  {r.name:<{width}}  {r.detail}")
+        label = "SKIP" if r.skipped else "PASS" if r.ok else "FAIL"
+        print(f"{label}  {r.name:<{width}}  {r.detail}")
         if not r.ok and r.hint:
             print(f"      {'':<{width}}  hint: {r.hint}")
     failed = sum(not r.ok for r in results)
-    print(f"{len(results) - failed} passed, {failed} failed")
+    skipped = sum(r.skipped for r in results)
+    passed = len(results) - failed - skipped
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     if failed:
         raise typer.Exit(1)
 

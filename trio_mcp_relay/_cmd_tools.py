@@ -61,12 +61,20 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _load_all(specs: list[str], app_dir: Path) -> list[Plugin]:
-    # A console script's sys.path starts at its own directory, not the user's: put the
-    # working directory (or --app-dir) first so that "my_tools:MyTools" finds my_tools.py.
+def use_app_dir(app_dir: Path) -> None:
+    """Put ``app_dir`` first on the import path, as app servers (uvicorn, gunicorn) do.
+
+    A console script's ``sys.path`` starts at its own directory, not the user's, so without
+    this ``my_tools:MyTools`` would not find ``./my_tools.py``.
+    """
     path = str(app_dir.resolve())
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    if path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)
+
+
+def _load_all(specs: list[str], app_dir: Path) -> list[Plugin]:
+    use_app_dir(app_dir)
     plugins: list[Plugin] = []
     for spec in specs:
         try:

@@ -39,7 +39,9 @@ from trio_websocket import (
 from typer.testing import CliRunner
 
 from tests.helpers import peer, recv, send, start_relay, wait_for_counts
+from trio_mcp_relay import testing
 from trio_mcp_relay._cmd_pipe import register
+from trio_mcp_relay._frames import _loads, dumps
 from trio_mcp_relay._pipe import (
     Backoff,
     BridgeStatus,
@@ -858,3 +860,35 @@ def test_session_gives_the_child_its_own_ids_and_restores_the_endpoints() -> Non
     note = b'{"jsonrpc": "2.0", "method": "notifications/message"}'
     assert session.from_child(note) == (_Outcome.FORWARD, note, None)
     assert session.from_child(b"Server started!")[0] is _Outcome.NOT_JSON
+
+
+# Ids that break naive id tables, all in flight at once: 1 and "1" and 1.0, 0 and "", floats,
+# integers far beyond 64 bits.
+TOGETHER = [1, "1", 1.0, 0, "", 0.0, 1.5, -2.5e-300, 2**64, -(2**70), 10**30, "0"]
+
+
+@given(
+    st.lists(testing.ids(), max_size=12).flatmap(lambda extra: st.permutations(TOGETHER + extra)),
+    st.randoms(use_true_random=False),
+)
+def test_every_endpoint_id_comes_back_exactly_whatever_else_is_in_flight(
+    endpoint_ids: list[Any], rnd: Any
+) -> None:
+    session = _Session()
+    generation = session.new_generation()
+    sent = []
+    for n, rid in enumerate(endpoint_ids):
+        frame = {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"n": n}}
+        line, child_id = session.to_child(frame, generation)
+        assert _loads(line) == {**frame, "id": child_id}
+        sent.append((child_id, rid, n))
+    assert len({child_id for child_id, _, _ in sent}) == len(sent)
+    rnd.shuffle(sent)  # the child answers in any order
+    for child_id, rid, n in sent:
+        answer = dumps({"jsonrpc": "2.0", "id": child_id, "result": {"n": n}})
+        outcome, line, tag = session.from_child(answer)
+        back = _loads(line)
+        assert outcome is _Outcome.FORWARD and tag == generation
+        assert testing.same_json(back["id"], rid), (back["id"], rid)
+        assert back["result"] == {"n": n}
+    assert session.pending == {}

@@ -46,6 +46,7 @@ from trio_mcp_relay._pipe import (
     Backoff,
     BridgeStatus,
     PipeConfigError,
+    PipeFailed,
     PipeOptions,
     ServerSpec,
     _LineSplitter,
@@ -282,9 +283,7 @@ async def test_a_crashed_child_is_restarted_and_reinitialized(
     assert "re-initialized" in caplog.text
 
 
-async def test_config_with_a_disabled_and_an_sse_server(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_config_with_a_disabled_server_and_remote_ones(tmp_path: Path) -> None:
     config = tmp_path / "mcp_config.json"
     config.write_text(
         json.dumps(
@@ -298,21 +297,27 @@ async def test_config_with_a_disabled_and_an_sse_server(
                     },
                     "spare": {"command": sys.executable, "args": [str(SERVER)], "disabled": True},
                     "remote": {"type": "sse", "url": "http://127.0.0.1:9/sse"},
-                    "streamed": {"transportType": "streamableHttp", "url": "http://x/mcp"},
+                    "streamed": {
+                        "transportType": "streamableHttp",
+                        "url": "https://x/mcp",
+                        "headers": {"Authorization": "Bearer t"},
+                    },
+                    "bare": {"url": "http://y/mcp"},
                 }
             }
         )
     )
     servers = load_config_file(config, environ={"PATH": os.environ["PATH"]})
-    assert [spec.name for spec in servers] == ["calc"]
+    assert [spec.name for spec in servers] == ["calc", "remote", "streamed", "bare"]
     assert servers[0].env["CALC_MODE"] == "1"
     assert servers[0].env["PYTHONUNBUFFERED"] == "1"
-    for name in ("remote", "streamed"):
-        assert any(
-            name in record.getMessage() and "not supported" in record.getMessage()
-            for record in caplog.records
-            if record.levelno == logging.WARNING
-        ), name
+    remote = [(s.transport, s.url, dict(s.headers)) for s in servers[1:]]
+    assert remote == [
+        ("sse", "http://127.0.0.1:9/sse", {}),
+        ("http", "https://x/mcp", {"Authorization": "Bearer t"}),
+        ("http", "http://y/mcp", {}),
+    ]
+    servers = servers[:1]
     with trio.fail_after(TIMEOUT):
         async with open_nursery_then_cancel() as nursery:
             relay = await start_relay(nursery)
@@ -610,7 +615,7 @@ def pipe_app() -> typer.Typer:
         (
             ["--endpoint", "ws://127.0.0.1:1/?token=t"],
             {"mcp_config.json": '{"mcpServers": {"a": {"command": "python", "disabled": true}}}'},
-            ["no enabled stdio server"],
+            ["no enabled server"],
         ),
         (
             ["--endpoint", "ws://127.0.0.1:1/?token=t", "--config", "missing.json"],
@@ -738,7 +743,18 @@ def test_config_is_found_by_flag_environment_or_default(tmp_path: Path) -> None:
         )
 
 
-def test_a_lone_python_script_runs_with_this_interpreter(tmp_path: Path) -> None:
+def fake_python(directory: Path, pythonpath: Path | None = None) -> Path:
+    """A ``python`` for PATH that is our interpreter with its own PYTHONPATH: the user's
+    active environment, whose packages trio-mcp-relay's own interpreter does not have."""
+    directory.mkdir(parents=True, exist_ok=True)
+    python = directory / "python"
+    extra = f'PYTHONPATH="{pythonpath}" ' if pythonpath is not None else ""
+    python.write_text(f'#!/bin/sh\n{extra}exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return python
+
+
+def test_a_lone_python_script_runs_with_the_python_on_path(tmp_path: Path) -> None:
     with pytest.raises(PipeConfigError, match=r"no such script: calc\.py"):
         prepare(
             endpoint="ws://h/",
@@ -749,11 +765,88 @@ def test_a_lone_python_script_runs_with_this_interpreter(tmp_path: Path) -> None
             cwd=tmp_path,
         )
     (tmp_path / "calc.py").write_text("")
-    _, [spec] = prepare(
-        endpoint="ws://h/", config=None, command=["calc.py"], name=None, environ={}, cwd=tmp_path
+    python = fake_python(tmp_path / "bin")
+    found = {"PATH": str(python.parent)}
+    for environ, flag, expected in (
+        (found, None, str(python)),
+        (found, sys.executable, sys.executable),
+    ):
+        _, [spec] = prepare(
+            endpoint="ws://h/",
+            config=None,
+            command=["calc.py"],
+            name=None,
+            environ=environ,
+            cwd=tmp_path,
+            python=flag,
+        )
+        assert spec.command == (expected, "calc.py")
+        assert spec.name == "calc"
+    with pytest.raises(PipeConfigError, match=r"no python on PATH to run calc\.py: .*--python"):
+        prepare(
+            endpoint="ws://h/",
+            config=None,
+            command=["calc.py"],
+            name=None,
+            environ={"PATH": str(tmp_path / "empty")},
+            cwd=tmp_path,
+        )
+
+
+async def test_a_script_whose_dependencies_live_only_in_the_active_environment_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deps = tmp_path / "site"
+    deps.mkdir()
+    (deps / "kitchen_dep.py").write_text("GREETING = 'from the user environment'\n")
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import runpy, sys, kitchen_dep\n"
+        f"sys.argv = [{str(SERVER)!r}]\n"
+        f"runpy.run_path({str(SERVER)!r}, run_name='__main__')\n"
     )
-    assert spec.command == (sys.executable, "calc.py")
-    assert spec.name == "calc"
+    python = fake_python(tmp_path / "bin", deps)
+    monkeypatch.chdir(tmp_path)
+    environ = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}"}
+    url_unused = "ws://127.0.0.1:9/mcp/?token=x"
+    _, [spec] = prepare(
+        endpoint=url_unused,
+        config=None,
+        command=["server.py"],
+        name=None,
+        environ=environ,
+        cwd=tmp_path,
+    )
+    with trio.fail_after(TIMEOUT):
+        async with open_nursery_then_cancel() as nursery:
+            relay = await start_relay(nursery)
+            await start_pipe(nursery, relay.tool_url("calc"), [spec])
+            await wait_for_counts(relay, tools=1, callers=0)
+            async with peer(relay.caller_url("calc")) as caller:
+                await initialize(caller)
+                assert await call(caller, 1, "add", a=1, b=2) == "3"
+
+
+async def test_a_missing_module_is_reported_once_and_restarts_are_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text("import no_such_kitchen_module\n")
+    spec = ServerSpec("broken", (sys.executable, str(script)), dict(os.environ))
+    options = attrs.evolve(FAST, max_restarts=3, backoff_initial=0.01, backoff_max=0.02)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            fake = await start_fake_endpoint(nursery)
+            with pytest.raises(PipeFailed) as failed:
+                await run_pipe(fake.url(), [spec], options)
+            nursery.cancel_scope.cancel()
+    assert str(failed.value) == (
+        "the MCP server 'broken' exited 4 times in a row, each within 30 s of starting "
+        "(No module named 'no_such_kitchen_module'); not restarting it"
+    )
+    hints = [r.getMessage() for r in caplog.records if "cannot import" in r.getMessage()]
+    assert len(hints) == 1
+    assert "no_such_kitchen_module" in hints[0] and "--python" in hints[0]
 
 
 def test_redact_url() -> None:
@@ -892,3 +985,83 @@ def test_every_endpoint_id_comes_back_exactly_whatever_else_is_in_flight(
         assert testing.same_json(back["id"], rid), (back["id"], rid)
         assert back["result"] == {"n": n}
     assert session.pending == {}
+
+
+HTTP_SERVER = Path(__file__).parent / "data" / "http_server.py"
+
+
+@asynccontextmanager
+async def sdk_http_server(port: int) -> AsyncIterator[None]:
+    """The official SDK's Streamable HTTP server on 127.0.0.1:port, until the block ends."""
+    pytest.importorskip("mcp")
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(HTTP_SERVER), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            break
+        yield
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def call_until_it_works(caller: WebSocketConnection, first_id: int) -> str:
+    """Call add until the remote server answers (it may be reconnecting)."""
+    rid = first_id
+    while True:
+        answer = await rpc(
+            caller, rid, "tools/call", {"name": "add", "arguments": {"a": 2, "b": 5}}
+        )
+        if "result" in answer:
+            return answer["result"]["content"][0]["text"]  # type: ignore[no-any-return]
+        rid += 1
+        await trio.sleep(0.1)
+
+
+async def test_an_http_entry_bridges_a_streamable_http_server_and_reconnects(
+    tmp_path: Path,
+) -> None:
+    port = _free_port()
+    config = tmp_path / "mcp_config.json"
+    entry = {
+        "type": "http",
+        "url": f"http://127.0.0.1:{port}/mcp",
+        "headers": {"Authorization": "Bearer kitchen"},
+    }
+    config.write_text(json.dumps({"mcpServers": {"kitchen": entry}}))
+    servers = load_config_file(config, environ=dict(os.environ))
+    with trio.fail_after(60):
+        async with open_nursery_then_cancel() as nursery:
+            relay = await start_relay(nursery)
+            async with sdk_http_server(port):
+                await start_pipe(nursery, relay.tool_url("kitchen"), servers)
+                await wait_for_counts(relay, tools=1, callers=0)
+                async with peer(relay.caller_url("kitchen")) as caller:
+                    init = await initialize(caller)
+                    assert init["result"]["serverInfo"]["name"] == "kitchen-http"
+                    listed = await rpc(caller, 1, "tools/list")
+                    names = [t["name"] for t in listed["result"]["tools"]]
+                    assert names == ["add", "echo"]
+                    assert await call(caller, 2, "echo", text="héllo") == "héllo"
+            # The server goes away and comes back: its session is gone, the pipe starts a
+            # new one (replaying the caller's initialize) and calls work again.
+            async with sdk_http_server(port), peer(relay.caller_url("kitchen")) as caller:
+                assert await call_until_it_works(caller, 10) == "7"

@@ -47,8 +47,8 @@ def pipe(
         list[str] | None,
         typer.Argument(
             help="The stdio MCP server to run, with its arguments (put -- before it). A lone "
-            "script.py runs with this Python. Without a command, the servers of the config "
-            "file are run.",
+            "script.py runs with the python on PATH (or --python). Without a command, the "
+            "servers of the config file are run.",
             show_default=False,
         ),
     ] = None,
@@ -66,8 +66,9 @@ def pipe(
         typer.Option(
             "--config",
             help='mcp_pipe.py config file: {"mcpServers": {NAME: {"command": ..., "args": '
-            '[...], "env": {...}, "disabled": false}}}; one WebSocket per enabled stdio '
-            "server. Env: MCP_CONFIG. Default: ./mcp_config.json.",
+            '[...], "env": {...}, "disabled": false}}}, or for a remote server {"type": '
+            '"http" (Streamable HTTP) or "sse", "url": ..., "headers": {...}}; one WebSocket '
+            "per enabled server. Env: MCP_CONFIG. Default: ./mcp_config.json.",
             dir_okay=False,
             show_default=False,
         ),
@@ -126,6 +127,22 @@ def pipe(
             min=0,
         ),
     ] = 5.0,
+    python: Annotated[
+        str | None,
+        typer.Option(
+            help="The Python that runs a lone script.py. Default: python on PATH (the "
+            "active environment, where the script's dependencies are).",
+            show_default=False,
+        ),
+    ] = None,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            help="Give up on a server that exits this many times in a row, each time within "
+            "--backoff-reset seconds of starting (0: never).",
+            min=0,
+        ),
+    ] = 5,
     log_level: Annotated[
         str,
         typer.Option(help="DEBUG, INFO, WARNING, ERROR or CRITICAL.", envvar="LOG_LEVEL"),
@@ -148,7 +165,8 @@ def pipe(
       trio-mcp-relay pipe               # the servers of ./mcp_config.json
     """
     from ._auth import RedactingFilter
-    from ._pipe import PipeConfigError, PipeOptions, prepare
+    from ._endpoint import tool_side_url
+    from ._pipe import PipeConfigError, PipeFailed, PipeOptions, prepare
 
     level = log_level.upper()
     if level not in LEVELS:
@@ -170,8 +188,14 @@ def pipe(
             ping_timeout=ping_interval or 20.0,
             buffer_lines=buffer_lines,
             kill_timeout=kill_timeout,
+            max_restarts=max_restarts,
         )
+        if endpoint is not None:
+            endpoint, note = tool_side_url(endpoint)
+            if note is not None:
+                typer.echo(f"note: {note}", err=True)
         url, servers = prepare(
+            python=python,
             endpoint=endpoint,
             config=config,
             command=command or [],
@@ -184,10 +208,16 @@ def pipe(
         raise typer.Exit(2) from None
 
     log.info("bridging %s", ", ".join(spec.name for spec in servers))
+    failed: PipeFailed | None = None
     try:
         trio.run(_run_until_signalled, url, servers, options)
     except* KeyboardInterrupt:  # a Ctrl-C before the signal handler was installed
         pass
+    except* PipeFailed as group:
+        failed = group.exceptions[0]  # type: ignore[assignment]
+    if failed is not None:
+        typer.echo(f"error: {failed}", err=True)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -21,6 +21,7 @@ import trio_websocket
 import typer
 
 from trio_mcp_relay._auth import RedactingFilter
+from trio_mcp_relay._endpoint import tool_side_url
 from trio_mcp_relay.plugins import (
     EndpointRefused,
     Plugin,
@@ -120,8 +121,8 @@ def tools(
             envvar="MCP_ENDPOINT",
             show_envvar=False,
             help="The endpoint's tool URL, ws://HOST:PORT/mcp_endpoint/mcp/?token=TOKEN "
-            "(wss:// for TLS). Env: MCP_ENDPOINT, which keeps the token out of the process "
-            "list.",
+            "(wss:// for TLS); a caller URL or the health URL is turned into one. "
+            "Env: MCP_ENDPOINT, which keeps the token out of the process list.",
             show_default=False,
         ),
     ] = None,
@@ -156,9 +157,12 @@ def tools(
     if not endpoint:
         _fail("no endpoint: pass --endpoint URL or set MCP_ENDPOINT")
     try:
+        endpoint, note = tool_side_url(endpoint)
         _check_endpoint_url(endpoint)
     except ValueError as exc:
         _fail(str(exc))
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
     plugins = _load_all(specs, app_dir)
     try:
         PluginHost(plugins, page_size=page_size)  # tool-name clashes, before connecting

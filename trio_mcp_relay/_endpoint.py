@@ -272,3 +272,37 @@ def describe_connect_failure(exc: BaseException, url: str) -> str:
         )
     text = str(leaf)
     return f"cannot connect to {where}: {type(leaf).__name__}{': ' + text if text else ''}"
+
+
+#: The agent of the tool URL minted from a health URL: the one the relay's banner shows.
+BANNER_AGENT: Final = "single_module"
+
+
+def tool_side_url(given: str) -> tuple[str, str | None]:
+    """The URL a tool bridge dials, for any URL of the grammar, and a note if it was derived.
+
+    A tool URL (or another endpoint's, such as xiaozhi.me's) is used as is; a caller URL
+    gives the tool URL of the same token; the health URL gives the tool URL of the agent
+    ``single_module`` minted with its key.
+
+    Raises:
+        UrlError: The URL is not one of the grammar, or has neither token nor key.
+    """
+    endpoint = parse_endpoint_url(given)
+    if endpoint.kind in ("tool", "other"):
+        if endpoint.original.startswith(("http://", "https://")):
+            return endpoint.tool_url(), None
+        return given.strip(), None
+    if endpoint.kind == "caller":
+        return endpoint.tool_url(), (
+            "that is a caller URL (/mcp_endpoint/call/, where MCP clients connect); using the "
+            "tool URL with the same token (/mcp_endpoint/mcp/)"
+        )
+    if endpoint.key is not None:
+        return endpoint.tool_url(endpoint.key, BANNER_AGENT), (
+            f"using the tool URL of agent {BANNER_AGENT}, minted with the health URL's key"
+        )
+    raise UrlError(
+        f"{KIND_NAMES[endpoint.kind]} has no token: give the tool URL "
+        f"({endpoint.ws_base}/mcp_endpoint/mcp/?token=...), or the health URL with its key"
+    )

@@ -8,6 +8,7 @@ that names the likely cause when it fails.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import secrets
 import ssl
@@ -25,6 +26,7 @@ from trio_websocket import (
 )
 
 from ._auth import encrypt_token
+from ._endpoint import describe_connect_failure
 from .client import connect_websocket
 
 __all__ = ["CheckResult", "Endpoint", "run_checks"]
@@ -124,6 +126,9 @@ def _connect_hint(exc: BaseException | None) -> str:
     return ""
 
 
+_BASE: contextvars.ContextVar[str] = contextvars.ContextVar("_BASE", default="the endpoint")
+
+
 async def _step(
     name: str, body: Callable[[], Awaitable[str]], failure_hint: str = ""
 ) -> CheckResult:
@@ -133,7 +138,11 @@ async def _step(
         return CheckResult(name, False, exc.detail, exc.hint or failure_hint)
     except trio.TooSlowError:
         return CheckResult(name, False, "no answer in time", failure_hint or _connect_hint(None))
+    except trio.BrokenResourceError as exc:  # TLS (or the stream) failed under h11
+        return CheckResult(name, False, describe_connect_failure(exc, _BASE.get()), "")
     except (OSError, HandshakeError, ConnectionClosed, h11.ProtocolError) as exc:
+        if isinstance(exc, HandshakeError) and not isinstance(exc, ConnectionRejected):
+            return CheckResult(name, False, describe_connect_failure(exc, _BASE.get()), "")
         return CheckResult(name, False, describe_error(exc), _connect_hint(exc))
 
 
@@ -171,6 +180,7 @@ def _skipped(name: str, why: str) -> CheckResult:
 async def run_checks(endpoint: Endpoint) -> list[CheckResult]:
     """Run every check in order; returns one result per step."""
     agent = f"trio-mcp-relay-check-{secrets.token_hex(4)}"
+    _BASE.set(endpoint.base)
     no_key = "skipped: needs the server key (--key, or the health URL)"
     results = [
         await _step("HTTP status endpoint", lambda: _status(endpoint)),

@@ -242,7 +242,13 @@ def describe_connect_failure(exc: BaseException, url: str) -> str:
         if code == 1008:
             return f"{where} refused the token (close 1008{text}): use the server key"
         return f"{where} closed the connection ({code}{text})"
-    if isinstance(leaf, trio.TooSlowError):
+    tls = url.strip().lower().startswith(("https://", "wss://"))
+    if isinstance(leaf, trio.TooSlowError) or any(isinstance(c, trio.Cancelled) for c in chain):
+        if tls:
+            return (
+                f"no TLS handshake with {where} in time: if the endpoint has no TLS, use "
+                "http:// or ws://"
+            )
         return (
             f"no answer from {where} in time: a firewall, a wrong address, or a proxy holding "
             "the connection"

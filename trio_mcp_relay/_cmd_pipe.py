@@ -178,6 +178,8 @@ def pipe(
     logging.basicConfig(level=level, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+    # httpx logs every request at INFO; the bridge logs what matters about remote servers.
+    logging.getLogger("httpx").setLevel(max(logging.getLevelName(level), logging.WARNING))
 
     try:
         options = PipeOptions(

@@ -955,7 +955,12 @@ class _Bridge:
                 log.error("[%s] %s", self.name, self.gave_up)
                 return
             delay = backoff.next_delay()
-            log.info("[%s] restarting the MCP server in %.2f s", self.name, delay)
+            what = (
+                "restarting the MCP server"
+                if self.spec.transport == "stdio"
+                else ("reconnecting to the remote MCP server")
+            )
+            log.info("[%s] %s in %.2f s", self.name, what, delay)
             await trio.sleep(delay)
 
     async def _run_child_once(self) -> None:

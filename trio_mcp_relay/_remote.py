@@ -68,6 +68,8 @@ class _SseParser:
 
 
 def _messages(body: bytes) -> list[Any]:
+    if not body.strip():
+        return []
     try:
         parsed = _loads(body)
     except FrameError:
@@ -171,7 +173,9 @@ class _StreamableHttp:
                 if session:
                     self.session_id = session
                 kind = r.headers.get("content-type", "").split(";")[0].strip().lower()
-                if kind == "application/json":
+                if r.status_code == 202:  # a notification or response, accepted
+                    await r.aread()
+                elif kind == "application/json":
                     await self._hand_over(await r.aread(), frame)
                 elif kind == "text/event-stream":
                     parser = _SseParser()

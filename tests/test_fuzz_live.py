@@ -194,3 +194,16 @@ def test_clean_session_with_colliding_ids_passes() -> None:
         2, (Step(0, "request", 0), Step(1, "request", 0), Step("tool", "answer", True))
     )
     assert trio.run(play, session) == []
+
+
+def test_a_progress_token_reused_after_a_cancel_is_credited_to_the_live_request() -> None:
+    """Found by fuzzing this relay: the checker, not the relay, was wrong."""
+    session = Session(
+        1,
+        (
+            Step(0, "progress", (0, 0)),
+            Step(0, "cancel", False),
+            Step(0, "progress", (0, 0)),
+        ),
+    )
+    assert trio.run(play, session) == []

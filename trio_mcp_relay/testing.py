@@ -1170,7 +1170,10 @@ def _caller_got_notification(run: _Run, caller: _Caller, frame: dict[str, Any]) 
         ]
         mine = [r for r in owned if r.caller == caller.index]
         if mine:
-            target = next((r for r in mine if not r.progress_seen), mine[0])
+            # A token may be reused once its request is over (cancelled): credit the
+            # progress to a request that still expects it first.
+            waiting = [r for r in mine if not r.progress_seen]
+            target = next((r for r in waiting if not r.cancelled), (waiting or mine)[0])
             target.progress_seen += 1
             if target.progress_seen > 1:
                 run.violate(

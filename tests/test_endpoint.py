@@ -71,6 +71,7 @@ def test_a_tool_bridge_gets_a_tool_url_from_any_form() -> None:
     assert note is not None and "single_module" in note
     with pytest.raises(UrlError, match="has no token: give the tool URL"):
         tool_side_url("http://h:1")
+    assert tool_side_url("ws://h:1/") == ("ws://h:1/", None)  # an endpoint without tokens
 
 
 def test_connection_failures_are_one_line_saying_what_to_fix() -> None:

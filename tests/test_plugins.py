@@ -1046,7 +1046,10 @@ def test_tools_help_has_an_example() -> None:
     ("args", "message"),
     [
         ([CALCULATOR], "no endpoint: pass --endpoint URL or set MCP_ENDPOINT"),
-        (["--endpoint", "http://127.0.0.1/", CALCULATOR], "must be a ws:// or wss:// URL"),
+        (
+            ["--endpoint", "http://127.0.0.1/", CALCULATOR],
+            "a base URL has no token: give the tool URL (ws://127.0.0.1/mcp_endpoint/mcp/",
+        ),
         (["--endpoint", "ws://h/", "calculator"], "expected module:ClassName"),
         (["--endpoint", "ws://h/", "no_such_module_q:X"], "no module named 'no_such_module_q'"),
         (["--endpoint", "ws://h/", "trio_mcp_relay.examples.calculator:X"], "no attribute 'X'"),

@@ -304,6 +304,8 @@ def tool_side_url(given: str) -> tuple[str, str | None]:
             "that is a caller URL (/mcp_endpoint/call/, where MCP clients connect); using the "
             "tool URL with the same token (/mcp_endpoint/mcp/)"
         )
+    if endpoint.key is None and endpoint.original.startswith(("ws://", "wss://")):
+        return given.strip(), None  # a WebSocket URL of an endpoint that needs no token
     if endpoint.key is not None:
         return endpoint.tool_url(endpoint.key, BANNER_AGENT), (
             f"using the tool URL of agent {BANNER_AGENT}, minted with the health URL's key"

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import KEY, start_relay
+from trio_mcp_relay import _fuzz
 from trio_mcp_relay._auth import caller_url, tool_url
 from trio_mcp_relay._fuzz import PROBES
 from trio_mcp_relay._routing import Router
@@ -26,6 +27,7 @@ from trio_mcp_relay.testing import (
     FAMILIES,
     CannotConnect,
     Session,
+    SessionResult,
     Step,
     Violation,
     check_session,
@@ -207,3 +209,42 @@ def test_a_progress_token_reused_after_a_cancel_is_credited_to_the_live_request(
         ),
     )
     assert trio.run(play, session) == []
+
+
+def _failing_after(calls: int, error: CannotConnect) -> Any:
+    played = itertools.count()
+
+    async def fake_run_session(*args: Any, **kwargs: Any) -> SessionResult:
+        if next(played) >= calls:
+            raise error
+        return SessionResult((), ("-- script",))
+
+    return fake_run_session
+
+
+def test_an_endpoint_that_turns_us_away_mid_run_is_no_finding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    banned = CannotConnect("127.0.0.1:1 refused the WebSocket with HTTP 429", refused=True)
+    monkeypatch.setattr(_fuzz, "run_session", _failing_after(3, banned))
+    with pytest.raises(CannotConnect, match="HTTP 429"):
+        _fuzz.run_fuzz(
+            "ws://127.0.0.1:1", KEY, examples=20, seed=1, patience=1, grace=0, families=FAMILIES
+        )
+
+
+def test_an_endpoint_that_stops_working_mid_run_is_a_liveness_finding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    wedged = CannotConnect("no request from the caller reached the tool within 1 s")
+    monkeypatch.setattr(_fuzz, "run_session", _failing_after(3, wedged))
+    report = _fuzz.run_fuzz(
+        "ws://127.0.0.1:1", KEY, examples=20, seed=1, patience=1, grace=0, families=FAMILIES
+    )
+    assert [f.family for f in report.findings] == ["liveness"]
+    finding = report.findings[0]
+    assert finding.session == _fuzz.PROBES[1]  # the last script played before it broke
+    assert str(finding.result.violations[-1]).startswith(
+        "after this script the endpoint stopped working: no request"
+    )
+    assert report.stopped is not None

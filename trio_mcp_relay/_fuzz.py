@@ -181,6 +181,8 @@ def run_fuzz(
         try:
             result = play(probe)
         except CannotConnect as exc:
+            if exc.refused:
+                raise
             _stopped_working([], played[0], exc, found)
             report.stopped = str(exc)
             return report
@@ -223,8 +225,8 @@ def run_fuzz(
             hypothesis_seed(seed + len(report.findings))(one)()
         except _Abort as abort:
             report.scripts += len(calls)
-            if not isinstance(abort.error, CannotConnect):
-                raise abort.error from None
+            if not isinstance(abort.error, CannotConnect) or abort.error.refused:
+                raise abort.error from None  # a bug of ours, or turned away (429): no finding
             # It worked for the empty script and for others since: the fuzzing broke it.
             _stopped_working(calls, played[0], abort.error, found)
             report.stopped = str(abort.error)

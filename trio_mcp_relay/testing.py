@@ -39,7 +39,7 @@ from typing import Any, Final
 import attrs
 import trio
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, HandshakeError
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from ._endpoint import describe_connect_failure
 from .client import connect_websocket
@@ -312,7 +312,15 @@ class SessionResult:
 
 class CannotConnect(Exception):
     """The endpoint could not be tested at all (nothing listening, refused handshake, wrong
-    key...): not a violation. The message is one line that says what to fix."""
+    key...): not a violation. The message is one line that says what to fix.
+
+    ``refused`` is true when the endpoint turned us away on purpose (HTTP 401, 403 or 429,
+    or a 1008 close for the token): that is never a defect of what was being tested.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 # ----------------------------------------------------------------------------- scripts
@@ -500,6 +508,7 @@ class _Run:
     strays: int = 0
     hostile_from_callers: bool = False
     refused: str | None = None  # the endpoint refused us at the start: CannotConnect
+    token_refused: bool = False  # ... by closing with 1008
     violations: list[Violation] = attrs.Factory(list)
     transcript: list[str] = attrs.Factory(list)
     quiet: bool = True  # do not log frames (while synchronising)
@@ -645,9 +654,10 @@ async def run_session(
                     await _settle(run, patience, grace)
                 nursery.cancel_scope.cancel()
     except (HandshakeError, OSError, trio.TooSlowError) as exc:
-        raise CannotConnect(describe_connect_failure(exc, tool_url)) from None
+        refused = isinstance(exc, ConnectionRejected) and exc.status_code in (401, 403, 429)
+        raise CannotConnect(describe_connect_failure(exc, tool_url), refused=refused) from None
     if run.refused is not None:
-        raise CannotConnect(run.refused)
+        raise CannotConnect(run.refused, refused=run.token_refused)
     if not run.quiet:
         _final_report(run)
         await _still_accepts(run, caller_url, patience)
@@ -928,6 +938,7 @@ async def _tool_reader(run: _Run) -> None:
         run.tool_closed = _close_text(exc)
         if run.quiet:
             run.refused = _refusal(run.tool_closed)
+            run.token_refused = run.refused is not None
         else:
             run.log("tool", "closed", f"by the endpoint: {run.tool_closed}", force=True)
         run.poke()
@@ -1055,6 +1066,7 @@ async def _caller_reader(run: _Run, caller: _Caller) -> None:
             caller.closed = _close_text(exc)
             if run.quiet:
                 run.refused = _refusal(caller.closed)
+                run.token_refused = run.refused is not None
             else:
                 run.log(caller.name, "closed", f"by the endpoint: {caller.closed}", force=True)
         run.poke()

@@ -991,14 +991,14 @@ HTTP_SERVER = Path(__file__).parent / "data" / "http_server.py"
 
 
 @asynccontextmanager
-async def sdk_http_server(port: int) -> AsyncIterator[None]:
-    """The official SDK's Streamable HTTP server on 127.0.0.1:port, until the block ends."""
+async def sdk_http_server(port: int, log: Path) -> AsyncIterator[None]:
+    """The official SDK's Streamable HTTP server on 127.0.0.1:port, until the block ends
+    (its output is appended to ``log``)."""
     pytest.importorskip("mcp")
-    process = await trio.lowlevel.open_process(
-        [sys.executable, str(HTTP_SERVER), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with log.open("ab") as output:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, str(HTTP_SERVER), str(port)], stdout=output, stderr=output
+        )
     try:
         while True:
             try:
@@ -1048,10 +1048,18 @@ async def test_an_http_entry_bridges_a_streamable_http_server_and_reconnects(
     }
     config.write_text(json.dumps({"mcpServers": {"kitchen": entry}}))
     servers = load_config_file(config, environ=dict(os.environ))
+    log = tmp_path / "server.log"
+    try:
+        await _bridge_and_reconnect(servers, port, log)
+    except trio.TooSlowError:
+        pytest.fail("timed out; the SDK server logged:\n" + log.read_text(errors="replace"))
+
+
+async def _bridge_and_reconnect(servers: list[ServerSpec], port: int, log: Path) -> None:
     with trio.fail_after(60):
         async with open_nursery_then_cancel() as nursery:
             relay = await start_relay(nursery)
-            async with sdk_http_server(port):
+            async with sdk_http_server(port, log):
                 await start_pipe(nursery, relay.tool_url("kitchen"), servers)
                 await wait_for_counts(relay, tools=1, callers=0)
                 async with peer(relay.caller_url("kitchen")) as caller:
@@ -1063,5 +1071,5 @@ async def test_an_http_entry_bridges_a_streamable_http_server_and_reconnects(
                     assert await call(caller, 2, "echo", text="héllo") == "héllo"
             # The server goes away and comes back: its session is gone, the pipe starts a
             # new one (replaying the caller's initialize) and calls work again.
-            async with sdk_http_server(port), peer(relay.caller_url("kitchen")) as caller:
+            async with sdk_http_server(port, log), peer(relay.caller_url("kitchen")) as caller:
                 assert await call_until_it_works(caller, 10) == "7"

@@ -165,7 +165,6 @@ def pipe(
       trio-mcp-relay pipe               # the servers of ./mcp_config.json
     """
     from ._auth import RedactingFilter
-    from ._endpoint import tool_side_url
     from ._pipe import PipeConfigError, PipeFailed, PipeOptions, prepare
 
     level = log_level.upper()
@@ -192,10 +191,6 @@ def pipe(
             kill_timeout=kill_timeout,
             max_restarts=max_restarts,
         )
-        if endpoint is not None:
-            endpoint, note = tool_side_url(endpoint)
-            if note is not None:
-                typer.echo(f"note: {note}", err=True)
         url, servers = prepare(
             python=python,
             endpoint=endpoint,

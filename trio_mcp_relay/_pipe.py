@@ -84,6 +84,7 @@ from trio_websocket import (
 )
 
 from ._auth import _SECRET_IN_URL, redact
+from ._endpoint import UrlError, tool_side_url
 from ._frames import FrameError, _loads, dumps
 
 __all__ = [
@@ -535,6 +536,12 @@ def prepare(
             f"no endpoint: pass --endpoint ws://HOST/mcp_endpoint/mcp/?token=TOKEN, or set "
             f"{ENDPOINT_ENV} in the environment or in {DOTENV}"
         )
+    try:
+        url, note = tool_side_url(url)
+    except UrlError as exc:
+        raise PipeConfigError(str(exc)) from None
+    if note is not None:
+        log.warning("%s", note)
     url = _check_endpoint(url)
     if "token=" not in url:
         log.warning("the endpoint URL has no token= parameter; most endpoints require one")

@@ -38,6 +38,8 @@ Deliver = Callable[[bytes], Awaitable[None]]
 
 #: Seconds to connect and to send; a response may take as long as the tool does.
 CONNECT_TIMEOUT: Final = 10.0
+#: ... except the answer to ``initialize``, which everything else waits for.
+INITIALIZE_TIMEOUT: Final = 30.0
 
 
 class RemoteError(Exception):
@@ -155,8 +157,12 @@ class _StreamableHttp:
     async def _post(self, line: bytes, frame: Any) -> None:
         headers = self._headers("application/json, text/event-stream")
         headers["content-type"] = "application/json"
+        initialize = isinstance(frame, dict) and frame.get("method") == "initialize"
+        timeout = httpx.Timeout(CONNECT_TIMEOUT, read=INITIALIZE_TIMEOUT if initialize else None)
         try:
-            async with self.client.stream("POST", self.url, content=line, headers=headers) as r:
+            async with self.client.stream(
+                "POST", self.url, content=line, headers=headers, timeout=timeout
+            ) as r:
                 if r.status_code == 404 and self.session_id is not None:
                     raise RemoteError("the remote MCP server ended the session (HTTP 404)")
                 if r.status_code >= 400:

@@ -54,6 +54,7 @@ from trio_mcp_relay._pipe import (
     _Session,
     compact_line,
     load_config_file,
+    parse_config,
     prepare,
     read_dotenv,
     redact_url,
@@ -991,13 +992,13 @@ HTTP_SERVER = Path(__file__).parent / "data" / "http_server.py"
 
 
 @asynccontextmanager
-async def sdk_http_server(port: int, log: Path) -> AsyncIterator[None]:
+async def sdk_http_server(port: int, log: Path, *transport: str) -> AsyncIterator[None]:
     """The official SDK's Streamable HTTP server on 127.0.0.1:port, until the block ends
     (its output is appended to ``log``)."""
     pytest.importorskip("mcp")
     with log.open("ab") as output:
         process = await trio.lowlevel.open_process(
-            [sys.executable, str(HTTP_SERVER), str(port)], stdout=output, stderr=output
+            [sys.executable, str(HTTP_SERVER), str(port), *transport], stdout=output, stderr=output
         )
     try:
         while True:
@@ -1073,3 +1074,28 @@ async def _bridge_and_reconnect(servers: list[ServerSpec], port: int, log: Path)
             # new one (replaying the caller's initialize) and calls work again.
             async with sdk_http_server(port, log), peer(relay.caller_url("kitchen")) as caller:
                 assert await call_until_it_works(caller, 10) == "7"
+
+
+async def test_an_sse_entry_bridges_an_http_sse_server(tmp_path: Path) -> None:
+    port = _free_port()
+    entry = {
+        "type": "sse",
+        "url": f"http://127.0.0.1:{port}/sse",
+        "headers": {"Authorization": "Bearer kitchen"},
+    }
+    servers = parse_config(
+        {"mcpServers": {"kitchen": entry}}, source="test", environ=dict(os.environ)
+    )
+    log = tmp_path / "server.log"
+    with trio.fail_after(60):
+        async with open_nursery_then_cancel() as nursery:
+            relay = await start_relay(nursery)
+            async with sdk_http_server(port, log, "sse"):
+                await start_pipe(nursery, relay.tool_url("kitchen"), servers)
+                await wait_for_counts(relay, tools=1, callers=0)
+                async with peer(relay.caller_url("kitchen")) as caller:
+                    init = await initialize(caller)
+                    assert init["result"]["serverInfo"]["name"] == "kitchen-http", log.read_text()
+                    listed = await rpc(caller, 1, "tools/list")
+                    assert [t["name"] for t in listed["result"]["tools"]] == ["add", "echo"]
+                    assert await call(caller, 2, "add", a=40, b=2) == "42"

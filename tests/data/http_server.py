@@ -1,8 +1,10 @@
 """A Streamable HTTP MCP server from the official MCP Python SDK, for the pipe tests.
 
-``python http_server.py PORT`` serves ``/mcp`` on 127.0.0.1:PORT with the tools ``add(a, b)``
-and ``echo(text)``. Requests without ``Authorization: Bearer kitchen`` get HTTP 401, so a
-test sees that the pipe sends the headers of its config entry.
+``python http_server.py PORT`` serves ``/mcp`` (Streamable HTTP) on 127.0.0.1:PORT with the
+tools ``add(a, b)`` and ``echo(text)``; ``python http_server.py PORT sse`` serves the older
+HTTP+SSE transport instead (``/sse``, posting to ``/messages/``). Requests without
+``Authorization: Bearer kitchen`` get HTTP 401, so a test sees that the pipe sends the headers
+of its config entry.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def echo(text: str) -> str:
     return text
 
 
-app = server.streamable_http_app()
+app = server.sse_app() if sys.argv[2:] == ["sse"] else server.streamable_http_app()
 
 
 async def guarded(scope: Any, receive: Any, send: Any) -> None:

@@ -329,7 +329,7 @@ def check_command(
     url_argument: Annotated[
         str | None,
         typer.Argument(
-            metavar="[URL]",
+            metavar="URL",
             help="The endpoint: the health URL the relay prints (it carries the key), a base "
             "URL (http(s):// or ws(s)://HOST:PORT), or a tool or caller URL.",
             show_default=False,
@@ -443,7 +443,7 @@ def fuzz_command(
     url_argument: Annotated[
         str | None,
         typer.Argument(
-            metavar="[URL]",
+            metavar="URL",
             help="The endpoint: the health URL the relay prints (it carries the key), a base "
             "URL (http(s):// or ws(s)://HOST:PORT), or a tool or caller URL.",
             show_default=False,

@@ -148,12 +148,14 @@ def pipe(
         typer.Option(help="DEBUG, INFO, WARNING, ERROR or CRITICAL.", envvar="LOG_LEVEL"),
     ] = "INFO",
 ) -> None:
-    """Bridge stdio MCP servers to an MCP endpoint (a drop-in for mcp_pipe.py).
+    """Bridge MCP servers to an MCP endpoint (a drop-in for mcp_pipe.py).
 
     Each server runs as a child process and gets its own WebSocket to the endpoint: every
     WebSocket message goes to the server's stdin as one line, every line of its stdout goes
-    back as one message. The WebSocket is redialled with backoff when it drops, and the
-    server keeps running meanwhile (its output is buffered); a server that exits is restarted.
+    back as one message. Config entries of type http (Streamable HTTP) and sse are remote
+    servers, bridged over HTTP with the entry's headers. The WebSocket is redialled with
+    backoff when it drops, and the server keeps running meanwhile (its output is buffered); a
+    server that exits is restarted (up to --max-restarts quick exits in a row).
     Each server's stderr is shown on ours, prefixed with [name]. Ctrl-C or SIGTERM closes
     the WebSockets (code 1000) and stops the servers.
 
@@ -161,6 +163,7 @@ def pipe(
     Examples:
       trio-mcp-relay pipe --endpoint "wss://api.xiaozhi.me/mcp/?token=..." \\
           -- python calculator.py
+      trio-mcp-relay pipe calculator.py   # with the python on PATH
       export MCP_ENDPOINT="ws://192.168.1.20:8004/mcp_endpoint/mcp/?token=..."
       trio-mcp-relay pipe               # the servers of ./mcp_config.json
     """

@@ -1114,5 +1114,5 @@ def test_tools_command_cannot_connect() -> None:
         command_app(), ["tools", "--endpoint", url, "--no-reconnect", CALCULATOR]
     )
     assert result.exit_code == 1
-    assert "cannot connect to the endpoint" in result.output
+    assert "nothing listens at 127.0.0.1:1 (connection refused)" in result.output
     assert "SECRET" not in result.output

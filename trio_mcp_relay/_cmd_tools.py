@@ -21,14 +21,13 @@ import trio_websocket
 import typer
 
 from trio_mcp_relay._auth import RedactingFilter
-from trio_mcp_relay._endpoint import tool_side_url
+from trio_mcp_relay._endpoint import describe_connect_failure, tool_side_url
 from trio_mcp_relay.plugins import (
     EndpointRefused,
     Plugin,
     PluginHost,
     PluginLoadError,
     _check_endpoint_url,
-    _describe_failure,
     load_plugin,
     run_tools,
 )
@@ -186,7 +185,7 @@ def tools(
     if refused is not None:
         _fail(str(refused), 1)
     if failed is not None:
-        _fail(f"cannot connect to the endpoint: {_describe_failure(failed)}", 1)
+        _fail(describe_connect_failure(failed, endpoint), 1)
 
 
 def register(app: typer.Typer) -> None:

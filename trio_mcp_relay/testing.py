@@ -649,7 +649,7 @@ async def run_session(
                 if await _sync(run, patience):
                     run.quiet = False
                     run.phase("script")
-                    await _play(session, run, patience)
+                    await _play(session, run, patience, grace)
                     run.phase("the tool answers what is left; each caller sends a last request")
                     await _settle(run, patience, grace)
                 nursery.cancel_scope.cancel()
@@ -745,12 +745,12 @@ async def _sync(run: _Run, patience: float) -> bool:
     return False
 
 
-async def _play(session: Session, run: _Run, patience: float) -> None:
+async def _play(session: Session, run: _Run, patience: float, grace: float) -> None:
     for step in session.steps:
         if run.tool_closed is not None:
             return
         if step.who == "tool":
-            if not await _tool_step(step, run, patience):
+            if not await _tool_step(step, run, patience, grace):
                 return
         else:
             assert isinstance(step.who, int)
@@ -805,7 +805,18 @@ async def _caller_step(step: Step, caller: _Caller, run: _Run) -> None:
         run.poke()
 
 
-async def _tool_step(step: Step, run: _Run, patience: float) -> bool:
+async def _let_cancels_arrive(run: _Run, grace: float) -> None:
+    """Give cancellations already sent up to ``grace`` seconds to reach the tool before it
+    answers: a cancellation and an answer on two connections race at the relay, and an
+    answer that wins makes the cancellation moot. (Not a synchronisation on the behaviour
+    under test: what has not arrived by then is still reported.)"""
+    waiting = [c for c in run.cancels if run._cancel_expected(c) and not run._cancel_arrived(c)]
+    if waiting:
+        with trio.move_on_after(grace):
+            await run.until(lambda: all(run._cancel_arrived(c) for c in waiting))
+
+
+async def _tool_step(step: Step, run: _Run, patience: float, grace: float) -> bool:
     """Play one tool step; False if the script cannot go on."""
     tool = run.tool
     if step.kind == "hostile":
@@ -835,6 +846,7 @@ async def _tool_step(step: Step, run: _Run, patience: float) -> bool:
                 "(and were not answered)",
             )
             return False
+        await _let_cancels_arrive(run, grace)
         in_flight = [r for r in run.forwarded if not r.tool_answered]
         if step.kind == "answer":
             if in_flight:
@@ -869,6 +881,7 @@ async def _answer(run: _Run, request: _Request) -> None:
 async def _settle(run: _Run, patience: float, grace: float) -> None:
     with trio.move_on_after(patience):
         await run.until(run.reached_tool)
+    await _let_cancels_arrive(run, grace)
     for request in list(run.forwarded):
         if not request.tool_answered and run.tool_closed is None:
             await _answer(run, request)

@@ -254,3 +254,24 @@ def test_an_endpoint_that_stops_working_mid_run_is_a_liveness_finding(
         "after this script the endpoint stopped working: no request"
     )
     assert report.stopped is not None
+
+
+def test_skipped_families_are_not_exercised_by_probes_or_scripts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    played: list[Session] = []
+
+    async def fake_run_session(tool: str, caller: str, session: Session, **_: Any) -> Any:
+        played.append(session)
+        return SessionResult((), ())
+
+    monkeypatch.setattr(_fuzz, "run_session", fake_run_session)
+    chosen = [f for f in FAMILIES if f not in ("invalid-frames", "late-answers")]
+    report = _fuzz.run_fuzz(
+        "ws://127.0.0.1:1", KEY, examples=40, seed=1, patience=1, grace=0, families=chosen
+    )
+    assert report.findings == [] and report.scripts == 40
+    kinds = {(step.who == "tool", step.kind) for session in played for step in session.steps}
+    assert (False, "hostile") not in kinds  # a caller's invalid frame
+    assert not kinds & {(True, "duplicate"), (True, "stray"), (False, "leave")}
+    assert (True, "hostile") in kinds  # the tool's garbage tests liveness: always in

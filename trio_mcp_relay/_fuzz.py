@@ -45,6 +45,7 @@ from .testing import (
     Violation,
     run_session,
     sessions,
+    step_family,
 )
 
 __all__ = ["Finding", "FuzzReport", "FuzzerFailed", "describe_step", "run_fuzz"]
@@ -178,6 +179,8 @@ def run_fuzz(
     for probe in PROBES:
         if not remaining or budget <= 0:
             break
+        if any(step_family(step) not in (None, *chosen) for step in probe.steps):
+            continue  # it would exercise a family that was not asked for (--only, --skip)
         try:
             result = play(probe)
         except CannotConnect as exc:

@@ -63,6 +63,7 @@ __all__ = [
     "same_json",
     "server_requests",
     "sessions",
+    "step_family",
     "tool_notifications",
     "tool_steps",
 ]
@@ -279,6 +280,11 @@ _KIND_FAMILY: Final = {
     ("tool", "duplicate"): "late-answers",
     ("tool", "stray"): "late-answers",
 }
+
+
+def step_family(step: Step) -> str | None:
+    """The one family a step serves, if its kind serves only one (None: it serves them all)."""
+    return _KIND_FAMILY.get(("tool" if step.who == "tool" else "caller", step.kind))
 
 
 def _families(families: Iterable[str] | None) -> frozenset[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import re
 import signal
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
@@ -280,3 +281,43 @@ def test_serve_with_no_arguments_on_a_fresh_directory(tmp_path: Path) -> None:
         finally:
             relay.send_signal(signal.SIGTERM)
             assert relay.wait(timeout=15) == 0
+
+
+def test_version_prints_the_package_version() -> None:
+    from trio_mcp_relay import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"trio-mcp-relay {__version__}\n"
+
+
+KITCHEN = '''
+from trio_mcp_relay.plugins import Plugin, tool
+
+
+class Kitchen(Plugin):
+    @tool
+    def boil(self, minutes: int) -> str:
+        """Boil water."""
+        return f"boiled for {minutes} min"
+'''
+
+
+def test_serve_tools_imports_plugins_from_the_current_directory_or_app_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a console script sees it: the plugin's directory is not on sys.path by itself."""
+    from trio_mcp_relay._cli import _embedded_tools
+
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "kitchen_tools.py").write_text(KITCHEN)
+    cwd = str(Path.cwd())
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", cwd)])
+    monkeypatch.delitem(sys.modules, "kitchen_tools", raising=False)
+    monkeypatch.chdir(plugin_dir)
+    assert set(_embedded_tools(["a=kitchen_tools:Kitchen"], Path("."))) == {"a"}
+    monkeypatch.delitem(sys.modules, "kitchen_tools")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(plugin_dir)])
+    monkeypatch.chdir(tmp_path)
+    assert set(_embedded_tools(["b=kitchen_tools:Kitchen"], plugin_dir)) == {"b"}

@@ -39,11 +39,14 @@ from trio_websocket import (
 from typer.testing import CliRunner
 
 from tests.helpers import peer, recv, send, start_relay, wait_for_counts
+from trio_mcp_relay import testing
 from trio_mcp_relay._cmd_pipe import register
+from trio_mcp_relay._frames import _loads, dumps
 from trio_mcp_relay._pipe import (
     Backoff,
     BridgeStatus,
     PipeConfigError,
+    PipeFailed,
     PipeOptions,
     ServerSpec,
     _LineSplitter,
@@ -51,6 +54,7 @@ from trio_mcp_relay._pipe import (
     _Session,
     compact_line,
     load_config_file,
+    parse_config,
     prepare,
     read_dotenv,
     redact_url,
@@ -280,9 +284,7 @@ async def test_a_crashed_child_is_restarted_and_reinitialized(
     assert "re-initialized" in caplog.text
 
 
-async def test_config_with_a_disabled_and_an_sse_server(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_config_with_a_disabled_server_and_remote_ones(tmp_path: Path) -> None:
     config = tmp_path / "mcp_config.json"
     config.write_text(
         json.dumps(
@@ -296,21 +298,27 @@ async def test_config_with_a_disabled_and_an_sse_server(
                     },
                     "spare": {"command": sys.executable, "args": [str(SERVER)], "disabled": True},
                     "remote": {"type": "sse", "url": "http://127.0.0.1:9/sse"},
-                    "streamed": {"transportType": "streamableHttp", "url": "http://x/mcp"},
+                    "streamed": {
+                        "transportType": "streamableHttp",
+                        "url": "https://x/mcp",
+                        "headers": {"Authorization": "Bearer t"},
+                    },
+                    "bare": {"url": "http://y/mcp"},
                 }
             }
         )
     )
     servers = load_config_file(config, environ={"PATH": os.environ["PATH"]})
-    assert [spec.name for spec in servers] == ["calc"]
+    assert [spec.name for spec in servers] == ["calc", "remote", "streamed", "bare"]
     assert servers[0].env["CALC_MODE"] == "1"
     assert servers[0].env["PYTHONUNBUFFERED"] == "1"
-    for name in ("remote", "streamed"):
-        assert any(
-            name in record.getMessage() and "not supported" in record.getMessage()
-            for record in caplog.records
-            if record.levelno == logging.WARNING
-        ), name
+    remote = [(s.transport, s.url, dict(s.headers)) for s in servers[1:]]
+    assert remote == [
+        ("sse", "http://127.0.0.1:9/sse", {}),
+        ("http", "https://x/mcp", {"Authorization": "Bearer t"}),
+        ("http", "http://y/mcp", {}),
+    ]
+    servers = servers[:1]
     with trio.fail_after(TIMEOUT):
         async with open_nursery_then_cancel() as nursery:
             relay = await start_relay(nursery)
@@ -608,7 +616,7 @@ def pipe_app() -> typer.Typer:
         (
             ["--endpoint", "ws://127.0.0.1:1/?token=t"],
             {"mcp_config.json": '{"mcpServers": {"a": {"command": "python", "disabled": true}}}'},
-            ["no enabled stdio server"],
+            ["no enabled server"],
         ),
         (
             ["--endpoint", "ws://127.0.0.1:1/?token=t", "--config", "missing.json"],
@@ -736,7 +744,18 @@ def test_config_is_found_by_flag_environment_or_default(tmp_path: Path) -> None:
         )
 
 
-def test_a_lone_python_script_runs_with_this_interpreter(tmp_path: Path) -> None:
+def fake_python(directory: Path, pythonpath: Path | None = None) -> Path:
+    """A ``python`` for PATH that is our interpreter with its own PYTHONPATH: the user's
+    active environment, whose packages trio-mcp-relay's own interpreter does not have."""
+    directory.mkdir(parents=True, exist_ok=True)
+    python = directory / "python"
+    extra = f'PYTHONPATH="{pythonpath}" ' if pythonpath is not None else ""
+    python.write_text(f'#!/bin/sh\n{extra}exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return python
+
+
+def test_a_lone_python_script_runs_with_the_python_on_path(tmp_path: Path) -> None:
     with pytest.raises(PipeConfigError, match=r"no such script: calc\.py"):
         prepare(
             endpoint="ws://h/",
@@ -747,11 +766,88 @@ def test_a_lone_python_script_runs_with_this_interpreter(tmp_path: Path) -> None
             cwd=tmp_path,
         )
     (tmp_path / "calc.py").write_text("")
-    _, [spec] = prepare(
-        endpoint="ws://h/", config=None, command=["calc.py"], name=None, environ={}, cwd=tmp_path
+    python = fake_python(tmp_path / "bin")
+    found = {"PATH": str(python.parent)}
+    for environ, flag, expected in (
+        (found, None, str(python)),
+        (found, sys.executable, sys.executable),
+    ):
+        _, [spec] = prepare(
+            endpoint="ws://h/",
+            config=None,
+            command=["calc.py"],
+            name=None,
+            environ=environ,
+            cwd=tmp_path,
+            python=flag,
+        )
+        assert spec.command == (expected, "calc.py")
+        assert spec.name == "calc"
+    with pytest.raises(PipeConfigError, match=r"no python on PATH to run calc\.py: .*--python"):
+        prepare(
+            endpoint="ws://h/",
+            config=None,
+            command=["calc.py"],
+            name=None,
+            environ={"PATH": str(tmp_path / "empty")},
+            cwd=tmp_path,
+        )
+
+
+async def test_a_script_whose_dependencies_live_only_in_the_active_environment_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deps = tmp_path / "site"
+    deps.mkdir()
+    (deps / "kitchen_dep.py").write_text("GREETING = 'from the user environment'\n")
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import runpy, sys, kitchen_dep\n"
+        f"sys.argv = [{str(SERVER)!r}]\n"
+        f"runpy.run_path({str(SERVER)!r}, run_name='__main__')\n"
     )
-    assert spec.command == (sys.executable, "calc.py")
-    assert spec.name == "calc"
+    python = fake_python(tmp_path / "bin", deps)
+    monkeypatch.chdir(tmp_path)
+    environ = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}"}
+    url_unused = "ws://127.0.0.1:9/mcp/?token=x"
+    _, [spec] = prepare(
+        endpoint=url_unused,
+        config=None,
+        command=["server.py"],
+        name=None,
+        environ=environ,
+        cwd=tmp_path,
+    )
+    with trio.fail_after(TIMEOUT):
+        async with open_nursery_then_cancel() as nursery:
+            relay = await start_relay(nursery)
+            await start_pipe(nursery, relay.tool_url("calc"), [spec])
+            await wait_for_counts(relay, tools=1, callers=0)
+            async with peer(relay.caller_url("calc")) as caller:
+                await initialize(caller)
+                assert await call(caller, 1, "add", a=1, b=2) == "3"
+
+
+async def test_a_missing_module_is_reported_once_and_restarts_are_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text("import no_such_kitchen_module\n")
+    spec = ServerSpec("broken", (sys.executable, str(script)), dict(os.environ))
+    options = attrs.evolve(FAST, max_restarts=3, backoff_initial=0.01, backoff_max=0.02)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            fake = await start_fake_endpoint(nursery)
+            with pytest.raises(PipeFailed) as failed:
+                await run_pipe(fake.url(), [spec], options)
+            nursery.cancel_scope.cancel()
+    assert str(failed.value) == (
+        "the MCP server 'broken' exited 4 times in a row, each within 30 s of starting "
+        "(No module named 'no_such_kitchen_module'); not restarting it"
+    )
+    hints = [r.getMessage() for r in caplog.records if "cannot import" in r.getMessage()]
+    assert len(hints) == 1
+    assert "no_such_kitchen_module" in hints[0] and "--python" in hints[0]
 
 
 def test_redact_url() -> None:
@@ -858,3 +954,148 @@ def test_session_gives_the_child_its_own_ids_and_restores_the_endpoints() -> Non
     note = b'{"jsonrpc": "2.0", "method": "notifications/message"}'
     assert session.from_child(note) == (_Outcome.FORWARD, note, None)
     assert session.from_child(b"Server started!")[0] is _Outcome.NOT_JSON
+
+
+# Ids that break naive id tables, all in flight at once: 1 and "1" and 1.0, 0 and "", floats,
+# integers far beyond 64 bits.
+TOGETHER = [1, "1", 1.0, 0, "", 0.0, 1.5, -2.5e-300, 2**64, -(2**70), 10**30, "0"]
+
+
+@given(
+    st.lists(testing.ids(), max_size=12).flatmap(lambda extra: st.permutations(TOGETHER + extra)),
+    st.randoms(use_true_random=False),
+)
+def test_every_endpoint_id_comes_back_exactly_whatever_else_is_in_flight(
+    endpoint_ids: list[Any], rnd: Any
+) -> None:
+    session = _Session()
+    generation = session.new_generation()
+    sent = []
+    for n, rid in enumerate(endpoint_ids):
+        frame = {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"n": n}}
+        line, child_id = session.to_child(frame, generation)
+        assert _loads(line) == {**frame, "id": child_id}
+        sent.append((child_id, rid, n))
+    assert len({child_id for child_id, _, _ in sent}) == len(sent)
+    rnd.shuffle(sent)  # the child answers in any order
+    for child_id, rid, n in sent:
+        answer = dumps({"jsonrpc": "2.0", "id": child_id, "result": {"n": n}})
+        outcome, line, tag = session.from_child(answer)
+        back = _loads(line)
+        assert outcome is _Outcome.FORWARD and tag == generation
+        assert testing.same_json(back["id"], rid), (back["id"], rid)
+        assert back["result"] == {"n": n}
+    assert session.pending == {}
+
+
+HTTP_SERVER = Path(__file__).parent / "data" / "http_server.py"
+
+
+@asynccontextmanager
+async def sdk_http_server(port: int, log: Path, *transport: str) -> AsyncIterator[None]:
+    """The official SDK's Streamable HTTP server on 127.0.0.1:port, until the block ends
+    (its output is appended to ``log``)."""
+    pytest.importorskip("mcp")
+    with log.open("ab") as output:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, str(HTTP_SERVER), str(port), *transport], stdout=output, stderr=output
+        )
+    try:
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            break
+        yield
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def call_until_it_works(caller: WebSocketConnection, first_id: int) -> str:
+    """Call add until the remote server answers (it may be reconnecting)."""
+    rid = first_id
+    while True:
+        answer = await rpc(
+            caller, rid, "tools/call", {"name": "add", "arguments": {"a": 2, "b": 5}}
+        )
+        if "result" in answer:
+            return answer["result"]["content"][0]["text"]  # type: ignore[no-any-return]
+        rid += 1
+        await trio.sleep(0.1)
+
+
+async def test_an_http_entry_bridges_a_streamable_http_server_and_reconnects(
+    tmp_path: Path,
+) -> None:
+    port = _free_port()
+    config = tmp_path / "mcp_config.json"
+    entry = {
+        "type": "http",
+        "url": f"http://127.0.0.1:{port}/mcp",
+        "headers": {"Authorization": "Bearer kitchen"},
+    }
+    config.write_text(json.dumps({"mcpServers": {"kitchen": entry}}))
+    servers = load_config_file(config, environ=dict(os.environ))
+    log = tmp_path / "server.log"
+    try:
+        await _bridge_and_reconnect(servers, port, log)
+    except trio.TooSlowError:
+        pytest.fail("timed out; the SDK server logged:\n" + log.read_text(errors="replace"))
+
+
+async def _bridge_and_reconnect(servers: list[ServerSpec], port: int, log: Path) -> None:
+    with trio.fail_after(60):
+        async with open_nursery_then_cancel() as nursery:
+            relay = await start_relay(nursery)
+            async with sdk_http_server(port, log):
+                await start_pipe(nursery, relay.tool_url("kitchen"), servers)
+                await wait_for_counts(relay, tools=1, callers=0)
+                async with peer(relay.caller_url("kitchen")) as caller:
+                    init = await initialize(caller)
+                    assert init["result"]["serverInfo"]["name"] == "kitchen-http"
+                    listed = await rpc(caller, 1, "tools/list")
+                    names = [t["name"] for t in listed["result"]["tools"]]
+                    assert names == ["add", "echo"]
+                    assert await call(caller, 2, "echo", text="héllo") == "héllo"
+            # The server goes away and comes back: its session is gone, the pipe starts a
+            # new one (replaying the caller's initialize) and calls work again.
+            async with sdk_http_server(port, log), peer(relay.caller_url("kitchen")) as caller:
+                assert await call_until_it_works(caller, 10) == "7"
+
+
+async def test_an_sse_entry_bridges_an_http_sse_server(tmp_path: Path) -> None:
+    port = _free_port()
+    entry = {
+        "type": "sse",
+        "url": f"http://127.0.0.1:{port}/sse",
+        "headers": {"Authorization": "Bearer kitchen"},
+    }
+    servers = parse_config(
+        {"mcpServers": {"kitchen": entry}}, source="test", environ=dict(os.environ)
+    )
+    log = tmp_path / "server.log"
+    with trio.fail_after(60):
+        async with open_nursery_then_cancel() as nursery:
+            relay = await start_relay(nursery)
+            async with sdk_http_server(port, log, "sse"):
+                await start_pipe(nursery, relay.tool_url("kitchen"), servers)
+                await wait_for_counts(relay, tools=1, callers=0)
+                async with peer(relay.caller_url("kitchen")) as caller:
+                    init = await initialize(caller)
+                    assert init["result"]["serverInfo"]["name"] == "kitchen-http", log.read_text()
+                    listed = await rpc(caller, 1, "tools/list")
+                    assert [t["name"] for t in listed["result"]["tools"]] == ["add", "echo"]
+                    assert await call(caller, 2, "add", a=40, b=2) == "42"

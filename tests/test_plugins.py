@@ -1064,7 +1064,10 @@ def test_tools_help_has_an_example() -> None:
     ("args", "message"),
     [
         ([CALCULATOR], "no endpoint: pass --endpoint URL or set MCP_ENDPOINT"),
-        (["--endpoint", "http://127.0.0.1/", CALCULATOR], "must be a ws:// or wss:// URL"),
+        (
+            ["--endpoint", "http://127.0.0.1/", CALCULATOR],
+            "a base URL has no token: give the tool URL (ws://127.0.0.1/mcp_endpoint/mcp/",
+        ),
         (["--endpoint", "ws://h/", "calculator"], "expected module:ClassName"),
         (["--endpoint", "ws://h/", "no_such_module_q:X"], "no module named 'no_such_module_q'"),
         (["--endpoint", "ws://h/", "trio_mcp_relay.examples.calculator:X"], "no attribute 'X'"),
@@ -1129,5 +1132,5 @@ def test_tools_command_cannot_connect() -> None:
         command_app(), ["tools", "--endpoint", url, "--no-reconnect", CALCULATOR]
     )
     assert result.exit_code == 1
-    assert "cannot connect to the endpoint" in result.output
+    assert "nothing listens at 127.0.0.1:1 (connection refused)" in result.output
     assert "SECRET" not in result.output

@@ -35,3 +35,20 @@ def test_readme_starts_with_the_two_commands_ci_runs() -> None:
         "--quiet --disable-pip-version-check ", ""
     )
     assert ci.rstrip().endswith(run)
+
+
+def test_testing_example_runs_against_an_embedded_relay(tmp_path: Path) -> None:
+    match = re.search(
+        r"<!-- testing-example -->\n```python\n(.*?)```\n<!-- /testing-example -->", README, re.S
+    )
+    assert match, "README lost its trio_mcp_relay.testing example"
+    (tmp_path / "test_example.py").write_text(match.group(1))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-W", "error", "-p", "no:cacheprovider", "."],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout

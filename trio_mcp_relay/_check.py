@@ -8,6 +8,7 @@ that names the likely cause when it fails.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import secrets
 import ssl
@@ -25,6 +26,7 @@ from trio_websocket import (
 )
 
 from ._auth import encrypt_token
+from ._endpoint import describe_connect_failure
 from .client import connect_websocket
 
 __all__ = ["CheckResult", "Endpoint", "run_checks"]
@@ -38,28 +40,37 @@ PROXY_HINT = (
 
 @attrs.frozen
 class CheckResult:
-    """One step of the check."""
+    """One step of the check; ``skipped`` steps are neither passed nor failed."""
 
     name: str
     ok: bool
     detail: str = ""
     hint: str = ""
+    skipped: bool = False
 
 
 @attrs.frozen
 class Endpoint:
-    """Where the endpoint is: ``base`` like ``http://host:8004`` (or https)."""
+    """Where the endpoint is: ``base`` like ``http://host:8004`` (or https).
+
+    With a ``key``, every step uses fresh agents minted with it. Without one, ``token`` (from a
+    tool or caller URL) is used: the steps that need the key are skipped, and the round trip
+    goes through the agent's own tool when one is connected (never replacing it).
+    """
 
     base: str
-    key: str
+    key: str | None
     timeout: float = 10.0
+    token: str | None = None
 
     @property
     def ws_base(self) -> str:
         return self.base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
 
     def url(self, path: str, agent: str, *, token: str | None = None) -> str:
-        token = token if token is not None else encrypt_token(self.key, agent)
+        if token is None:
+            token = encrypt_token(self.key, agent) if self.key is not None else self.token
+        assert token is not None
         return f"{self.ws_base}/mcp_endpoint/{path}/?token={quote(token, safe='')}"
 
 
@@ -115,6 +126,9 @@ def _connect_hint(exc: BaseException | None) -> str:
     return ""
 
 
+_BASE: contextvars.ContextVar[str] = contextvars.ContextVar("_BASE", default="the endpoint")
+
+
 async def _step(
     name: str, body: Callable[[], Awaitable[str]], failure_hint: str = ""
 ) -> CheckResult:
@@ -124,7 +138,11 @@ async def _step(
         return CheckResult(name, False, exc.detail, exc.hint or failure_hint)
     except trio.TooSlowError:
         return CheckResult(name, False, "no answer in time", failure_hint or _connect_hint(None))
+    except trio.BrokenResourceError as exc:  # TLS (or the stream) failed under h11
+        return CheckResult(name, False, describe_connect_failure(exc, _BASE.get()), "")
     except (OSError, HandshakeError, ConnectionClosed, h11.ProtocolError) as exc:
+        if isinstance(exc, HandshakeError) and not isinstance(exc, ConnectionRejected):
+            return CheckResult(name, False, describe_connect_failure(exc, _BASE.get()), "")
         return CheckResult(name, False, describe_error(exc), _connect_hint(exc))
 
 
@@ -155,18 +173,113 @@ class _Failed(Exception):
         self.hint = hint
 
 
+def _skipped(name: str, why: str) -> CheckResult:
+    return CheckResult(name, True, why, skipped=True)
+
+
 async def run_checks(endpoint: Endpoint) -> list[CheckResult]:
     """Run every check in order; returns one result per step."""
     agent = f"trio-mcp-relay-check-{secrets.token_hex(4)}"
+    _BASE.set(endpoint.base)
+    no_key = "skipped: needs the server key (--key, or the health URL)"
     results = [
         await _step("HTTP status endpoint", lambda: _status(endpoint)),
-        await _step("health with the key", lambda: _health(endpoint)),
+        await _step("health with the key", lambda: _health(endpoint))
+        if endpoint.key is not None
+        else _skipped("health with the key", no_key),
         await _step("health refuses a wrong key", lambda: _health_refuses_wrong_key(endpoint)),
     ]
-    results += await _websocket_checks(endpoint, agent)
-    results.append(await _step("error for a missing tool", lambda: _missing_tool(endpoint, agent)))
+    if endpoint.key is not None:
+        results += await _websocket_checks(endpoint, agent)
+        results.append(
+            await _step("error for a missing tool", lambda: _missing_tool(endpoint, agent))
+        )
+    else:
+        results += await _token_checks(endpoint)
+        results.append(_skipped("error for a missing tool", no_key))
     results.append(await _step("bad token refused", lambda: _bad_token(endpoint, agent)))
     return results
+
+
+async def _token_checks(endpoint: Endpoint) -> list[CheckResult]:
+    """The connection steps with the given token: the agent's own tool answers the round
+    trip if one is connected; if none is, ours connects (nothing is replaced)."""
+    timeout = endpoint.timeout
+    tool_name, caller_name = (
+        "tool connection (/mcp_endpoint/mcp/)",
+        "caller connection " + ("(/mcp_endpoint/call/)"),
+    )
+    trip_name = "forwarded round trip"
+    async with contextlib.AsyncExitStack() as stack:
+        caller_ws: list[WebSocketConnection] = []
+
+        async def connect_caller() -> str:
+            caller_ws.append(await _open_checked(stack, endpoint.url("call", ""), timeout))
+            return "connected with the URL's token"
+
+        caller = await _step(caller_name, connect_caller)
+        if not caller.ok:
+            return [_skipped(tool_name, "skipped"), caller, _skipped(trip_name, "skipped")]
+        request = {"jsonrpc": "2.0", "id": 0, "method": "ping"}
+        first: dict[str, object] | None = None
+        with trio.move_on_after(timeout):
+            await caller_ws[0].send_message(json.dumps(request))
+            first = json.loads(await caller_ws[0].get_message())
+        error = first.get("error") if first is not None else None
+        if not (isinstance(error, dict) and error.get("code") == -32001):
+            # A tool is connected (or may be): never replace it with ours.
+            tool = _skipped(tool_name, "skipped: the agent's own tool is connected")
+            return [tool, caller, _ping_answer(first, timeout)]
+        tool_ws: list[WebSocketConnection] = []
+
+        async def connect_tool() -> str:
+            tool_ws.append(await _open_checked(stack, endpoint.url("mcp", ""), timeout))
+            return "connected with the URL's token (the agent had no tool)"
+
+        tool = await _step(tool_name, connect_tool)
+        if not tool.ok:
+            return [tool, caller, _skipped(trip_name, "skipped")]
+        trip = await _step(
+            trip_name,
+            lambda: _round_trip(tool_ws[0], caller_ws[0], timeout),
+            "the relay did not answer in time: lost response?",
+        )
+        return [tool, caller, trip]
+
+
+def _ping_answer(response: dict[str, object] | None, timeout: float) -> CheckResult:
+    name = "forwarded round trip"
+    if response is None:
+        return CheckResult(
+            name,
+            False,
+            f"no answer to ping (id 0) within {timeout:g} s",
+            "a lost response: mcp-endpoint-server 0.0.6 and earlier lose every answer to id 0",
+        )
+    if response.get("id") == 0 and type(response.get("id")) is int:
+        return CheckResult(name, True, "ping with id 0 answered by the agent's tool")
+    return CheckResult(
+        name,
+        False,
+        f"answer came back with id {response.get('id')!r} instead of 0",
+        "the relay does not restore request ids exactly (id 0 is lost by "
+        "mcp-endpoint-server 0.0.6 and earlier)",
+    )
+
+
+async def _open_checked(
+    stack: contextlib.AsyncExitStack, url: str, timeout: float
+) -> WebSocketConnection:
+    ws = await stack.enter_async_context(connect_websocket(url, connect_timeout=timeout))
+    with trio.move_on_after(0.3):
+        try:
+            message = await ws.get_message()
+        except ConnectionClosed as exc:
+            code, reason = _close_of(exc)
+            hint = "the token was refused: is it a token of this endpoint's key?"
+            raise _Failed(f"closed: {code} {reason}", hint if code == 1008 else "") from None
+        raise _Failed(f"unexpected first frame {message[:80]!r}")
+    return ws
 
 
 async def _status(endpoint: Endpoint) -> str:
@@ -181,6 +294,7 @@ async def _status(endpoint: Endpoint) -> str:
 
 
 async def _health(endpoint: Endpoint) -> str:
+    assert endpoint.key is not None
     target = f"/mcp_endpoint/health?key={quote(endpoint.key, safe='')}"
     answer = await _http_get(endpoint.base, target, endpoint.timeout)
     if answer.status == 200 and b"success" in answer.body:
@@ -291,5 +405,9 @@ async def _bad_token(endpoint: Endpoint, agent: str) -> str:
             return f"closed with 1008: {reason}"
         raise _Failed(f"closed with {code}", "expected close code 1008") from None
     except ConnectionRejected as exc:
-        return f"refused with HTTP {exc.status_code}"
+        if exc.status_code in (401, 403):
+            return f"refused with HTTP {exc.status_code}"
+        raise _Failed(
+            f"WebSocket refused with HTTP {exc.status_code}", _connect_hint(exc)
+        ) from None
     raise _Failed("a bad token was accepted", "the endpoint does not check tokens")

@@ -64,8 +64,26 @@ class _ServeRelay(Protocol):
     ) -> Awaitable[Any]: ...
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from trio_mcp_relay import __version__
+
+        print(f"trio-mcp-relay {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
     """A Trio relay for the Xiaozhi MCP endpoint protocol.
 
     Tools (MCP servers) dial /mcp_endpoint/mcp/?token=..., callers (MCP clients) dial
@@ -156,9 +174,13 @@ async def run_with_banner(
                 shutdown.set()
 
 
-def _embedded_tools(specs: list[str]) -> dict[str, Callable[[Any], Awaitable[None]]]:
+def _embedded_tools(specs: list[str], app_dir: Path) -> dict[str, Callable[[Any], Awaitable[None]]]:
     """``--tools AGENT=module:Class,...`` values -> agent -> a plugin host's ``serve``."""
+    from trio_mcp_relay._cmd_tools import use_app_dir
     from trio_mcp_relay.plugins import PluginHost, PluginLoadError, load_plugin
+
+    if specs:
+        use_app_dir(app_dir)
 
     embedded: dict[str, Callable[[Any], Awaitable[None]]] = {}
     for spec in specs:
@@ -403,6 +425,15 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    app_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Directory put first on the import path for --tools, where your plugin "
+            "modules are; the current directory if not given.",
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = Path("."),
 ) -> None:
     """Run the relay until interrupted.
 
@@ -449,7 +480,7 @@ def serve(
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
 
-    embedded = _embedded_tools(tools or [])
+    embedded = _embedded_tools(tools or [], app_dir)
     logging.basicConfig(level=relay_config.log_level, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())

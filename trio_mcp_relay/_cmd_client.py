@@ -9,7 +9,7 @@ import secrets
 import sys
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import trio
 import typer
@@ -24,6 +24,14 @@ from ._auth import (
     tool_url,
 )
 from ._config import ConfigError, RelayConfig, load_config, local_ip
+from ._endpoint import (
+    KIND_NAMES,
+    EndpointUrl,
+    UrlError,
+    describe_connect_failure,
+    parse_endpoint_url,
+)
+from ._fuzz import Finding, FuzzerFailed, FuzzReport, describe_step, run_fuzz
 
 __all__ = ["register"]
 
@@ -131,7 +139,7 @@ def register(app: typer.Typer) -> None:
     app.command(name="url")(url_command)
     app.command(name="check")(check_command)
     app.command(name="fuzz")(fuzz_command)
-    app.add_typer(call_app, name="call")
+    app.command(name="call")(call_command)
 
 
 # ------------------------------------------------------------------------- token / url
@@ -215,42 +223,123 @@ def url_command(
 
 # ------------------------------------------------------------------------- call
 
-call_app = typer.Typer(
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
+
+def _optional_key(
+    key: str | None, endpoint: EndpointUrl, config: Path | None, data_dir: Path | None
+) -> str | None:
+    """--key, else the URL's ?key=, else SERVER_KEY or the config file, else None."""
+    if key is not None:
+        return key
+    if endpoint.key is not None:
+        return endpoint.key
+    cfg_dir = data_dir or Path(os.environ.get("DATA_DIR", "data"))
+    has_file = config is not None or (cfg_dir / ".mcp-endpoint-server.cfg").exists()
+    if "SERVER_KEY" not in os.environ and not has_file:
+        return None
+    return _key_config(None, config, data_dir).key
 
 
-@call_app.callback()
-def _call_root(
-    ctx: typer.Context,
+def _caller_url_for(
+    given: str, key: str | None, agent: str | None, config: Path | None, data_dir: Path | None
+) -> str:
+    endpoint = _endpoint(given)
+    if endpoint.kind == "other":
+        raise _fail(
+            f"{endpoint.shown} is a tool-side URL of another kind of endpoint: call needs a "
+            "caller URL, ws://HOST:PORT/mcp_endpoint/call/?token=..."
+        )
+    if endpoint.kind == "tool":
+        print(
+            "note: that is a tool URL (/mcp_endpoint/mcp/, where tools connect); calling "
+            "through the caller URL with the same token (/mcp_endpoint/call/)",
+            file=sys.stderr,
+        )
+    if endpoint.token is not None and agent is None:
+        return endpoint.caller_url()
+    secret = _optional_key(key, endpoint, config, data_dir)
+    if secret is None:
+        raise _fail(
+            f"{KIND_NAMES[endpoint.kind]} has no token: give the caller URL "
+            f"({endpoint.ws_base}/mcp_endpoint/call/?token=...), or the key (--key, or the "
+            "health URL) and --agent"
+        )
+    return endpoint.caller_url(secret, agent or DEFAULT_AGENT)
+
+
+DEFAULT_AGENT = "single_module"
+
+_CALL_ACTIONS = ("tools", "call", "request")
+
+
+def call_command(
     url: Annotated[
         str,
-        typer.Argument(help="Caller URL: ws://host:port/mcp_endpoint/call/?token=..."),
+        typer.Argument(
+            help="Where to call: the caller URL (ws://HOST:PORT/mcp_endpoint/call/?token=...), "
+            "the tool URL of the same agent, or a base or health URL with the key (then "
+            "--agent picks the agent).",
+            show_default=False,
+        ),
     ],
+    action: Annotated[
+        str,
+        typer.Argument(
+            metavar="tools|call|request",
+            help="tools: list the tools. call TOOL: call one (--args). request METHOD "
+            "[PARAMS]: send one raw JSON-RPC request.",
+            show_default=False,
+        ),
+    ],
+    words: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[TOOL | METHOD [PARAMS]]", show_default=False),
+    ] = None,
+    args: Annotated[
+        str, typer.Option("--args", help="The tool's arguments, as a JSON object (for call).")
+    ] = "{}",
     timeout: Annotated[float, typer.Option(help="Seconds each request may take.")] = 30.0,
+    agent: Annotated[
+        str | None,
+        typer.Option(
+            help=f"The agent, when the URL has no token (default {DEFAULT_AGENT}).",
+            show_default=False,
+        ),
+    ] = None,
+    key: KeyOption = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """A caller client: list tools, call one, or send raw JSON-RPC (MCP handshake included).
 
-    Options such as --timeout go before the URL. Example session:
+    Options may go anywhere on the line. Example session:
 
     \b
         trio-mcp-relay call "ws://127.0.0.1:8004/mcp_endpoint/call/?token=..." tools
         trio-mcp-relay call "ws://...?token=..." call add --args '{"a": 1, "b": 2}'
-        trio-mcp-relay call --timeout 5 "ws://...?token=..." request ping
+        trio-mcp-relay call "ws://...?token=..." request ping --timeout 5
     """
-    if not url.startswith(("ws://", "wss://")):
-        raise _fail(f"the URL must start with ws:// or wss://, got {url!r}")
-    ctx.obj = (url, timeout)
+    if action not in _CALL_ACTIONS:
+        raise _fail(f"unknown action {action!r}: use tools, call TOOL, or request METHOD [PARAMS]")
+    rest = list(words or [])
+    caller = _caller_url_for(url, key, agent, config, data_dir)
+    if action == "tools":
+        if rest:
+            raise _fail(f"tools takes no further arguments, got {rest[0]!r}")
+        _call_tools(caller, timeout)
+    elif action == "call":
+        if len(rest) != 1:
+            raise _fail("call needs exactly one TOOL name (its arguments go in --args)")
+        _call_tool(caller, timeout, rest[0], args)
+    else:
+        if not 1 <= len(rest) <= 2:
+            raise _fail("request needs a METHOD, and optionally PARAMS as JSON")
+        _call_request(caller, timeout, rest[0], rest[1] if len(rest) == 2 else None)
 
 
-def _run_caller(ctx: typer.Context, work: Any) -> Any:
+def _run_caller(url: str, timeout: float, work: Any) -> Any:
     from trio_websocket import ConnectionClosed, HandshakeError
 
-    from ._check import describe_error
     from .client import RpcError, open_caller
-
-    url, timeout = ctx.obj
 
     async def main() -> Any:
         async with open_caller(url, timeout=timeout) as caller:
@@ -262,15 +351,17 @@ def _run_caller(ctx: typer.Context, work: Any) -> Any:
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
     except RpcError as exc:
-        raise _fail(f"the server answered with error {exc}", 1) from None
-    except (HandshakeError, OSError) as exc:
-        raise _fail(f"cannot connect to {_safe(url)}: {describe_error(exc)}", 1) from None
-    except ConnectionClosed as exc:
-        reason = exc.reason
-        detail = f"{reason.code} {reason.reason or ''}" if reason else "1006"
-        raise _fail(f"the connection was closed: {detail}", 1) from None
+        hint = (
+            ": this connection is on the tool side; use the caller URL "
+            "(/mcp_endpoint/call/?token=...)"
+            if exc.code == -32005
+            else ""
+        )
+        raise _fail(f"the server answered with error {exc}{hint}", 1) from None
+    except (HandshakeError, OSError, ConnectionClosed) as exc:
+        raise _fail(describe_connect_failure(exc, url), 1) from None
     except trio.TooSlowError:
-        raise _fail(f"no answer within {timeout:g} s", 1) from None
+        raise _fail(f"no answer within {timeout:g} s (--timeout)", 1) from None
 
 
 def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -281,15 +372,8 @@ def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     return exc
 
 
-def _safe(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-@call_app.command("tools")
-def call_tools(ctx: typer.Context) -> None:
-    """List the agent's tools as a table."""
-    tools: list[dict[str, Any]] = _run_caller(ctx, lambda caller: caller.list_tools())
+def _call_tools(url: str, timeout: float) -> None:
+    tools: list[dict[str, Any]] = _run_caller(url, timeout, lambda caller: caller.list_tools())
     if not tools:
         print("(no tools)")
         return
@@ -301,20 +385,14 @@ def call_tools(ctx: typer.Context) -> None:
         print(f"{t.get('name', ''):<{width}}  ({params})  {description[0] if description else ''}")
 
 
-@call_app.command("call")
-def call_tool(
-    ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="The tool's name.")],
-    args: Annotated[str, typer.Option("--args", help="Arguments as a JSON object.")] = "{}",
-) -> None:
-    """Call a tool and print its result."""
+def _call_tool(url: str, timeout: float, name: str, args: str) -> None:
     try:
         arguments = json.loads(args)
     except ValueError as exc:
         raise _fail(f"--args is not JSON: {exc}") from None
     if not isinstance(arguments, dict):
         raise _fail("--args must be a JSON object, e.g. '{\"a\": 1}'")
-    result = _run_caller(ctx, lambda caller: caller.call_tool(name, arguments))
+    result = _run_caller(url, timeout, lambda caller: caller.call_tool(name, arguments))
     texts = [c.get("text", "") for c in result.get("content", []) if c.get("type") == "text"]
     if texts and "structuredContent" not in result:
         print("\n".join(texts))
@@ -324,30 +402,32 @@ def call_tool(
         raise typer.Exit(1)
 
 
-@call_app.command("request")
-def call_request(
-    ctx: typer.Context,
-    method: Annotated[str, typer.Argument(help="JSON-RPC method, e.g. tools/list.")],
-    params: Annotated[str | None, typer.Argument(help="Params as JSON.")] = None,
-) -> None:
-    """Send one raw JSON-RPC request and print its result."""
+def _call_request(url: str, timeout: float, method: str, params: str | None) -> None:
     try:
         parsed = None if params is None else json.loads(params)
     except ValueError as exc:
         raise _fail(f"PARAMS is not JSON: {exc}") from None
-    print(_pretty(_run_caller(ctx, lambda caller: caller.request(method, parsed))))
+    print(_pretty(_run_caller(url, timeout, lambda caller: caller.request(method, parsed))))
 
 
 # ------------------------------------------------------------------------- check
 
 
 def check_command(
-    url: Annotated[
+    url_argument: Annotated[
         str | None,
-        typer.Option(help="Base URL of the endpoint, e.g. http://127.0.0.1:8004 (or https://)."),
+        typer.Argument(
+            metavar="URL",
+            help="The endpoint: the health URL the relay prints (it carries the key), a base "
+            "URL (http(s):// or ws(s)://HOST:PORT), or a tool or caller URL.",
+            show_default=False,
+        ),
     ] = None,
-    host: Annotated[str, typer.Option(help="Host, when --url is not given.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port, when --url is not given.")] = 8004,
+    url: Annotated[
+        str | None, typer.Option("--url", help="The endpoint, as URL.", show_default=False)
+    ] = None,
+    host: Annotated[str, typer.Option(help="Host, when no URL is given.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port, when no URL is given.")] = 8004,
     key: KeyOption = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
@@ -356,26 +436,47 @@ def check_command(
     """Check that an MCP endpoint works: health with the key, a tool and a caller connection,
     a forwarded round trip, the error for a missing tool, and a bad token refused.
 
-    Prints a pass/fail table with a hint for each failure; exits 0 only if all pass. Works
+    Prints a pass/fail table with a hint for each failure; exits 0 only if none fails. Works
     against trio-mcp-relay, the reference mcp-endpoint-server, and either behind a proxy.
+    Given a tool or caller URL and no key, it checks with that URL's token (the steps that
+    need the key are skipped, and an agent's connected tool is never replaced).
 
-    Example: trio-mcp-relay check --url http://127.0.0.1:8004 --key 0123...
+    Example: trio-mcp-relay check "http://127.0.0.1:8004/mcp_endpoint/health?key=0123..."
     """
     from ._check import Endpoint, run_checks
 
-    cfg = _key_config(key, config, data_dir)
-    assert cfg.key is not None
-    base = (url or f"http://{host}:{port}").rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise _fail(f"--url must start with http:// or https://, got {base!r}")
-    results = trio.run(run_checks, Endpoint(base, cfg.key, timeout))
+    endpoint = _endpoint(url_argument or url or f"http://{host}:{port}")
+    if endpoint.kind == "other":
+        raise _fail(
+            f"{endpoint.shown} is not an mcp-endpoint-server endpoint (no /mcp_endpoint/ path)"
+        )
+    secret = _optional_key(key, endpoint, config, data_dir)
+    if secret is None and endpoint.token is None:
+        raise _fail(
+            "check needs the server key: pass --key, set SERVER_KEY, or give the health URL "
+            "the relay prints (http://HOST:PORT/mcp_endpoint/health?key=KEY)"
+        )
+    if endpoint.kind in ("tool", "caller"):
+        how = (
+            "with fresh agents of the key"
+            if secret is not None
+            else "with this URL's token (no key given: the steps that need it are skipped)"
+        )
+        print(
+            f"note: given {KIND_NAMES[endpoint.kind]}; checking the endpoint at "
+            f"{endpoint.http_base} {how}"
+        )
+    results = trio.run(run_checks, Endpoint(endpoint.http_base, secret, timeout, endpoint.token))
     width = max(len(r.name) for r in results)
     for r in results:
-        print(f"{'PASS' if r.ok else 'FAIL'}  {r.name:<{width}}  {r.detail}")
+        label = "SKIP" if r.skipped else "PASS" if r.ok else "FAIL"
+        print(f"{label}  {r.name:<{width}}  {r.detail}")
         if not r.ok and r.hint:
             print(f"      {'':<{width}}  hint: {r.hint}")
     failed = sum(not r.ok for r in results)
-    print(f"{len(results) - failed} passed, {failed} failed")
+    skipped = sum(r.skipped for r in results)
+    passed = len(results) - failed - skipped
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     if failed:
         raise typer.Exit(1)
 
@@ -383,74 +484,218 @@ def check_command(
 # ------------------------------------------------------------------------- fuzz
 
 
+def _resolve_key(
+    key: str | None,
+    endpoint: EndpointUrl,
+    config: Path | None,
+    data_dir: Path | None,
+    *,
+    needed_for: str,
+) -> str:
+    """The key: --key, else the URL's ?key=, else as serve reads it (SERVER_KEY, config)."""
+    if key is None and endpoint.key is not None:
+        return endpoint.key
+    cfg_dir = data_dir or Path(os.environ.get("DATA_DIR", "data"))
+    has_file = config is not None or (cfg_dir / ".mcp-endpoint-server.cfg").exists()
+    if key is None and "SERVER_KEY" not in os.environ and not has_file:
+        raise _fail(
+            f"{needed_for}, so it needs the server key: pass --key, set SERVER_KEY, or give "
+            "the health URL the relay prints (http://HOST:PORT/mcp_endpoint/health?key=KEY)"
+        )
+    cfg = _key_config(key, config, data_dir)
+    assert cfg.key is not None
+    return cfg.key
+
+
+def _endpoint(url: str) -> EndpointUrl:
+    try:
+        return parse_endpoint_url(url)
+    except UrlError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _family_list(values: list[str] | None, option: str) -> set[str]:
+    from .testing import FAMILIES
+
+    names = {n.strip() for v in values or [] for n in v.split(",") if n.strip()}
+    unknown = sorted(names - FAMILIES.keys())
+    if unknown:
+        raise _fail(
+            f"{option} {unknown[0]!r} is not an invariant family; choose from "
+            + ", ".join(FAMILIES)
+        )
+    return names
+
+
 def fuzz_command(
+    url_argument: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="URL",
+            help="The endpoint: the health URL the relay prints (it carries the key), a base "
+            "URL (http(s):// or ws(s)://HOST:PORT), or a tool or caller URL.",
+            show_default=False,
+        ),
+    ] = None,
     url: Annotated[
-        str, typer.Option(help="Base WebSocket URL of the endpoint, e.g. ws://127.0.0.1:8004.")
-    ] = "ws://127.0.0.1:8004",
+        str | None, typer.Option("--url", help="The endpoint, as URL.", show_default=False)
+    ] = None,
     key: KeyOption = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
-    examples: Annotated[int, typer.Option(help="How many scripts to try.")] = 100,
+    examples: Annotated[int, typer.Option(min=1, help="How many scripts to try.")] = 100,
     seed: Annotated[int | None, typer.Option(help="Random seed, to repeat a run.")] = None,
     patience: Annotated[
-        float, typer.Option(help="Seconds to wait for answers in each script.")
+        float,
+        typer.Option(
+            help="Seconds each phase that must complete may take (registration, the last answers)."
+        ),
     ] = 2.0,
+    grace: Annotated[
+        float,
+        typer.Option(help="Seconds to wait after that for frames still missing."),
+    ] = 0.3,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Check only these invariant families (comma-separated, repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Do not check these invariant families, e.g. to fuzz past a known "
+            "defect (comma-separated, repeatable).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Fuzz a live endpoint with hypothesis and check the relay invariants.
 
-    Each script connects a tool and up to four callers for a fresh agent and sends
-    interleaved requests with colliding ids, invalid frames from both sides, tool
-    notifications and out-of-order answers. Checked: the endpoint stays up, every
-    well-formed request is answered exactly once with its own id, nothing reaches the wrong
-    caller, invalid frames get -32700/-32600. On a failure, prints the minimal failing
-    script found by shrinking; exits 1.
+    Each script connects a tool and up to four callers for a fresh agent: requests with
+    colliding ids (0, "", 1 vs 1.0 vs "1", huge integers), progress, cancellations, invalid
+    frames, callers leaving; tool answers in any order (late, duplicate, stray),
+    notifications, requests to the caller side, garbage. Each violated invariant family is a
+    finding, shrunk to a minimal script and printed with the frames exchanged; then a table
+    of every family. Exit status: 0 all held, 1 findings, 2 the endpoint could not be fuzzed
+    (the message says why).
 
-    Example: trio-mcp-relay fuzz --url ws://127.0.0.1:8004 --key 0123... --examples 200
+    \b
+    Invariant families (for --only and --skip):
+      liveness, answers, ids, isolation, invalid-frames, notifications,
+      tool-requests, progress, cancellation, late-answers
+
+    Example: trio-mcp-relay fuzz "http://127.0.0.1:8004/mcp_endpoint/health?key=0123..."
     """
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hypothesis_seed
+    from .testing import FAMILIES, CannotConnect
 
-    from .testing import Session, check_session, sessions
-
-    cfg = _key_config(key, config, data_dir)
-    assert cfg.key is not None
-    if not url.startswith(("ws://", "wss://")):
-        raise _fail(f"--url must start with ws:// or wss://, got {url!r}")
-    base = url.rstrip("/")
-    failures: list[tuple[Session, list[str]]] = []
-    tried = 0
-
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        phases=[Phase.generate, Phase.shrink],
-        suppress_health_check=list(HealthCheck),
-        print_blob=False,
+    given = url_argument or url or "http://127.0.0.1:8004"
+    endpoint = _endpoint(given)
+    if endpoint.kind == "other":
+        raise _fail(
+            f"{endpoint.shown} is not an mcp-endpoint-server endpoint (no /mcp_endpoint/ "
+            "path): fuzz needs a relay it can create agents on"
+        )
+    secret = _resolve_key(
+        key,
+        endpoint,
+        config,
+        data_dir,
+        needed_for="fuzz mints a token for a fresh agent per script",
     )
-    @given(sessions())
-    def one(session: Session) -> None:
-        nonlocal tried
-        tried += 1
-        agent = f"trio-mcp-relay-fuzz-{secrets.token_hex(6)}"
-        tool, caller = tool_url(base, cfg.key or "", agent), caller_url(base, cfg.key or "", agent)
-        problems = trio.run(lambda: check_session(tool, caller, session, patience=patience))
-        if problems:
-            failures.append((session, problems))
-            raise AssertionError(problems[0])
-
-    if seed is not None:
-        one = hypothesis_seed(seed)(one)
+    if endpoint.kind in ("tool", "caller"):
+        print(
+            f"note: given {KIND_NAMES[endpoint.kind]}; fuzzing the endpoint at "
+            f"{endpoint.ws_base} with fresh agents",
+            file=sys.stderr,
+        )
+    selected = _family_list(only, "--only") or set(FAMILIES)
+    skipped = _family_list(skip, "--skip")
+    selected -= skipped
+    if not selected:
+        raise _fail("--only and --skip leave no invariant family to check")
+    run_seed = seed if seed is not None else secrets.randbelow(2**31)
+    print(
+        f"fuzzing {endpoint.ws_base}: up to {examples} scripts, {len(selected)} invariant "
+        f"families, seed {run_seed}",
+        flush=True,
+    )
     try:
-        one()
-    except AssertionError:
-        session, problems = failures[-1]
-        print(f"FAIL after {tried} scripts. Minimal failing script:", file=sys.stderr)
-        print(f"  callers: {session.callers}", file=sys.stderr)
-        for step in session.steps:
-            print(f"  {step.who!s:>5} {step.kind:<8} {step.value!r:.100}", file=sys.stderr)
-        print("Violations:", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    print(f"{tried} scripts, 0 failed: every invariant held")
+        report = run_fuzz(
+            endpoint.ws_base,
+            secret,
+            examples=examples,
+            seed=run_seed,
+            patience=patience,
+            grace=grace,
+            families=selected,
+            on_finding=_print_finding,
+        )
+    except CannotConnect as exc:
+        raise _fail(f"cannot fuzz: {exc}") from None
+    except FuzzerFailed as exc:
+        raise _fail(
+            f"the fuzzer itself failed ({exc}): a bug in trio-mcp-relay; please report it with "
+            f"--seed {run_seed}"
+        ) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    _print_summary(report, skipped, run_seed)
+    if report.findings:
+        raise typer.Exit(1)
+
+
+def _print_finding(number: int, finding: Finding) -> None:
+    from .testing import FAMILIES
+
+    session = finding.session
+    own = [v for v in finding.result.violations if v.family == finding.family]
+    others = [v for v in finding.result.violations if v.family != finding.family]
+    print()
+    print(f"FINDING {number} [{finding.family}]: {FAMILIES[finding.family]}, broken:")
+    for violation in own:
+        print(f"  {violation}")
+    for violation in others:
+        print(f"  also [{violation.family}]: {violation}")
+    plural = "s" if session.callers != 1 else ""
+    print(f"Minimal script ({session.callers} caller{plural}, each connected and answered once):")
+    for step in session.steps:
+        print(f"  {describe_step(step)}")
+    if not session.steps:
+        print("  (nothing)")
+    if not finding.reproduced:
+        print("  (not shrunk further or not repeated: it failed once, and replaying it did not")
+        print("  give the same outcome; the failure may depend on timing)")
+    print("Frames exchanged:")
+    for line in finding.result.transcript:
+        print(f"  {line}")
+    sys.stdout.flush()
+
+
+def _print_summary(report: FuzzReport, skipped: set[str], seed: int) -> None:
+    from .testing import FAMILIES
+
+    found = {f.family: i for i, f in enumerate(report.findings, 1)}
+    print()
+    width = max(len(name) for name in FAMILIES)
+    print(f"{'invariant family':<{max(width, 16)}}  result")
+    for name in FAMILIES:
+        if name in found:
+            result = f"FAIL  (finding {found[name]})"
+        elif name in report.families and report.stopped is not None:
+            result = "not finished (the run stopped)"
+        elif name in report.families:
+            result = "pass"
+        else:
+            result = "skipped" + (" (--skip)" if name in skipped else " (--only)")
+        print(f"{name:<{max(width, 16)}}  {result}")
+    failed = len(report.findings)
+    verdict = (
+        f"{failed} of {len(report.families)} invariant families failed"
+        if failed
+        else f"every invariant held ({len(report.families)} families)"
+    )
+    if report.stopped is not None:
+        print(f"The run stopped early: the endpoint stopped working ({report.stopped}).")
+    print(f"{report.scripts} scripts: {verdict}. Repeat with --seed {seed}.")

@@ -47,8 +47,8 @@ def pipe(
         list[str] | None,
         typer.Argument(
             help="The stdio MCP server to run, with its arguments (put -- before it). A lone "
-            "script.py runs with this Python. Without a command, the servers of the config "
-            "file are run.",
+            "script.py runs with the python on PATH (or --python). Without a command, the "
+            "servers of the config file are run.",
             show_default=False,
         ),
     ] = None,
@@ -66,8 +66,9 @@ def pipe(
         typer.Option(
             "--config",
             help='mcp_pipe.py config file: {"mcpServers": {NAME: {"command": ..., "args": '
-            '[...], "env": {...}, "disabled": false}}}; one WebSocket per enabled stdio '
-            "server. Env: MCP_CONFIG. Default: ./mcp_config.json.",
+            '[...], "env": {...}, "disabled": false}}}, or for a remote server {"type": '
+            '"http" (Streamable HTTP) or "sse", "url": ..., "headers": {...}}; one WebSocket '
+            "per enabled server. Env: MCP_CONFIG. Default: ./mcp_config.json.",
             dir_okay=False,
             show_default=False,
         ),
@@ -126,17 +127,35 @@ def pipe(
             min=0,
         ),
     ] = 5.0,
+    python: Annotated[
+        str | None,
+        typer.Option(
+            help="The Python that runs a lone script.py. Default: python on PATH (the "
+            "active environment, where the script's dependencies are).",
+            show_default=False,
+        ),
+    ] = None,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            help="Give up on a server that exits this many times in a row, each time within "
+            "--backoff-reset seconds of starting (0: never).",
+            min=0,
+        ),
+    ] = 5,
     log_level: Annotated[
         str,
         typer.Option(help="DEBUG, INFO, WARNING, ERROR or CRITICAL.", envvar="LOG_LEVEL"),
     ] = "INFO",
 ) -> None:
-    """Bridge stdio MCP servers to an MCP endpoint (a drop-in for mcp_pipe.py).
+    """Bridge MCP servers to an MCP endpoint (a drop-in for mcp_pipe.py).
 
     Each server runs as a child process and gets its own WebSocket to the endpoint: every
     WebSocket message goes to the server's stdin as one line, every line of its stdout goes
-    back as one message. The WebSocket is redialled with backoff when it drops, and the
-    server keeps running meanwhile (its output is buffered); a server that exits is restarted.
+    back as one message. Config entries of type http (Streamable HTTP) and sse are remote
+    servers, bridged over HTTP with the entry's headers. The WebSocket is redialled with
+    backoff when it drops, and the server keeps running meanwhile (its output is buffered); a
+    server that exits is restarted (up to --max-restarts quick exits in a row).
     Each server's stderr is shown on ours, prefixed with [name]. Ctrl-C or SIGTERM closes
     the WebSockets (code 1000) and stops the servers.
 
@@ -144,11 +163,12 @@ def pipe(
     Examples:
       trio-mcp-relay pipe --endpoint "wss://api.xiaozhi.me/mcp/?token=..." \\
           -- python calculator.py
+      trio-mcp-relay pipe calculator.py   # with the python on PATH
       export MCP_ENDPOINT="ws://192.168.1.20:8004/mcp_endpoint/mcp/?token=..."
       trio-mcp-relay pipe               # the servers of ./mcp_config.json
     """
     from ._auth import RedactingFilter
-    from ._pipe import PipeConfigError, PipeOptions, prepare
+    from ._pipe import PipeConfigError, PipeFailed, PipeOptions, prepare
 
     level = log_level.upper()
     if level not in LEVELS:
@@ -160,6 +180,8 @@ def pipe(
     logging.basicConfig(level=level, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+    # httpx logs every request at INFO; the bridge logs what matters about remote servers.
+    logging.getLogger("httpx").setLevel(max(logging.getLevelName(level), logging.WARNING))
 
     try:
         options = PipeOptions(
@@ -170,8 +192,10 @@ def pipe(
             ping_timeout=ping_interval or 20.0,
             buffer_lines=buffer_lines,
             kill_timeout=kill_timeout,
+            max_restarts=max_restarts,
         )
         url, servers = prepare(
+            python=python,
             endpoint=endpoint,
             config=config,
             command=command or [],
@@ -184,10 +208,16 @@ def pipe(
         raise typer.Exit(2) from None
 
     log.info("bridging %s", ", ".join(spec.name for spec in servers))
+    failed: PipeFailed | None = None
     try:
         trio.run(_run_until_signalled, url, servers, options)
     except* KeyboardInterrupt:  # a Ctrl-C before the signal handler was installed
         pass
+    except* PipeFailed as group:
+        failed = group.exceptions[0]  # type: ignore[assignment]
+    if failed is not None:
+        typer.echo(f"error: {failed}", err=True)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -21,13 +21,13 @@ import trio_websocket
 import typer
 
 from trio_mcp_relay._auth import RedactingFilter
+from trio_mcp_relay._endpoint import describe_connect_failure, tool_side_url
 from trio_mcp_relay.plugins import (
     EndpointRefused,
     Plugin,
     PluginHost,
     PluginLoadError,
     _check_endpoint_url,
-    _describe_failure,
     load_plugin,
     run_tools,
 )
@@ -61,12 +61,20 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _load_all(specs: list[str], app_dir: Path) -> list[Plugin]:
-    # A console script's sys.path starts at its own directory, not the user's: put the
-    # working directory (or --app-dir) first so that "my_tools:MyTools" finds my_tools.py.
+def use_app_dir(app_dir: Path) -> None:
+    """Put ``app_dir`` first on the import path, as app servers (uvicorn, gunicorn) do.
+
+    A console script's ``sys.path`` starts at its own directory, not the user's, so without
+    this ``my_tools:MyTools`` would not find ``./my_tools.py``.
+    """
     path = str(app_dir.resolve())
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    if path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)
+
+
+def _load_all(specs: list[str], app_dir: Path) -> list[Plugin]:
+    use_app_dir(app_dir)
     plugins: list[Plugin] = []
     for spec in specs:
         try:
@@ -112,8 +120,8 @@ def tools(
             envvar="MCP_ENDPOINT",
             show_envvar=False,
             help="The endpoint's tool URL, ws://HOST:PORT/mcp_endpoint/mcp/?token=TOKEN "
-            "(wss:// for TLS). Env: MCP_ENDPOINT, which keeps the token out of the process "
-            "list.",
+            "(wss:// for TLS); a caller URL or the health URL is turned into one. "
+            "Env: MCP_ENDPOINT, which keeps the token out of the process list.",
             show_default=False,
         ),
     ] = None,
@@ -148,9 +156,12 @@ def tools(
     if not endpoint:
         _fail("no endpoint: pass --endpoint URL or set MCP_ENDPOINT")
     try:
+        endpoint, note = tool_side_url(endpoint)
         _check_endpoint_url(endpoint)
     except ValueError as exc:
         _fail(str(exc))
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
     plugins = _load_all(specs, app_dir)
     try:
         PluginHost(plugins, page_size=page_size)  # tool-name clashes, before connecting
@@ -174,7 +185,7 @@ def tools(
     if refused is not None:
         _fail(str(refused), 1)
     if failed is not None:
-        _fail(f"cannot connect to the endpoint: {_describe_failure(failed)}", 1)
+        _fail(describe_connect_failure(failed, endpoint), 1)
 
 
 def register(app: typer.Typer) -> None:

@@ -62,6 +62,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -83,12 +84,14 @@ from trio_websocket import (
 )
 
 from ._auth import _SECRET_IN_URL, redact
+from ._endpoint import UrlError, tool_side_url
 from ._frames import FrameError, _loads, dumps
 
 __all__ = [
     "Backoff",
     "BridgeStatus",
     "PipeConfigError",
+    "PipeFailed",
     "PipeOptions",
     "ServerSpec",
     "command_server",
@@ -110,6 +113,14 @@ DEFAULT_CONFIG: Final = "mcp_config.json"
 DOTENV: Final = ".env"
 #: Config entry types that mean "this process speaks MCP on stdin/stdout".
 STDIO_TYPES: Final = frozenset({"stdio"})
+#: Config entry types of remote servers, by the transport that bridges them.
+REMOTE_TYPES: Final = {
+    "http": "http",
+    "streamablehttp": "http",
+    "streamable-http": "http",
+    "streamable_http": "http",
+    "sse": "sse",
+}
 #: JSON-RPC error the bridge answers for its child (the server process is gone or restarting).
 INTERNAL_ERROR: Final = -32603
 #: The longest line read from a child; a longer one is dropped with a warning.
@@ -129,6 +140,10 @@ class PipeConfigError(Exception):
 
     The message says what to fix; it never contains the endpoint's token.
     """
+
+
+class PipeFailed(Exception):
+    """Every server of the pipe has stopped for good; the message says why (one line)."""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -168,6 +183,10 @@ class PipeOptions:
         connect_timeout: Seconds for the TCP, TLS and WebSocket handshakes.
         close_timeout: Seconds the endpoint gets to answer our close frame.
         max_message_size: The largest WebSocket message accepted from the endpoint, in bytes.
+        max_restarts: A stdio server that exits this many times in a row, each within
+            ``backoff_reset`` seconds of starting, is not started again (its bridge stops;
+            when every bridge has stopped, :func:`run_pipe` raises :class:`PipeFailed`).
+            0 restarts it forever.
     """
 
     backoff_initial: float = attrs.field(default=1.0, validator=_positive)
@@ -181,21 +200,28 @@ class PipeOptions:
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     close_timeout: float = attrs.field(default=2.0, validator=_not_negative)
     max_message_size: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
+    max_restarts: int = attrs.field(default=5, validator=_not_negative)
 
 
 @attrs.frozen
 class ServerSpec:
-    """One stdio MCP server to run and bridge.
+    """One MCP server to bridge: a stdio command to run, or a remote server to talk to.
 
     Attributes:
         name: Shown in log lines and as the prefix of the child's stderr lines.
-        command: The program and its arguments.
-        env: The child's complete environment.
+        command: The program and its arguments (stdio).
+        env: The child's complete environment (stdio).
+        transport: ``stdio``, ``http`` (Streamable HTTP) or ``sse`` (the older HTTP+SSE).
+        url: The remote server's URL (``http`` and ``sse``).
+        headers: HTTP headers sent with every request to it (``http`` and ``sse``).
     """
 
     name: str
-    command: tuple[str, ...]
+    command: tuple[str, ...] = ()
     env: Mapping[str, str] = attrs.field(factory=dict, repr=False, hash=False)
+    transport: str = "stdio"
+    url: str | None = None
+    headers: Mapping[str, str] = attrs.field(factory=dict, repr=False, hash=False)
 
 
 @attrs.define
@@ -308,10 +334,13 @@ def command_server(
     name: str | None = None,
     environ: Mapping[str, str],
     cwd: Path | None = None,
+    python: str | None = None,
 ) -> ServerSpec:
     """The server for ``trio-mcp-relay pipe -- COMMAND ARGS...``.
 
-    As with mcp_pipe.py, a lone ``something.py`` runs with the current Python interpreter.
+    As ``python mcp_pipe.py something.py`` would, a lone ``something.py`` runs with the
+    ``python`` on the ``PATH`` (the user's environment, with the script's dependencies), or
+    with ``python`` if given; not with the interpreter trio-mcp-relay happens to run on.
 
     Args:
         command: The program and its arguments.
@@ -332,7 +361,7 @@ def command_server(
     if len(argv) == 1 and argv[0].endswith(".py"):
         if not ((cwd or Path.cwd()) / argv[0]).is_file():
             raise PipeConfigError(f"no such script: {argv[0]}")
-        argv = (sys.executable, argv[0])
+        argv = (_python_for(argv[0], python, environ), argv[0])
     if name is None:
         if len(argv) > 1 and not argv[1].startswith("-"):
             name = Path(argv[1]).stem
@@ -341,6 +370,22 @@ def command_server(
     env = _child_environ(environ, {})
     _check_command(name, argv, env)
     return ServerSpec(name=name, command=argv, env=env)
+
+
+def _python_for(script: str, python: str | None, environ: Mapping[str, str]) -> str:
+    search = environ.get("PATH", os.defpath)
+    if python is not None:
+        found = shutil.which(python, path=search)
+        if found is None:
+            raise PipeConfigError(f"--python {python!r}: not found or not executable")
+        return found
+    for name in ("python", "python3"):
+        found = shutil.which(name, path=search)
+        if found is not None:
+            return found
+    raise PipeConfigError(
+        f"no python on PATH to run {script}: activate its environment, or pass --python"
+    )
 
 
 def _string_list(value: object, what: str) -> list[str]:
@@ -361,9 +406,10 @@ def parse_config(
 
     An entry is ``{"type": "stdio", "command": ..., "args": [...], "env": {...},
     "disabled": false}`` (``transportType`` is accepted for ``type``; with neither, an entry
-    with a ``command`` is stdio). Disabled entries are skipped; entries of any other type
-    (``sse``, ``http``, ``streamablehttp``: mcp_pipe.py runs those through mcp-proxy) are
-    skipped with a warning saying so.
+    with a ``command`` is stdio, one with only a ``url`` is ``http``). Entries of type ``http``
+    (also ``streamablehttp``) and ``sse`` are remote servers, ``{"type": "http", "url": ...,
+    "headers": {...}}``, bridged natively (mcp_pipe.py runs them through mcp-proxy).
+    Disabled entries are skipped; entries of any other type are skipped with a warning.
 
     Args:
         data: The parsed JSON.
@@ -393,13 +439,17 @@ def parse_config(
         if entry.get("disabled"):
             log.info("[%s] disabled in %s: skipped", name, source)
             continue
-        kind = entry.get("type") or entry.get("transportType") or "stdio"
+        default = "http" if "url" in entry and "command" not in entry else "stdio"
+        kind = entry.get("type") or entry.get("transportType") or default
         if not isinstance(kind, str):
             raise PipeConfigError(f"{where}: type must be a string")
+        if kind.lower() in REMOTE_TYPES:
+            specs.append(_remote_server(str(name), entry, REMOTE_TYPES[kind.lower()], where))
+            continue
         if kind.lower() not in STDIO_TYPES:
             log.warning(
-                "[%s] type %r is not supported by trio-mcp-relay pipe (stdio servers only; "
-                "bridge it with mcp-proxy as a stdio command instead): skipped",
+                "[%s] type %r is not supported by trio-mcp-relay pipe (stdio, http and sse "
+                "only): skipped",
                 name,
                 kind,
             )
@@ -417,8 +467,20 @@ def parse_config(
             _check_command(spec.name, spec.command, env)
         specs.append(spec)
     if not specs:
-        raise PipeConfigError(f"{source}: no enabled stdio server to run")
+        raise PipeConfigError(f"{source}: no enabled server to run")
     return specs
+
+
+def _remote_server(name: str, entry: dict[str, Any], transport: str, where: str) -> ServerSpec:
+    url = entry.get("url")
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
+        raise PipeConfigError(f'{where}: "url" (an http:// or https:// URL) is required')
+    headers = entry.get("headers") or {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise PipeConfigError(f'{where}: "headers" must be an object of strings')
+    return ServerSpec(name=name, transport=transport, url=url, headers=dict(headers))
 
 
 def load_config_file(
@@ -450,6 +512,7 @@ def prepare(
     name: str | None,
     environ: Mapping[str, str],
     cwd: Path,
+    python: str | None = None,
 ) -> tuple[str, list[ServerSpec]]:
     """Decide what to run, as the ``pipe`` command does.
 
@@ -473,13 +536,19 @@ def prepare(
             f"no endpoint: pass --endpoint ws://HOST/mcp_endpoint/mcp/?token=TOKEN, or set "
             f"{ENDPOINT_ENV} in the environment or in {DOTENV}"
         )
+    try:
+        url, note = tool_side_url(url)
+    except UrlError as exc:
+        raise PipeConfigError(str(exc)) from None
+    if note is not None:
+        log.warning("%s", note)
     url = _check_endpoint(url)
     if "token=" not in url:
         log.warning("the endpoint URL has no token= parameter; most endpoints require one")
     if command:
         if config is not None:
             raise PipeConfigError("give either a server command or --config, not both")
-        return url, [command_server(command, name=name, environ=merged, cwd=cwd)]
+        return url, [command_server(command, name=name, environ=merged, cwd=cwd, python=python)]
     if config is None and merged.get(CONFIG_ENV):
         config = Path(merged[CONFIG_ENV])
     if config is not None:
@@ -800,6 +869,8 @@ class _Backlog:
         return count
 
 
+_MISSING_MODULE: Final = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
+
 #: Lines queued for a child's stdin. When full, the endpoint's frames wait (backpressure).
 _INBOX_SIZE: Final = 16
 
@@ -809,7 +880,7 @@ class _Child:
     """A running child. Its stdin is written by one writer task, fed by ``inbox``: a line is
     either queued whole or not at all, so a cancelled sender never leaves half a line."""
 
-    process: trio.Process
+    process: trio.Process | None  # None: a remote server
     inbox: trio.MemorySendChannel[bytes]
     ready: bool = False
     replayed: trio.Event = attrs.Factory(trio.Event)
@@ -852,30 +923,57 @@ class _Bridge:
         self.child: _Child | None = None
         self.first_start = trio.Event()
         self.close_with = _STOPPED
+        self.missing_module: str | None = None
+        self.gave_up: str | None = None
 
     def _backoff(self) -> Backoff:
         o = self.options
         return Backoff(o.backoff_initial, o.backoff_max, o.jitter)
 
-    async def run(self) -> NoReturn:
+    async def run(self) -> None:
+        """Run until cancelled, or until the server keeps failing (then ``gave_up`` says why)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._child_loop)
-            await self._connection_loop()
+            nursery.start_soon(self._connection_loop)
+            await self._child_loop()
+            nursery.cancel_scope.cancel()
 
     # ------------------------------------------------------------------------- the child
 
-    async def _child_loop(self) -> NoReturn:
+    async def _child_loop(self) -> None:
+        """Start, wait, restart with backoff; return when the server keeps failing."""
         backoff = self._backoff()
+        failures = 0
         while True:
             started = trio.current_time()
             await self._run_child_once()
             if trio.current_time() - started >= self.options.backoff_reset:
                 backoff.reset()
+                failures = 0
+            else:
+                failures += 1
+            limit = self.options.max_restarts
+            if limit and failures > limit and self.spec.transport == "stdio":
+                self.gave_up = (
+                    f"the MCP server {self.name!r} exited {failures} times in a row, each "
+                    f"within {self.options.backoff_reset:g} s of starting"
+                    + (f" (No module named {self.missing_module!r})" if self.missing_module else "")
+                    + "; not restarting it"
+                )
+                log.error("[%s] %s", self.name, self.gave_up)
+                return
             delay = backoff.next_delay()
-            log.info("[%s] restarting the MCP server in %.2f s", self.name, delay)
+            what = (
+                "restarting the MCP server"
+                if self.spec.transport == "stdio"
+                else ("reconnecting to the remote MCP server")
+            )
+            log.info("[%s] %s in %.2f s", self.name, what, delay)
             await trio.sleep(delay)
 
     async def _run_child_once(self) -> None:
+        if self.spec.transport != "stdio":
+            await self._run_remote_once()
+            return
         command = list(self.spec.command)
         process: trio.Process | None = None
         try:
@@ -945,6 +1043,52 @@ class _Bridge:
                     for stream in (process.stdin, process.stdout, process.stderr):
                         if stream is not None:
                             await trio.aclose_forcefully(stream)
+
+    async def _run_remote_once(self) -> None:
+        """The remote server (``http``/``sse``) in the place of a child, until it fails."""
+        from ._remote import RemoteError, run_remote
+
+        assert self.spec.url is not None
+        inbox, inbox_reader = trio.open_memory_channel[bytes](_INBOX_SIZE)
+        child = _Child(None, inbox)
+        self.status.child_starts += 1
+        self.first_start.set()
+        log.info(
+            "[%s] bridging the remote MCP server %s (%s)",
+            self.name,
+            redact_url(self.spec.url),
+            self.spec.transport,
+        )
+
+        async def deliver(line: bytes) -> None:
+            await self._from_child(line, child)
+
+        why = "the remote MCP server is unreachable"
+        try:
+            async with trio.open_nursery() as nursery:
+                self.child = child
+                if self.session.seen_initialize:
+                    nursery.start_soon(self._replay_initialize, child)
+                else:
+                    child.ready = True
+                try:
+                    await run_remote(
+                        self.spec.transport,
+                        self.spec.url,
+                        dict(self.spec.headers),
+                        inbox_reader,
+                        deliver,
+                    )
+                except RemoteError as exc:
+                    why = f"the remote MCP server failed: {exc}"
+                    log.warning("[%s] %s", self.name, why)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.child = None
+            inbox.close()
+        for pending in self.session.abandon():
+            error = _error_line(pending.original, why)
+            await self.backlog.put(_Line(error, pending.generation))
 
     def _signal_child(self, process: trio.Process, signum: int) -> None:
         try:
@@ -1037,8 +1181,7 @@ class _Bridge:
         finally:
             done.set()
 
-    @staticmethod
-    def _show_stderr(prefix: str, line: bytes | None) -> None:
+    def _show_stderr(self, prefix: str, line: bytes | None) -> None:
         text = (
             "(a line too long to show)"
             if line is None
@@ -1046,6 +1189,22 @@ class _Bridge:
         )
         sys.stderr.write(f"{prefix}{text}\n")
         sys.stderr.flush()
+        missing = _MISSING_MODULE.search(text)
+        if missing is not None:
+            module = missing.group(1)
+            if module != self.missing_module:
+                self.missing_module = module
+                python = self.spec.command[0] if self.spec.command else "python"
+                log.error(
+                    "[%s] the MCP server cannot import %r: it is not installed for %s. Install "
+                    "it there (%s -m pip install %s), or run the script with another Python "
+                    '(pipe --python PATH, or the entry\'s "command")',
+                    self.name,
+                    module,
+                    python,
+                    python,
+                    module.split(".")[0],
+                )
 
     # ------------------------------------------------------------------------- the endpoint
 
@@ -1248,9 +1407,10 @@ async def run_pipe(
         seconds; it returns (raising ``Cancelled``) only once all of that is done.
 
     Error handling:
-        Nothing the endpoint or a child does ends the pipe: a failed dial or a dropped
-        connection is logged and redialled with backoff, a child that exits is logged with
-        its exit code and restarted with backoff. Only cancellation stops it.
+        Nothing the endpoint does ends the pipe: a failed dial or a dropped connection is
+        logged and redialled with backoff. A child that exits is logged with its exit code
+        and restarted with backoff, up to ``options.max_restarts`` quick exits in a row; then
+        its bridge stops. When every bridge has stopped, :class:`PipeFailed` is raised.
     """
     options = options or PipeOptions()
     statuses = [BridgeStatus(spec.name) for spec in servers]
@@ -1259,5 +1419,5 @@ async def run_pipe(
         for bridge in bridges:
             nursery.start_soon(bridge.run)
         task_status.started(statuses)
-        await trio.sleep_forever()
-    raise AssertionError("unreachable")  # pragma: no cover
+    reasons = "; ".join(b.gave_up for b in bridges if b.gave_up)
+    raise PipeFailed(reasons or "every MCP server stopped")

@@ -1040,20 +1040,21 @@ async def call_until_it_works(caller: WebSocketConnection, first_id: int) -> str
 async def test_an_http_entry_bridges_a_streamable_http_server_and_reconnects(
     tmp_path: Path,
 ) -> None:
-    port = _free_port()
-    config = tmp_path / "mcp_config.json"
-    entry = {
-        "type": "http",
-        "url": f"http://127.0.0.1:{port}/mcp",
-        "headers": {"Authorization": "Bearer kitchen"},
-    }
-    config.write_text(json.dumps({"mcpServers": {"kitchen": entry}}))
-    servers = load_config_file(config, environ=dict(os.environ))
-    log = tmp_path / "server.log"
-    try:
-        await _bridge_and_reconnect(servers, port, log)
-    except trio.TooSlowError:
-        pytest.fail("timed out; the SDK server logged:\n" + log.read_text(errors="replace"))
+    with trio.fail_after(60):
+        port = _free_port()
+        config = tmp_path / "mcp_config.json"
+        entry = {
+            "type": "http",
+            "url": f"http://127.0.0.1:{port}/mcp",
+            "headers": {"Authorization": "Bearer kitchen"},
+        }
+        config.write_text(json.dumps({"mcpServers": {"kitchen": entry}}))
+        servers = load_config_file(config, environ=dict(os.environ))
+        log = tmp_path / "server.log"
+        try:
+            await _bridge_and_reconnect(servers, port, log)
+        except trio.TooSlowError:
+            pytest.fail("timed out; the SDK server logged:\n" + log.read_text(errors="replace"))
 
 
 async def _bridge_and_reconnect(servers: list[ServerSpec], port: int, log: Path) -> None:

@@ -42,11 +42,10 @@ connection id is all the router knows of a peer).
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, Final, TypeAlias
+from typing import Any
 
 import attrs
 
@@ -68,46 +67,11 @@ from ._frames import (
     error_frame,
     parse_frame,
 )
+from .core.actions import CLOSE_REPLACED, Action, Close, Role, Send
 
-__all__ = ["Action", "Close", "Role", "Router", "Send"]
+__all__ = ["CLOSE_REPLACED", "Action", "Close", "Role", "Router", "Send"]
 
 log = logging.getLogger("trio_mcp_relay.routing")
-
-#: Close code sent to a tool connection that a newer one for the same agent replaced.
-CLOSE_REPLACED: Final = 4001
-
-
-class Role(enum.Enum):
-    """Which side of the relay a connection is on."""
-
-    TOOL = "tool"
-    CALLER = "caller"
-
-
-@attrs.frozen
-class Send:
-    """Deliver ``data`` (one JSON text frame) to connection ``conn``.
-
-    ``request`` is set on a caller request forwarded to a tool: if the frame cannot be
-    delivered, tell the router with :meth:`Router.forward_failed` so the caller is answered.
-    """
-
-    conn: int
-    data: bytes
-    request: int | None = None
-
-
-@attrs.frozen
-class Close:
-    """Close connection ``conn`` with a WebSocket close code and reason."""
-
-    conn: int
-    code: int
-    reason: str
-
-
-Action: TypeAlias = Send | Close
-
 
 @attrs.define(slots=True)
 class _Pending:

@@ -18,7 +18,7 @@ import trio
 from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.helpers import start_relay
-from trio_mcp_relay._routing import Router
+from trio_mcp_relay.core.session import Session as RoutingSession
 from trio_mcp_relay.testing import Session, Step, check_session, sessions
 
 _agents = itertools.count()
@@ -47,13 +47,13 @@ def test_checker_reports_a_planted_id_type_bug(monkeypatch: pytest.MonkeyPatch) 
     """The checker can fail: a relay that returns integer ids as strings (the reference
     server's bug) is caught, and hypothesis shrinks the script to one request and its answer.
     (Every integer id is affected, so any script with one answered integer id finds it.)"""
-    original = Router._response_from_tool
+    original = RoutingSession._response_from_server
 
-    def stringly(self: Router, state: Any, frame: Any) -> Any:
-        actions = original(self, state, frame)
+    def stringly(self: RoutingSession, server: Any, frame: Any) -> Any:
+        actions = original(self, server, frame)
         return [attrs.evolve(a, data=INT_ID.sub(rb'"id":"\1",', a.data)) for a in actions]
 
-    monkeypatch.setattr(Router, "_response_from_tool", stringly)
+    monkeypatch.setattr(RoutingSession, "_response_from_server", stringly)
     found: list[Session] = []
 
     @settings(max_examples=200, deadline=None, database=None, phases=[Phase.generate, Phase.shrink])

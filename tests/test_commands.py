@@ -30,8 +30,8 @@ from trio_mcp_relay._auth import (
     xiaozhi_safe,
 )
 from trio_mcp_relay._cli import app
-from trio_mcp_relay._routing import Router
 from trio_mcp_relay._transport import ConnectionClosed, WebSocket
+from trio_mcp_relay.core.session import Session
 from trio_mcp_relay.testing import FAMILIES
 
 runner = CliRunner()
@@ -357,13 +357,13 @@ def test_fuzz_passes_against_our_relay(relay: RunningRelay) -> None:
 def test_fuzz_finds_a_planted_bug_and_prints_the_minimal_script(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    original = Router._response_from_tool
+    original = Session._response_from_server
 
-    def drops_integer_ids(self: Router, state: Any, frame: Any) -> Any:
-        actions = original(self, state, frame)
+    def drops_integer_ids(self: Session, server: Any, frame: Any) -> Any:
+        actions = original(self, server, frame)
         return [a for a in actions if not re.search(rb'"id":-?\d+,', a.data)]
 
-    monkeypatch.setattr(Router, "_response_from_tool", drops_integer_ids)
+    monkeypatch.setattr(Session, "_response_from_server", drops_integer_ids)
     with relay_in_thread() as relay:
         result = runner.invoke(
             app,
@@ -382,7 +382,7 @@ def test_fuzz_finds_a_planted_bug_and_prints_the_minimal_script(
 def test_fuzz_skips_a_known_defect_and_checks_only_what_is_asked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(Router, "_notification_from_tool", lambda self, state, frame: [])
+    monkeypatch.setattr(Session, "_notification_from_server", lambda self, server, frame: [])
     with relay_in_thread() as relay:
         base = ["fuzz", relay.base, "--key", KEY, "--examples", "20", "--grace", "1"]
         skipped = runner.invoke(app, [*base, "--skip", "notifications", "--skip", "progress"])

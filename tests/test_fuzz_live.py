@@ -22,7 +22,7 @@ from tests.helpers import KEY, start_relay
 from trio_mcp_relay import _fuzz
 from trio_mcp_relay._auth import caller_url, tool_url
 from trio_mcp_relay._fuzz import PROBES
-from trio_mcp_relay._routing import Router
+from trio_mcp_relay.core.session import Session as RoutingSession
 from trio_mcp_relay.testing import (
     FAMILIES,
     CannotConnect,
@@ -77,13 +77,13 @@ def test_checker_reports_a_planted_id_type_bug(monkeypatch: pytest.MonkeyPatch) 
     """The checker can fail: a relay that returns integer ids as strings (the reference
     server's bug) is caught, and hypothesis shrinks the script to one request and its answer.
     (Every integer id is affected, so any script with one answered integer id finds it.)"""
-    original = Router._response_from_tool
+    original = RoutingSession._response_from_server
 
-    def stringly(self: Router, state: Any, frame: Any) -> Any:
-        actions = original(self, state, frame)
+    def stringly(self: RoutingSession, server: Any, frame: Any) -> Any:
+        actions = original(self, server, frame)
         return [attrs.evolve(a, data=INT_ID.sub(rb'"id":"\1",', a.data)) for a in actions]
 
-    monkeypatch.setattr(Router, "_response_from_tool", stringly)
+    monkeypatch.setattr(RoutingSession, "_response_from_server", stringly)
     found: list[Session] = []
 
     @settings(max_examples=200, deadline=None, database=None, phases=[Phase.generate, Phase.shrink])
@@ -105,7 +105,7 @@ def test_dropped_tool_notifications_are_their_own_finding(
 ) -> None:
     """A relay that drops tool notifications (as the reference does) still lets every script
     synchronise (that is done with requests), and only the notifications family fails."""
-    monkeypatch.setattr(Router, "_notification_from_tool", lambda self, state, frame: [])
+    monkeypatch.setattr(RoutingSession, "_notification_from_server", lambda self, server, frame: [])
     requests_only = Session(2, (Step(0, "request", 0), Step(1, "request", "")))
     assert trio.run(play, requests_only) == []
     problems = trio.run(play, Session(2, (Step("tool", "notify", NOTE),)), 0.5)
@@ -116,12 +116,12 @@ def test_dropped_tool_notifications_are_their_own_finding(
 
 
 def test_a_lost_id_zero_answer_is_an_answers_finding(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = Router._response_from_tool
+    original = RoutingSession._response_from_server
 
-    def drops_zero(self: Router, state: Any, frame: Any) -> Any:
-        return [a for a in original(self, state, frame) if b'"id":0,' not in a.data]
+    def drops_zero(self: RoutingSession, server: Any, frame: Any) -> Any:
+        return [a for a in original(self, server, frame) if b'"id":0,' not in a.data]
 
-    monkeypatch.setattr(Router, "_response_from_tool", drops_zero)
+    monkeypatch.setattr(RoutingSession, "_response_from_server", drops_zero)
     problems = trio.run(play, Session(1, (Step(0, "request", 0), Step(0, "request", 1))), 0.5)
     assert [(p.family, p.text) for p in problems] == [
         ("answers", "caller 0 never got an answer to request #0 with id 0")

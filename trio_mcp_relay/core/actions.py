@@ -1,0 +1,54 @@
+"""What the core and the shell say to each other: the roles of connections and the actions.
+
+Theory of operation
+-------------------
+The shell tells the core what happened, naming each connection by an integer it picked and,
+when it connects, its :class:`Role`. The core answers with a list of actions, which the shell
+carries out in order: :class:`Send` (deliver these bytes to that connection) and
+:class:`Close` (close that connection with this code). Nothing else crosses the boundary.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, TypeAlias
+
+import attrs
+
+__all__ = ["CLOSE_REPLACED", "Action", "Close", "Role", "Send"]
+
+#: Close code sent to a tool connection that a newer one for the same agent replaced.
+CLOSE_REPLACED: Final = 4001
+
+
+class Role(enum.Enum):
+    """Which side of the relay a connection is on."""
+
+    TOOL = "tool"
+    CALLER = "caller"
+
+
+@attrs.frozen
+class Send:
+    """Deliver ``data`` (one JSON text frame) to connection ``conn``.
+
+    ``request`` is set on a caller request forwarded to a tool: if the frame cannot be
+    delivered, tell the router with :meth:`~trio_mcp_relay.core.registry.Router.forward_failed`
+    so the caller is answered.
+    """
+
+    conn: int
+    data: bytes
+    request: int | None = None
+
+
+@attrs.frozen
+class Close:
+    """Close connection ``conn`` with a WebSocket close code and reason."""
+
+    conn: int
+    code: int
+    reason: str
+
+
+Action: TypeAlias = Send | Close

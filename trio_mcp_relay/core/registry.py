@@ -1,0 +1,298 @@
+"""The registry of agents and connections, and the :class:`Router` the shell talks to.
+
+Theory of operation
+-------------------
+The :class:`Router` is told what happened (a peer connected, sent a message, went away, a
+deadline passed) and answers with a list of actions for the I/O layer to carry out:
+:class:`~trio_mcp_relay.core.actions.Send` and :class:`~trio_mcp_relay.core.actions.Close`.
+Connections are named by integers the caller of the router picks.
+
+The router itself decides nothing about frames. It keeps two maps: agents by name, each with
+its :class:`~trio_mcp_relay.core.session.Session` (created when the agent's first connection
+arrives, forgotten once nothing is connected and nothing in flight), and connections by id,
+each to its :class:`~trio_mcp_relay.core.session.Caller` or
+:class:`~trio_mcp_relay.core.session.Server` record, which names its session and so its agent
+and role. A frame is parsed once, its connection looked up once, and the frame handed to that
+connection's session, which holds every routing rule (see :mod:`trio_mcp_relay.core.session`).
+A connection that a newer one replaced is unregistered at once: whatever it still sends is
+ignored.
+
+Deadlines cross sessions because the shell has a single timer: every session appends to one
+:class:`~trio_mcp_relay.core.session.Deadlines`, and :meth:`Router.next_deadline` and
+:meth:`Router.expire` walk its queues in order, handing each deadline back to its session.
+
+Looking ahead, the inputs stay the same when an agent gains several tool connections (each
+pending entry already names its server) or when a peer lives on another relay node (a
+connection id is all the router knows of a peer, and a session knows nothing of the router).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from .._frames import FrameError, dumps, parse_frame
+from .actions import Action, Role, Send
+from .session import Caller, Deadlines, Policy, Server, Session
+
+__all__ = ["Router"]
+
+log = logging.getLogger("trio_mcp_relay.routing")
+
+
+class Router:
+    """Routing state of every agent, and the decisions that change it.
+
+    Args:
+        tool_request_timeout: seconds a caller has to answer a request the tool sent it.
+        request_timeout: seconds a caller request may wait for the tool's answer before the
+            relay answers ``-32006`` itself and cancels it at the tool; 0 waits forever.
+        max_inflight_per_caller: requests one caller may have in flight; more get ``-32007``
+            (0: no limit).
+        max_tool_requests: tool-initiated requests awaiting a caller per agent; more get
+            ``-32007`` (0: no limit).
+    """
+
+    def __init__(
+        self,
+        *,
+        tool_request_timeout: float = 30.0,
+        request_timeout: float = 0.0,
+        max_inflight_per_caller: int = 0,
+        max_tool_requests: int = 0,
+    ) -> None:
+        self._policy = Policy(
+            tool_request_timeout=tool_request_timeout,
+            request_timeout=request_timeout,
+            max_inflight_per_caller=max_inflight_per_caller,
+            max_tool_requests=max_tool_requests,
+        )
+        self._deadlines = Deadlines()
+        self._sessions: dict[str, Session] = {}
+        self._connections: dict[int, Caller | Server] = {}
+
+    # ------------------------------------------------------------------ settings
+
+    # The settings live in the Policy every session shares, so a change reaches them all.
+
+    @property
+    def draining(self) -> bool:
+        """Set during a graceful shutdown: new caller requests are refused with -32003."""
+        return self._policy.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._policy.draining = value
+
+    @property
+    def tool_request_timeout(self) -> float:
+        return self._policy.tool_request_timeout
+
+    @tool_request_timeout.setter
+    def tool_request_timeout(self, value: float) -> None:
+        self._policy.tool_request_timeout = value
+
+    @property
+    def request_timeout(self) -> float:
+        return self._policy.request_timeout
+
+    @request_timeout.setter
+    def request_timeout(self, value: float) -> None:
+        self._policy.request_timeout = value
+
+    @property
+    def max_inflight_per_caller(self) -> int:
+        return self._policy.max_inflight_per_caller
+
+    @max_inflight_per_caller.setter
+    def max_inflight_per_caller(self, value: int) -> None:
+        self._policy.max_inflight_per_caller = value
+
+    @property
+    def max_tool_requests(self) -> int:
+        return self._policy.max_tool_requests
+
+    @max_tool_requests.setter
+    def max_tool_requests(self, value: int) -> None:
+        self._policy.max_tool_requests = value
+
+    # ------------------------------------------------------------------ introspection
+
+    def role(self, conn: int) -> Role | None:
+        """The role of a registered connection, or None."""
+        link = self._connections.get(conn)
+        if link is None:
+            return None
+        return Role.CALLER if isinstance(link, Caller) else Role.TOOL
+
+    def tool_of(self, agent: str) -> int | None:
+        """The tool connection currently serving ``agent``."""
+        session = self._sessions.get(agent)
+        server = session.server if session else None
+        return server.conn if server else None
+
+    def stats(self) -> dict[str, Any]:
+        """Connection counts in the reference server's health-check shape."""
+        sessions = self._sessions.values()
+        by_agent = {s.name: len(s.callers) for s in sessions if s.callers}
+        tools = sum(s.server is not None for s in sessions)
+        callers = len(self._connections) - tools
+        return {
+            "tool_connections": tools,
+            "robot_connections": callers,
+            "total_connections": tools + callers,
+            "robot_connections_by_agent": by_agent,
+        }
+
+    def pending_count(self) -> int:
+        """Requests in flight in either direction, over all agents."""
+        return sum(len(s.pending) + len(s.tool_requests) for s in self._sessions.values())
+
+    def caller_count(self, agent: str) -> int:
+        """How many callers ``agent`` has connected."""
+        session = self._sessions.get(agent)
+        return len(session.callers) if session else 0
+
+    def take_deadline_change(self) -> bool:
+        """Whether a deadline was added since the last call (then wake the timer)."""
+        deadlines = self._deadlines
+        added, deadlines.added = deadlines.added, False
+        return added
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline :meth:`expire` acts on, or None if there is none."""
+        requests, tool_requests = self._deadlines.requests, self._deadlines.tool_requests
+        # Drop entries of requests answered in time (amortized O(1): each goes once).
+        while requests and not requests[0][1].awaits_request(requests[0][2], requests[0][3]):
+            requests.popleft()
+        while tool_requests and not (
+            tool_requests[0][1].awaits_tool_request(tool_requests[0][2], tool_requests[0][3])
+        ):
+            tool_requests.popleft()
+        fronts = [q[0][0] for q in (requests, tool_requests) if q]
+        return min(fronts, default=None)
+
+    # ------------------------------------------------------------------ connections
+
+    def _session(self, agent: str) -> Session:
+        session = self._sessions.get(agent)
+        if session is None:
+            session = self._sessions[agent] = Session(agent, self._policy, self._deadlines)
+        return session
+
+    def _maybe_forget(self, session: Session) -> None:
+        if session.idle and self._sessions.get(session.name) is session:
+            del self._sessions[session.name]
+
+    def tool_connected(self, conn: int, agent: str) -> list[Action]:
+        """A tool connection for ``agent`` is up. It replaces (and closes) any previous one."""
+        session = self._session(agent)
+        old = session.server
+        server = Server(conn, session)
+        actions = session.server_connected(server)
+        if old is not None:
+            del self._connections[old.conn]
+        self._connections[conn] = server
+        return actions
+
+    def tool_disconnected(self, conn: int) -> list[Action]:
+        """A tool connection went away. Unknown or already replaced connections are a no-op."""
+        server = self._connections.get(conn)
+        if not isinstance(server, Server):
+            return []
+        del self._connections[conn]
+        session = server.session
+        actions = session.server_disconnected(server)
+        self._maybe_forget(session)
+        return actions
+
+    def caller_connected(self, conn: int, agent: str) -> list[Action]:
+        """A caller connection for ``agent`` is up."""
+        session = self._session(agent)
+        caller = Caller(conn, session)
+        self._connections[conn] = caller
+        return session.caller_connected(caller)
+
+    def caller_disconnected(self, conn: int) -> list[Action]:
+        """A caller went away: cancel its requests at the tool, fail what it owed the tool."""
+        caller = self._connections.get(conn)
+        if not isinstance(caller, Caller):
+            return []
+        del self._connections[conn]
+        session = caller.session
+        actions = session.caller_disconnected(caller)
+        self._maybe_forget(session)
+        return actions
+
+    # ------------------------------------------------------------------ frames
+
+    def received(self, conn: int, data: str | bytes, now: float) -> list[Action]:
+        """A connection sent one WebSocket message.
+
+        Args:
+            conn: the registered connection it came from.
+            data: the message (text, or binary holding UTF-8 JSON).
+            now: the current time, for deadlines.
+        """
+        try:
+            frame = parse_frame(data)
+        except FrameError as exc:
+            log.debug("connection %d sent an invalid frame: %s", conn, exc.reason)
+            return [Send(conn, dumps(exc.to_response().to_json()))]
+        link = self._connections.get(conn)
+        if link is None:
+            return []
+        if isinstance(link, Caller):
+            return link.session.from_caller(link, frame, now)
+        return link.session.from_server(link, frame, now)
+
+    # ------------------------------------------------------------------ failures and time
+
+    def forward_failed(
+        self, tool: int, tool_id: int, why: str = "the tool is not reading"
+    ) -> list[Action]:
+        """A forwarded caller request could not be delivered to the tool: answer ``-32002``."""
+        server = self._connections.get(tool)
+        if not isinstance(server, Server):
+            return []
+        return server.session.forward_failed(server, tool_id, why)
+
+    def expire(self, now: float) -> list[Action]:
+        """Act on every deadline that has passed.
+
+        Tool requests no caller answered in time: the tool gets ``-32006``, the caller
+        ``notifications/cancelled``. Caller requests past ``request_timeout``: the caller gets
+        ``-32006`` with its id, the tool ``notifications/cancelled``.
+        """
+        actions: list[Action] = []
+        tool_requests = self._deadlines.tool_requests
+        while tool_requests and tool_requests[0][0] <= now:
+            _, session, key, req = tool_requests.popleft()
+            if session.awaits_tool_request(key, req):
+                actions.extend(session.expire_tool_request(key, req))
+                self._maybe_forget(session)
+        requests = self._deadlines.requests
+        while requests and requests[0][0] <= now:
+            _, session, tool_id, entry = requests.popleft()
+            actions.extend(session.expire_request(tool_id, entry))
+        return actions
+
+    def check_invariants(self) -> Iterator[str]:
+        """Yield a description of every broken internal invariant (for tests)."""
+        for name, session in self._sessions.items():
+            if session.name != name:
+                yield f"agent {name}: session of {session.name} registered under it"
+            if session.idle:
+                yield f"agent {name}: kept with nothing connected and nothing in flight"
+            server = session.server
+            if server is not None and self._connections.get(server.conn) is not server:
+                yield f"agent {name}: tool {server.conn} not registered"
+            for conn, caller in session.callers.items():
+                if self._connections.get(conn) is not caller:
+                    yield f"agent {name}: caller {conn} not registered"
+            yield from session.check_invariants()
+        for conn, link in self._connections.items():
+            known = self._sessions.get(link.session.name)
+            if known is not link.session or link.conn != conn:
+                yield f"connection {conn}: registered, but its agent does not know it"

@@ -96,31 +96,36 @@ class Peer:
             trio.WouldBlock: the outbox is full (in frames or bytes).
             trio.ClosedResourceError: the peer is closing.
         """
-        outbox = self.outbox
-        size = None
-        if self.state is PeerState.OPEN and outbox.idle and type(self.ws) is ServerWebSocket:
-            rest = self.ws.send_now(encode_text_frame(data))
-            if rest == b"":
-                return
-            if rest is not None:
-                # The socket keeps the rest: the writer's next write sends it.
-                data, size, request = Encoded(b""), len(rest), None
-        outbox.put_nowait(data, request=request, size=size)
+        if self._may_write_now() and self._write_now(encode_text_frame(data)):
+            return
+        self.outbox.put_nowait(data, request=request)
         self.start_writer()
 
     def ping_nowait(self) -> None:
         """Send a ping now, or queue it ahead of every queued frame (it never counts against
         the bounds). An idle connection's ping is written at once: no writer task for it."""
-        if self.state is PeerState.OPEN and self.outbox.idle and type(self.ws) is ServerWebSocket:
-            rest = self.ws.send_now(_PING_FRAME)
-            if rest == b"":
-                return
-            if rest is not None:
-                self.outbox.put_nowait(Encoded(b""), size=len(rest))
-                self.start_writer()
-                return
+        if self._may_write_now() and self._write_now(_PING_FRAME):
+            return
         self.outbox.put_control(PING)
         self.start_writer()
+
+    def _may_write_now(self) -> bool:
+        """The fast path keeps the order only when nothing is queued or being written."""
+        ws = self.ws
+        return self.state is PeerState.OPEN and self.outbox.idle and type(ws) is ServerWebSocket
+
+    def _write_now(self, frame: bytes) -> bool:
+        """Write an encoded frame straight to the socket; True when it is taken care of
+        (written whole, or its rest queued for the writer), False when it was not tried."""
+        assert type(self.ws) is ServerWebSocket
+        rest = self.ws.send_now(frame)
+        if rest is None:
+            return False
+        if rest:
+            # The socket keeps the rest: the writer's next write sends it.
+            self.outbox.put_nowait(Encoded(b""), size=len(rest))
+            self.start_writer()
+        return True
 
     def start_writer(self) -> None:
         """Start the writer task unless it runs (and never before the 101 has left)."""

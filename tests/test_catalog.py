@@ -425,8 +425,8 @@ def test_capabilities_are_a_union_with_list_changed() -> None:
     merged = merge_capabilities(
         [
             {"tools": {"listChanged": False}, "logging": {}},
-            {"resources": {"subscribe": True}, "experimental": {"x": {"a": 1}}},
-            {"resources": {"subscribe": False}, "experimental": {"x": {"b": 2}}},
+            {"resources": {"subscribe": False}, "experimental": {"x": {"a": 1}}},
+            {"resources": {"subscribe": True}, "experimental": {"x": {"b": 2}}},
             "not an object",  # type: ignore[list-item]
         ]
     )

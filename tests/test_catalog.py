@@ -587,6 +587,19 @@ class CatalogMachine(RuleBasedStateMachine):
             model.staged = {kind: [] for kind in Kind}
         self.apply(self.catalog.add_server(identity, ready=ready))
 
+    @rule(
+        identity=st.sampled_from(IDENTITIES),
+        keys=st.lists(st.sampled_from(ORIGINALS[Kind.TOOLS][:3]), min_size=1, max_size=3),
+    )
+    def join_with_tools(self, identity: str, keys: list[str]) -> None:
+        """A server that is ready at once with tools others likely have: collisions."""
+        self.join(identity, ready=True)
+        items = [{"name": key} for key in keys]
+        live = self.models[identity].live
+        assert live is not None
+        live[Kind.TOOLS] = items
+        self.apply(self.catalog.set_items(identity, Kind.TOOLS, items))
+
     @precondition(lambda self: self.models)
     @rule(data=st.data())
     def leave(self, data: st.DataObject) -> None:

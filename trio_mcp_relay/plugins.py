@@ -21,14 +21,14 @@ any :class:`~trio_mcp_relay._transport.WebSocket` (it also fits ``serve_relay``'
 ``embedded_tools``).
 
 Theory of operation: :class:`PluginHost` answers ``initialize``, ``ping``, ``tools/list``
-(paginated) and ``tools/call``; everything else gets ``-32601``. Its plugins' tools are merged,
-paged and resolved by :mod:`trio_mcp_relay.core.catalog`, the relay's own catalog. Tool arguments are checked
-against the tool's ``inputSchema`` before the plugin sees them (``-32602`` with a message
-naming the argument), so a plugin receives only arguments of the declared types. A tool that
-raises is reported *in the result* (``isError: true``, the message as text), as MCP wants,
-so the model can read it; protocol errors are JSON-RPC errors. :meth:`PluginHost.serve` runs
-each request in its own task, so a slow tool never holds up ``ping`` or other calls, and
-honours ``notifications/cancelled``.
+(paginated) and ``tools/call``; everything else gets ``-32601``. Its plugins' tools are
+merged, paged and resolved by :mod:`trio_mcp_relay.core.catalog`, the relay's own catalog.
+Tool arguments are checked against the tool's ``inputSchema`` before the plugin sees them
+(``-32602`` with a message naming the argument), so a plugin receives only arguments of the
+declared types. A tool that raises is reported *in the result* (``isError: true``, the message
+as text), as MCP wants, so the model can read it; protocol errors are JSON-RPC errors.
+:meth:`PluginHost.serve` runs each request in its own task, so a slow tool never holds up
+``ping`` or other calls, and honours ``notifications/cancelled``.
 
 Type hints understood by :func:`tool`: ``int``, ``float``, ``bool``, ``str``, ``list[X]``,
 ``dict[str, X]``, ``X | None`` and other unions, ``Literal[...]``, :class:`enum.Enum`

@@ -123,6 +123,17 @@ def test_a_derived_name_keeps_its_meaning_over_a_real_tool_of_that_name() -> Non
     assert catalog.resolve_tool("b_search") == Route("x", "b_search")
 
 
+def test_a_name_freed_by_a_promotion_goes_to_the_earliest_server_that_has_it() -> None:
+    catalog = joined(("a", ["search"]), ("x", ["other"]), ("b", ["search"]), ("y", ["b_search"]))
+    catalog.set_items("x", Kind.TOOLS, tools("b_search"))
+    assert names(catalog) == ["search", "x_b_search", "b_search", "y_b_search"]
+    # a leaves: b takes "search", which frees "b_search"; x connected before y.
+    catalog.remove_server("a")
+    assert catalog.resolve_tool("search") == Route("b", "search")
+    assert catalog.resolve_tool("b_search") == Route("x", "b_search")
+    assert catalog.resolve_tool("y_b_search") == Route("y", "b_search")
+
+
 def test_prompts_follow_the_same_rule() -> None:
     catalog = Catalog()
     for identity in ("a", "b"):

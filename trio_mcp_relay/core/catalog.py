@@ -801,21 +801,25 @@ class Catalog:
         present = {pair for pair, _ in exposed}
         assigned = {pair: name for pair, name in old.assigned.items() if pair in present}
         taken = {name: pair for pair, name in assigned.items()}
-        # A free original name goes to its earliest exposer; that may free a derived name
-        # which is another item's original name, hence the loop (each pass only ever turns
-        # derived or unassigned pairs bare, so it ends).
-        promoted = True
-        while promoted:
-            promoted = False
-            for pair, _ in exposed:
-                original = pair[1]
-                if original not in taken:
-                    previous = assigned.get(pair)
-                    if previous is not None:
-                        del taken[previous]
-                    assigned[pair] = original
-                    taken[original] = pair
-                    promoted = True
+        # A free original name goes to its earliest exposer. That may free the derived name
+        # it had, which may be another item's original name: hence the work list. The
+        # earliest exposer of a name is fixed, so the order of the work does not matter.
+        first: dict[str, tuple[str, str]] = {}
+        for pair, _ in exposed:
+            first.setdefault(pair[1], pair)
+        work = [name for name in first if name not in taken]
+        while work:
+            name = work.pop()
+            if name in taken:
+                continue
+            pair = first[name]
+            previous = assigned.get(pair)
+            if previous is not None:
+                del taken[previous]
+                if previous in first:
+                    work.append(previous)
+            assigned[pair] = name
+            taken[name] = pair
         if kind.renames:
             for pair, _ in exposed:
                 if pair not in assigned:
@@ -825,14 +829,14 @@ class Catalog:
         listing = _Listing(assigned=assigned)
         shown: list[dict[str, Any]] = []
         for pair, item in exposed:
-            name = assigned.get(pair)
-            if name is None:
+            listed = assigned.get(pair)
+            if listed is None:
                 continue  # a URI another server owns
-            entry = item if name == pair[1] else {**item, key: name}
+            entry = item if listed == pair[1] else {**item, key: listed}
             shown.append(entry)
             route = Route(*pair)
-            listing.routes[name] = route
-            listing.by_name[name] = entry
+            listing.routes[listed] = route
+            listing.by_name[listed] = entry
         listing.items = tuple(shown)
         if kind is Kind.RESOURCE_TEMPLATES:
             listing.patterns = tuple(

@@ -3,8 +3,9 @@
 Pure: no Trio, no I/O. The relay keeps one :class:`Catalog` per agent and answers callers'
 ``tools/list``, ``prompts/list``, ``resources/list`` and ``resources/templates/list`` from it,
 routes ``tools/call``, ``prompts/get`` and ``resources/read`` with it, and builds the
-``initialize`` answer with :meth:`Catalog.initialize_result`. :class:`~trio_mcp_relay.plugins.
-PluginHost` merges and pages its plugins' tools with the same code.
+``initialize`` answer with :meth:`Catalog.initialize_result`. The plugin host
+(:class:`trio_mcp_relay.plugins.PluginHost`) merges and pages its plugins' tools with the
+same code.
 
 Theory of operation
 -------------------

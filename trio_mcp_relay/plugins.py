@@ -21,13 +21,14 @@ any :class:`~trio_mcp_relay._transport.WebSocket` (it also fits ``serve_relay``'
 ``embedded_tools``).
 
 Theory of operation: :class:`PluginHost` answers ``initialize``, ``ping``, ``tools/list``
-(paginated) and ``tools/call``; everything else gets ``-32601``. Tool arguments are checked
-against the tool's ``inputSchema`` before the plugin sees them (``-32602`` with a message
-naming the argument), so a plugin receives only arguments of the declared types. A tool that
-raises is reported *in the result* (``isError: true``, the message as text), as MCP wants,
-so the model can read it; protocol errors are JSON-RPC errors. :meth:`PluginHost.serve` runs
-each request in its own task, so a slow tool never holds up ``ping`` or other calls, and
-honours ``notifications/cancelled``.
+(paginated) and ``tools/call``; everything else gets ``-32601``. Its plugins' tools are
+merged, paged and resolved by :mod:`trio_mcp_relay.core.catalog`, the relay's own catalog.
+Tool arguments are checked against the tool's ``inputSchema`` before the plugin sees them
+(``-32602`` with a message naming the argument), so a plugin receives only arguments of the
+declared types. A tool that raises is reported *in the result* (``isError: true``, the message
+as text), as MCP wants, so the model can read it; protocol errors are JSON-RPC errors.
+:meth:`PluginHost.serve` runs each request in its own task, so a slow tool never holds up
+``ping`` or other calls, and honours ``notifications/cancelled``.
 
 Type hints understood by :func:`tool`: ``int``, ``float``, ``bool``, ``str``, ``list[X]``,
 ``dict[str, X]``, ``X | None`` and other unions, ``Literal[...]``, :class:`enum.Enum`
@@ -37,8 +38,6 @@ optional. Arguments arrive converted: enum members for enums, ``float`` for ``fl
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import functools
 import importlib
@@ -73,6 +72,7 @@ from ._frames import (
     parse_frame,
 )
 from ._transport import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
+from .core.catalog import SUPPORTED_PROTOCOL_VERSIONS, Catalog, CursorError, Kind, negotiate_version
 
 __all__ = [
     "SUPPORTED_PROTOCOL_VERSIONS",
@@ -94,9 +94,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("trio_mcp_relay.plugins")
-
-#: MCP revisions the host speaks, oldest first; the last is offered to unknown versions.
-SUPPORTED_PROTOCOL_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 
 #: Tool names as MCP 2025-11-25 recommends them (and every client accepts).
 _TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
@@ -743,24 +740,6 @@ class _RpcError(Exception):
         self.data = data
 
 
-def _encode_cursor(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: object, limit: int) -> int:
-    if not isinstance(cursor, str):
-        raise _RpcError(INVALID_PARAMS, "Invalid cursor: must be a string")
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        tag, _, digits = text.partition(":")
-        offset = int(digits) if tag == "o" and digits.isdigit() else -1
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        offset = -1
-    if not 0 < offset < limit:
-        raise _RpcError(INVALID_PARAMS, "Invalid cursor")
-    return offset
-
-
 def _params(request: Request) -> dict[str, Any]:
     if request.params is MISSING or request.params is None:
         return {}
@@ -798,28 +777,34 @@ class PluginHost:
         self.page_size = page_size
         self.server_info = {"name": name, "version": version}
         self.instructions = instructions
-        self._definitions: list[dict[str, Any]] = []
-        self._owners: dict[str, tuple[Plugin, dict[str, Any]]] = {}
-        for plugin in plugins:
-            for definition in plugin.tools():
+        # The relay's catalog merges the plugins' tools, each plugin a server named by its
+        # position; a name defined twice is refused here rather than given a derived name,
+        # so that every tool keeps the name its author wrote.
+        self._plugins = list(plugins)
+        self._catalog = Catalog()
+        for index, plugin in enumerate(self._plugins):
+            definitions = plugin.tools()
+            for position, definition in enumerate(definitions):
                 tool_name = definition.get("name")
                 if not isinstance(tool_name, str) or not tool_name:
                     raise ValueError(f"{plugin!r}: a tool definition has no name")
                 if not isinstance(definition.get("inputSchema"), dict):
                     raise ValueError(f"{plugin!r}: tool {tool_name!r} has no inputSchema object")
-                if tool_name in self._owners:
-                    other = type(self._owners[tool_name][0]).__qualname__
+                earlier = self._catalog.owners(Kind.TOOLS, tool_name)
+                if earlier or any(d.get("name") == tool_name for d in definitions[:position]):
+                    other = self._plugins[int(earlier[0])] if earlier else plugin
                     raise ValueError(
-                        f"duplicate tool name {tool_name!r}: defined by {other} and "
-                        f"{type(plugin).__qualname__}"
+                        f"duplicate tool name {tool_name!r}: defined by "
+                        f"{type(other).__qualname__} and {type(plugin).__qualname__}"
                     )
-                self._owners[tool_name] = (plugin, definition)
-                self._definitions.append(definition)
+            identity = str(index)
+            self._catalog.add_server(identity, ready=True)
+            self._catalog.set_items(identity, Kind.TOOLS, definitions)
 
     @property
     def tool_names(self) -> list[str]:
         """Every tool's name, in ``tools/list`` order."""
-        return [d["name"] for d in self._definitions]
+        return [d["name"] for d in self._catalog.items(Kind.TOOLS)]
 
     async def handle(self, frame_text: str | bytes) -> bytes | None:
         """Answer one frame: the response to send, or None (notifications, responses).
@@ -859,10 +844,8 @@ class PluginHost:
         raise _RpcError(METHOD_NOT_FOUND, "Method not found", {"method": method})
 
     def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
-        asked = params.get("protocolVersion")
-        version = asked if asked in SUPPORTED_PROTOCOL_VERSIONS else SUPPORTED_PROTOCOL_VERSIONS[-1]
         result: dict[str, Any] = {
-            "protocolVersion": version,
+            "protocolVersion": negotiate_version(params.get("protocolVersion")),
             "capabilities": {"tools": {"listChanged": False}},
             "serverInfo": self.server_info,
         }
@@ -871,22 +854,20 @@ class PluginHost:
         return result
 
     def _list_tools(self, params: dict[str, Any]) -> dict[str, Any]:
-        cursor = params.get("cursor")
-        start = 0 if cursor is None else _decode_cursor(cursor, len(self._definitions))
-        end = start + self.page_size
-        result: dict[str, Any] = {"tools": self._definitions[start:end]}
-        if end < len(self._definitions):
-            result["nextCursor"] = _encode_cursor(end)
-        return result
+        try:
+            return self._catalog.list_result(Kind.TOOLS, params.get("cursor"), self.page_size)
+        except CursorError as exc:
+            raise _RpcError(exc.code, str(exc)) from None
 
     async def _call_tool(self, params: dict[str, Any]) -> dict[str, Any]:
         name = params.get("name")
         if not isinstance(name, str):
             raise _RpcError(INVALID_PARAMS, "tools/call: params.name must be a string")
-        owner = self._owners.get(name)
-        if owner is None:
+        route = self._catalog.resolve_tool(name)
+        definition = self._catalog.listed_item(Kind.TOOLS, name)
+        if route is None or definition is None:
             raise _RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
-        plugin, definition = owner
+        plugin = self._plugins[int(route.server)]
         arguments = params.get("arguments")
         if arguments is None:
             arguments = {}
@@ -898,7 +879,7 @@ class PluginHost:
                 INVALID_PARAMS, f"Invalid arguments for tool {name!r}: {'; '.join(problems)}"
             )
         try:
-            value = await plugin.call_tool(name, arguments)
+            value = await plugin.call_tool(route.name, arguments)
         except InvalidArguments as exc:
             raise _RpcError(INVALID_PARAMS, f"Invalid arguments for tool {name!r}: {exc}") from None
         except ToolError as exc:

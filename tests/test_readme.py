@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -43,9 +44,12 @@ def test_testing_example_runs_against_an_embedded_relay(tmp_path: Path) -> None:
     )
     assert match, "README lost its trio_mcp_relay.testing example"
     (tmp_path / "test_example.py").write_text(match.group(1))
+    # As a user runs it: not as a worker of this run's pytest-xdist.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-W", "error", "-p", "no:cacheprovider", "."],
         cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -119,11 +119,29 @@ class HttpResponse:
         return json.loads(self.body)
 
 
+async def open_tcp_from(source: str, port: int) -> trio.SocketStream:
+    """A TCP connection to 127.0.0.1:``port`` from ``source``, any 127/8 address (Linux
+    routes all of 127/8 locally): a client with an address of its own."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 async def http_get(
-    port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET"
+    port: int,
+    target: str,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    *,
+    source: str = "127.0.0.1",
 ) -> HttpResponse:
-    """One plain HTTP/1.1 request to the relay, read until the server closes."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    """One plain HTTP/1.1 request to the relay (from ``source``), read until it closes."""
+    stream = await open_tcp_from(source, port)
     async with stream:
         lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]

@@ -51,7 +51,6 @@ from wsproto.events import Request as WsRequest
 
 from tests.helpers import (
     KEY,
-    HttpResponse,
     RunningRelay,
     health,
     http_get,
@@ -542,21 +541,6 @@ async def test_health_with_an_admin_key_refuses_the_server_key(nursery: trio.Nur
             await round_trip(tool, caller, "tokens use the server key")
 
 
-async def http_get_from(source: str, port: int, target: str) -> HttpResponse:
-    """Like ``http_get``, from another loopback address (Linux routes all of 127/8 locally)."""
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    async with trio.SocketStream(sock) as stream:
-        await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        data = await read_until_closed(stream)
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return HttpResponse(status, {}, body)
 
 
 async def test_an_address_that_keeps_failing_gets_429_but_never_for_a_valid_credential(
@@ -593,7 +577,7 @@ async def test_an_address_that_keeps_failing_gets_429_but_never_for_a_valid_cred
                 await wait_for_counts(relay, tools=1, callers=2)
                 await round_trip(tool, newcomer, "while failures are refused")
             # Only this address: 127.0.0.2 failing gets its 1008 (a 403 here), not a 429.
-            other = await http_get_from("127.0.0.2", relay.port, "/mcp_endpoint/health?key=x")
+            other = await http_get(relay.port, "/mcp_endpoint/health?key=x", source="127.0.0.2")
             assert other.status == 403
             await round_trip(tool, caller, "during the refusal")
             await trio.sleep(ban)  # the point of the test: the refusal runs out

@@ -23,7 +23,6 @@ from wsproto.events import Request as WsRequest
 
 from tests.helpers import (
     KEY,
-    HttpResponse,
     RunningRelay,
     health,
     http_get,
@@ -117,27 +116,6 @@ async def round_trip(
     assert await recv(caller_ws) == result(rid, {"probe": rid})
 
 
-async def http_from(
-    source: str, port: int, target: str, headers: dict[str, str] | None = None
-) -> HttpResponse:
-    """One HTTP request from another loopback address (Linux routes all of 127/8 locally)."""
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    async with trio.SocketStream(sock) as stream:
-        lines = [f"GET {target} HTTP/1.1", "Host: x"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
-        data = b""
-        with trio.move_on_after(10):
-            while chunk := await stream.receive_some(65536):
-                data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return HttpResponse(int(head.split(b" ", 2)[1]), {}, body)
 
 
 # ----------------------------------------------------------------------------- lockout
@@ -314,9 +292,9 @@ async def test_clients_behind_a_trusted_proxy_are_limited_separately(
         # The same headers from an untrusted address are ignored: 127.0.0.2 is one client.
         for n in range(3):
             spoofed = {"X-Forwarded-For": f"203.0.113.{n}"}
-            assert (await http_from("127.0.0.2", relay.port, wrong, spoofed)).status == 403
+            assert (await http_get(relay.port, wrong, spoofed, source="127.0.0.2")).status == 403
         last = {"X-Forwarded-For": "203.0.113.99"}
-        assert (await http_from("127.0.0.2", relay.port, wrong, last)).status == 429
+        assert (await http_get(relay.port, wrong, last, source="127.0.0.2")).status == 429
     # Logs name the client the proxy vouched for.
     logged = " ".join(record.getMessage() for record in caplog.records)
     assert "198.51.100.9 (via 127.0.0.1:" in logged

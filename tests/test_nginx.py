@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from trio_websocket import open_websocket_url
 
-from tests.helpers import KEY, recv, request, result, send, start_relay
+from tests.helpers import KEY, open_tcp_from, recv, request, result, send, start_relay
 from trio_mcp_relay import TokenRole, scoped_token
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -85,14 +85,8 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 async def https_get(source: str, port: int, target: str, context: ssl.SSLContext) -> int:
     """The status of one HTTPS GET through nginx, sent from ``source`` (any 127/8 address)."""
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    stream = trio.SSLStream(trio.SocketStream(sock), context, server_hostname="relay.example.com")
+    plain = await open_tcp_from(source, port)
+    stream = trio.SSLStream(plain, context, server_hostname="relay.example.com")
     async with stream:
         await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: relay.example.com\r\n\r\n".encode())
         data = b""

@@ -35,6 +35,18 @@ from ._fuzz import Finding, FuzzerFailed, FuzzReport, describe_step, run_fuzz
 
 __all__ = ["register"]
 
+EndpointArgument = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="URL",
+        help="The endpoint: the health URL the relay prints (it carries the key), a base "
+        "URL (http(s):// or ws(s)://HOST:PORT), or a tool or caller URL.",
+        show_default=False,
+    ),
+]
+EndpointOption = Annotated[
+    str | None, typer.Option("--url", help="The endpoint, as URL.", show_default=False)
+]
 KeyOption = Annotated[
     str | None,
     typer.Option(
@@ -414,18 +426,8 @@ def _call_request(url: str, timeout: float, method: str, params: str | None) -> 
 
 
 def check_command(
-    url_argument: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="URL",
-            help="The endpoint: the health URL the relay prints (it carries the key), a base "
-            "URL (http(s):// or ws(s)://HOST:PORT), or a tool or caller URL.",
-            show_default=False,
-        ),
-    ] = None,
-    url: Annotated[
-        str | None, typer.Option("--url", help="The endpoint, as URL.", show_default=False)
-    ] = None,
+    url_argument: EndpointArgument = None,
+    url: EndpointOption = None,
     host: Annotated[str, typer.Option(help="Host, when no URL is given.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port, when no URL is given.")] = 8004,
     key: KeyOption = None,
@@ -528,18 +530,8 @@ def _family_list(values: list[str] | None, option: str) -> set[str]:
 
 
 def fuzz_command(
-    url_argument: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="URL",
-            help="The endpoint: the health URL the relay prints (it carries the key), a base "
-            "URL (http(s):// or ws(s)://HOST:PORT), or a tool or caller URL.",
-            show_default=False,
-        ),
-    ] = None,
-    url: Annotated[
-        str | None, typer.Option("--url", help="The endpoint, as URL.", show_default=False)
-    ] = None,
+    url_argument: EndpointArgument = None,
+    url: EndpointOption = None,
     key: KeyOption = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,

@@ -31,7 +31,7 @@ from .._guard import FailureLimiter
 from .._http import BadRequest, read_request_head, respond
 from .._proxies import TrustedProxies
 from .._routing import Router
-from .dispatch import CLOSE_TIMEOUT, Dispatcher
+from .dispatch import Dispatcher
 from .handshake import Opened, PendingByAddress, open_websocket
 from .lifecycle import EmbeddedTool, Lifecycle
 from .routes import HttpRoutes
@@ -286,9 +286,7 @@ async def serve_relay(
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
                 relay.lifecycle.close_all()
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    for peer in relay.lifecycle.closing_peers:
-                        await peer.done.wait()
+                await relay.lifecycle.wait_closed()
             raise
         finally:
             connections_scope.cancel()

@@ -31,9 +31,18 @@ def response_frame(tool_id: int) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": tool_id, "result": result}).encode()
 
 
+#: The relay's own requests to the tool at connection (initialize, tools/list) use ids 1, 2.
+FIRST_CALL_ID = 3
+
+
 def fresh_router() -> Router:
+    """A router whose tool is initialized and lists ``add``, with a caller."""
     router = Router()
     router.tool_connected(TOOL, "agent")
+    init = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}}
+    router.received(TOOL, json.dumps({"jsonrpc": "2.0", "id": 1, "result": init}), 0.0)
+    tools = {"tools": [{"name": "add", "inputSchema": {"type": "object"}}]}
+    router.received(TOOL, json.dumps({"jsonrpc": "2.0", "id": 2, "result": tools}), 0.0)
     router.caller_connected(CALLER, "agent")
     return router
 
@@ -41,7 +50,7 @@ def fresh_router() -> Router:
 def one_way(n: int) -> tuple[float, float]:
     """Seconds for n caller requests, then for the tool's n responses."""
     requests = [request_frame(i) for i in range(n)]
-    responses = [response_frame(i + 1) for i in range(n)]  # tool-side ids count from 1
+    responses = [response_frame(i + FIRST_CALL_ID) for i in range(n)]
     router = fresh_router()
     received = router.received
     start = time.perf_counter()
@@ -58,7 +67,7 @@ def one_way(n: int) -> tuple[float, float]:
 def round_trips(n: int) -> float:
     """Seconds for n request/response pairs, one in flight at a time."""
     requests = [request_frame(i) for i in range(n)]
-    responses = [response_frame(i + 1) for i in range(n)]
+    responses = [response_frame(i + FIRST_CALL_ID) for i in range(n)]
     router = fresh_router()
     received = router.received
     start = time.perf_counter()

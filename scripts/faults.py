@@ -5,7 +5,7 @@ Run by hand; each scenario prints one JSON line and exits non-zero if its promis
     python scripts/faults.py deaf-tool   # a tool stops reading; 2 callers x 100 requests
     python scripts/faults.py flood       # a caller stops reading; 300 x 4 MiB notifications
     python scripts/faults.py silent      # 10,000 silent sockets from 127.0.0.1
-    python scripts/faults.py roots       # 40 callers asked roots/list right after the 101
+    python scripts/faults.py roots       # 40 fresh callers asked roots/list during their first call
 
 The relay runs as ``trio-mcp-relay serve`` in a subprocess on a free port, with its defaults
 except where a scenario says (``--outbox-size 32`` for deaf-tool, for example); timeouts can
@@ -73,7 +73,19 @@ class Peer:
             lambda: WsClient("127.0.0.1", port, target(role, agent), self._on), sock=sock
         )
         await self.client.opened
+        if role == "tool":
+            await self.serve_initialization()
         return self
+
+    async def serve_initialization(self) -> None:
+        """Answer the relay's initialize and tools/list: this tool lists one tool, echo."""
+        init = await self.recv()
+        value = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}}
+        self.send({"jsonrpc": "2.0", "id": init["id"], "result": value})
+        await self.recv()  # notifications/initialized
+        listing = await self.recv()
+        echo = [{"name": "echo", "inputSchema": {"type": "object"}}]
+        self.send({"jsonrpc": "2.0", "id": listing["id"], "result": {"tools": echo}})
 
     def _on(self, payload: bytes) -> None:
         self.messages.put_nowait(orjson.loads(payload))
@@ -103,7 +115,7 @@ def request(rid: Any, method: str = "tools/call", params: Any = None) -> dict[st
 
 async def round_trip(tool: Peer, caller: Peer, rid: Any) -> float:
     started = time.perf_counter()
-    caller.send(request(rid, params={"name": "echo"}))
+    caller.send(request(rid, params={"name": "echo", "arguments": {}}))
     asked = await tool.recv()
     tool.send({"jsonrpc": "2.0", "id": asked["id"], "result": {"ok": True}})
     answer = await caller.recv()
@@ -118,9 +130,7 @@ async def deaf_tool(port: int, args: argparse.Namespace) -> dict[str, Any]:
     other_tool = await Peer().open(port, "tool", "other")
     other = await Peer().open(port, "caller", "other")
     alice.send(request(0, "initialize", {"protocolVersion": "2025-11-25"}))
-    asked = await tool.recv()
-    tool.send({"jsonrpc": "2.0", "id": asked["id"], "result": {"capabilities": {}}})
-    await alice.recv()
+    await alice.recv()  # answered by the relay, from its catalog
     tool.stop_reading()
     blob = "d" * 20_000
     sent: dict[Any, float] = {}
@@ -128,7 +138,7 @@ async def deaf_tool(port: int, args: argparse.Namespace) -> dict[str, Any]:
         for prefix, caller in (("a", alice), ("b", bob)):
             rid = f"{prefix}-{n}" if n % 2 else (n if prefix == "a" else n + 1000)
             sent[rid] = time.perf_counter()
-            caller.send(request(rid, params={"data": blob}))
+            caller.send(request(rid, params={"name": "echo", "arguments": {"data": blob}}))
     other_latency = await round_trip(other_tool, other, "meanwhile")
     answered: dict[Any, tuple[float, int]] = {}
     bound = args.ping_interval + args.ping_timeout + args.forward_timeout + 2
@@ -233,6 +243,9 @@ async def roots(port: int, args: argparse.Namespace) -> dict[str, Any]:
     refused = 0
     for n in range(40):
         caller = await Peer().open(port, "caller", "roots")
+        # A tool asks the caller side on behalf of a call in flight (the relay's rule).
+        caller.send(request(n, params={"name": "echo", "arguments": {}}))
+        call = await tool.recv()
         tool.send(request(f"r-{n}", "roots/list"))
         asked = await caller.recv()
         if asked.get("method") != "roots/list":
@@ -241,6 +254,8 @@ async def roots(port: int, args: argparse.Namespace) -> dict[str, Any]:
             caller.send({"jsonrpc": "2.0", "id": asked["id"], "result": {"roots": []}})
         answer = await tool.recv()
         refused += "error" in answer
+        tool.send({"jsonrpc": "2.0", "id": call["id"], "result": {"content": []}})
+        await caller.recv()
         assert caller.client is not None
         caller.client.close()
     return {"scenario": "roots", "ok": refused == 0, "refused": refused, "of": 40}

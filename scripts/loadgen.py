@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 import orjson
@@ -173,14 +173,30 @@ class Stats:
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
+#: What the echo tool answers the relay's initialization with (the relay lists it first).
+ECHO_INITIALIZE: Final = {
+    "protocolVersion": "2025-06-18",
+    "capabilities": {"tools": {}},
+    "serverInfo": {"name": "echo", "version": "1"},
+}
+ECHO_TOOLS: Final = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
+
+
 def echo_tool(proto_ref: list[WsClient]) -> Callable[[bytes], None]:
-    """A tool that answers every call with a small text result: the caller's name."""
+    """A tool that answers every call with a small text result: the caller's name (and the
+    relay's initialize and tools/list, so it is listed)."""
 
     def on_message(data: bytes) -> None:
         frame = orjson.loads(data)
         if "id" in frame and "method" in frame:
-            who = frame["params"]["arguments"]["who"]
-            result = {"content": [{"type": "text", "text": who}], "isError": False}
+            method = frame["method"]
+            if method == "tools/call":
+                who = frame["params"]["arguments"]["who"]
+                result: Any = {"content": [{"type": "text", "text": who}], "isError": False}
+            elif method == "initialize":
+                result = ECHO_INITIALIZE
+            else:
+                result = ECHO_TOOLS
             proto_ref[0].send(orjson.dumps({"jsonrpc": "2.0", "id": frame["id"], "result": result}))
 
     return on_message

@@ -6,7 +6,7 @@ import functools
 import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import quote
@@ -41,6 +41,143 @@ def notification(method: str, params: Any = None) -> dict[str, Any]:
 
 def result(rid: Any, value: Any) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": rid, "result": value}
+
+
+#: The serverInfo name test tools answer the relay's ``initialize`` with: two tools of one agent
+#: that keep it have the same identity, so the later replaces the earlier.
+TOOL_NAME = "test-tool"
+#: A method no MCP rule routes: the relay passes it to the agent's default server unchanged.
+CUSTOM = "test/relay"
+
+
+def tool_spec(tool: str | dict[str, Any]) -> dict[str, Any]:
+    """A ``tools/list`` entry: a name becomes a tool taking any object."""
+    if isinstance(tool, dict):
+        return tool
+    return {"name": tool, "description": f"the {tool} tool", "inputSchema": {"type": "object"}}
+
+
+def _initialize_answer(
+    init: Any, name: str | None, capabilities: dict[str, Any] | None
+) -> dict[str, Any]:
+    assert init.get("method") == "initialize", f"expected the relay's initialize, got {init}"
+    assert init["params"]["clientInfo"]["name"] == "trio-mcp-relay", init
+    value: dict[str, Any] = {
+        "protocolVersion": init["params"]["protocolVersion"],
+        "capabilities": {"tools": {}} if capabilities is None else capabilities,
+    }
+    if name is not None:
+        value["serverInfo"] = {"name": name, "version": "1.0"}
+    return result(init["id"], value)
+
+
+#: What a list request of the relay's is answered with, by method, besides ``tools/list``.
+_EMPTY_LISTS = {
+    "resources/list": "resources",
+    "resources/templates/list": "resourceTemplates",
+    "prompts/list": "prompts",
+}
+
+
+def _lists_expected(capabilities: dict[str, Any] | None) -> set[str]:
+    """The list requests the relay sends a server that declared ``capabilities``."""
+    caps = {"tools": {}} if capabilities is None else capabilities
+    expected = {"tools/list"}
+    if "resources" in caps:
+        expected |= {"resources/list", "resources/templates/list"}
+    if "prompts" in caps:
+        expected.add("prompts/list")
+    return expected
+
+
+def _list_answer(listing: Any, tools: Iterable[str | dict[str, Any]]) -> dict[str, Any]:
+    method = listing.get("method")
+    if method == "tools/list":
+        return result(listing["id"], {"tools": [tool_spec(t) for t in tools]})
+    assert method in _EMPTY_LISTS, f"expected a list request, got {listing}"
+    return result(listing["id"], {_EMPTY_LISTS[method]: []})
+
+
+def initialize_sync_tool(
+    ws: Any,
+    *,
+    name: str | None = TOOL_NAME,
+    tools: Iterable[str | dict[str, Any]] = (),
+    capabilities: dict[str, Any] | None = None,
+    timeout: float = 5,
+) -> dict[str, Any]:
+    """:func:`complete_initialization` on a ``websockets`` sync client connection."""
+    init = json.loads(ws.recv(timeout=timeout))
+    ws.send(json.dumps(_initialize_answer(init, name, capabilities)))
+    initialized = json.loads(ws.recv(timeout=timeout))
+    assert initialized == notification("notifications/initialized"), initialized
+    tools = list(tools)
+    expected = _lists_expected(capabilities)
+    while expected:
+        listing = json.loads(ws.recv(timeout=timeout))
+        ws.send(json.dumps(_list_answer(listing, tools)))
+        expected.discard(listing["method"])
+    return init  # type: ignore[no-any-return]
+
+
+async def complete_initialization(
+    send_frame: Callable[[Any], Awaitable[None]],
+    receive_frame: Callable[[], Awaitable[Any]],
+    *,
+    name: str | None = TOOL_NAME,
+    tools: Iterable[str | dict[str, Any]] = (),
+    capabilities: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Play a tool server through the relay's initialization of it, over any transport.
+
+    Answers the relay's ``initialize`` (with ``serverInfo.name`` = ``name``, none if ``None``),
+    checks that ``notifications/initialized`` comes next, and answers ``tools/list`` with
+    ``tools`` (and the other lists ``capabilities`` declare, empty); the tool is ready
+    afterwards. Returns the relay's ``initialize`` request.
+    """
+    init = await receive_frame()
+    await send_frame(_initialize_answer(init, name, capabilities))
+    initialized = await receive_frame()
+    assert initialized == notification("notifications/initialized"), initialized
+    tools = list(tools)
+    expected = _lists_expected(capabilities)
+    while expected:
+        listing = await receive_frame()
+        await send_frame(_list_answer(listing, tools))
+        expected.discard(listing["method"])
+    return init  # type: ignore[no-any-return]
+
+
+async def initialize_tool(
+    ws: WebSocketConnection,
+    *,
+    name: str | None = TOOL_NAME,
+    tools: Iterable[str | dict[str, Any]] = (),
+    capabilities: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`complete_initialization` on a trio-websocket tool connection."""
+    return await complete_initialization(
+        functools.partial(send, ws),
+        functools.partial(recv, ws),
+        name=name,
+        tools=tools,
+        capabilities=capabilities,
+    )
+
+
+@asynccontextmanager
+async def tool_peer(
+    url: str,
+    *,
+    name: str | None = TOOL_NAME,
+    tools: Iterable[str | dict[str, Any]] = (),
+    capabilities: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[WebSocketConnection]:
+    """A tool connection the relay has initialized (``kwargs`` go to :func:`peer`)."""
+    async with peer(url, **kwargs) as ws:
+        await initialize_tool(ws, name=name, tools=tools, capabilities=capabilities)
+        yield ws
 
 
 def same_id(a: Any, b: Any) -> bool:

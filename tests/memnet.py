@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +33,7 @@ from wsproto.events import (
 from wsproto.events import Request as WsRequest
 from wsproto.utilities import LocalProtocolError
 
+from tests.helpers import TOOL_NAME, complete_initialization, initialize_tool
 from trio_mcp_relay._auth import encrypt_token
 
 DEFAULT_CAPACITY = 65536
@@ -185,6 +186,38 @@ class MemoryNet:
                 raise
 
     @asynccontextmanager
+    async def tool(
+        self,
+        agent: str,
+        host: str = "127.0.0.1",
+        *,
+        name: str | None = TOOL_NAME,
+        tools: Iterable[str | dict[str, Any]] = (),
+        capabilities: dict[str, Any] | None = None,
+    ) -> AsyncIterator[WebSocketConnection]:
+        """A trio-websocket tool of ``agent`` the relay has initialized (see
+        :func:`tests.helpers.initialize_tool`)."""
+        async with self.websocket("tool", agent, host) as ws:
+            await initialize_tool(ws, name=name, tools=tools, capabilities=capabilities)
+            yield ws
+
+    @asynccontextmanager
+    async def raw_tool(
+        self,
+        agent: str,
+        host: str = "127.0.0.1",
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        name: str | None = TOOL_NAME,
+        tools: Iterable[str | dict[str, Any]] = (),
+        capabilities: dict[str, Any] | None = None,
+    ) -> AsyncIterator[RawPeer]:
+        """A :class:`RawPeer` tool of ``agent`` the relay has initialized."""
+        async with self.raw("tool", agent, host, capacity=capacity) as peer:
+            await peer.initialize(name=name, tools=tools, capabilities=capabilities)
+            yield peer
+
+    @asynccontextmanager
     async def raw(
         self, role: str, agent: str, host: str = "127.0.0.1", *, capacity: int = DEFAULT_CAPACITY
     ) -> AsyncIterator[RawPeer]:
@@ -252,3 +285,16 @@ class RawPeer:
 
     async def send(self, obj: Any) -> None:
         await self.stream.send_all(self.ws.send(TextMessage(json.dumps(obj))))
+
+    async def initialize(
+        self,
+        *,
+        name: str | None = TOOL_NAME,
+        tools: Iterable[str | dict[str, Any]] = (),
+        capabilities: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """As a tool: complete the relay's initialization of this peer (see
+        :func:`tests.helpers.complete_initialization`); the relay's initialize request."""
+        return await complete_initialization(
+            self.send, self.receive, name=name, tools=tools, capabilities=capabilities
+        )

@@ -226,11 +226,12 @@ def test_call_a_tool_prints_its_result(relay: RunningRelay) -> None:
 
 
 def test_call_request_prints_raw_result_and_errors(relay: RunningRelay) -> None:
-    result = runner.invoke(
-        app, ["call", relay.caller_url("calc"), "request", "tools/list", '{"cursor": "page2"}']
-    )
+    # The relay answers tools/list itself, in one page: it followed the tool's nextCursor.
+    result = runner.invoke(app, ["call", relay.caller_url("calc"), "request", "tools/list"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["tools"][0]["name"] == "fail"
+    listed = json.loads(result.stdout)
+    assert [tool["name"] for tool in listed["tools"]] == ["add", "fail"]
+    assert "nextCursor" not in listed
     missing = runner.invoke(app, ["call", relay.caller_url("calc"), "request", "nope"])
     assert missing.exit_code == 1 and "-32601" in missing.stderr
     no_tool = runner.invoke(app, ["call", relay.caller_url("nobody"), "tools"])
@@ -247,8 +248,10 @@ def test_call_rejects_bad_arguments(relay: RunningRelay) -> None:
 def test_check_passes_against_our_relay(relay: RunningRelay) -> None:
     result = runner.invoke(app, ["check", "--port", str(relay.port), "--key", KEY])
     assert result.exit_code == 0, result.output
-    assert "8 passed, 0 failed" in result.stdout
+    assert "9 passed, 0 failed" in result.stdout
     assert "FAIL" not in result.stdout
+    assert "connected; the endpoint initialized it as an MCP server" in result.stdout
+    assert re.search(r"PASS  servers a caller sees +.*1 tool: check", result.stdout), result.stdout
 
 
 def test_check_reports_a_wrong_key_with_hints(relay: RunningRelay) -> None:
@@ -300,7 +303,7 @@ def test_check_given_the_printed_health_url_passes_every_check(relay: RunningRel
     health = f"http://127.0.0.1:{relay.port}/mcp_endpoint/health?key={KEY}"
     result = runner.invoke(app, ["check", health])
     assert result.exit_code == 0, result.output
-    assert "8 passed, 0 failed" in result.stdout.splitlines()[-1]
+    assert "9 passed, 0 failed" in result.stdout.splitlines()[-1]
 
 
 def test_check_given_a_tool_url_says_so_and_still_checks(
@@ -311,10 +314,10 @@ def test_check_given_a_tool_url_says_so_and_still_checks(
     with_key = runner.invoke(app, ["check", relay.tool_url("calc"), "--key", KEY])
     assert with_key.exit_code == 0, with_key.output
     assert with_key.stdout.startswith("note: given a tool URL (/mcp_endpoint/mcp/); checking")
-    assert "8 passed, 0 failed" in with_key.stdout
+    assert "9 passed, 0 failed" in with_key.stdout
     cases = (
-        ("calc", "answered by the agent's tool", "5 passed, 0 failed, 3 skipped"),
-        ("nobody", "forwarded", "6 passed, 0 failed, 2 skipped"),
+        ("calc", "answered for the agent's tool", "6 passed, 0 failed, 3 skipped"),
+        ("nobody", "forwarded", "7 passed, 0 failed, 2 skipped"),
     )
     for agent, trip, total in cases:
         result = runner.invoke(app, ["check", relay.tool_url(agent)])

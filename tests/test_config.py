@@ -119,6 +119,8 @@ def test_field_names_and_defaults() -> None:
         "previous_keys": (),
         "reference_tokens": True,
         "trusted_proxies": (),
+        "init_timeout": 10.0,
+        "tool_filters": attrs.Factory(dict),
     }
 
 

@@ -30,10 +30,13 @@ from websockets.sync.client import connect
 from websockets.typing import Subprotocol
 
 from tests.helpers import (
+    CUSTOM,
     KEY,
+    TOOL_NAME,
     RunningRelay,
     health,
     http_get,
+    initialize_sync_tool,
     notification,
     peer,
     recv,
@@ -41,6 +44,8 @@ from tests.helpers import (
     result,
     same_id,
     send,
+    tool_peer,
+    tool_spec,
     wait_for_counts,
 )
 from trio_mcp_relay._auth import AuthError, Endpoint, encrypt_token, pad_key
@@ -48,6 +53,9 @@ from trio_mcp_relay._config import RelayConfig
 from trio_mcp_relay.server import serve_relay
 
 TIMEOUT = 5
+#: A tool notification the relay passes to every caller: what a test sends after the frames
+#: under test, to check that nothing else reached a caller before it.
+SENTINEL = notification("notifications/message", {"level": "info", "data": "sentinel"})
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -58,7 +66,7 @@ async def tool_and_callers(
 ) -> AsyncIterator[tuple[WebSocketConnection, list[WebSocketConnection]]]:
     """A tool and ``n_callers`` callers for ``agent``, all registered at the relay."""
     async with AsyncExitStack() as stack:
-        tool = await stack.enter_async_context(peer(relay.tool_url(agent)))
+        tool = await stack.enter_async_context(tool_peer(relay.tool_url(agent)))
         callers = [
             await stack.enter_async_context(peer(relay.caller_url(agent))) for _ in range(n_callers)
         ]
@@ -84,7 +92,7 @@ async def test_odd_ids_round_trip_exactly(relay: RunningRelay) -> None:
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "ids", 1) as (tool, [caller]):
             for index, rid in enumerate(ODD_IDS):
-                await send(caller, request(rid, params={"index": index}))
+                await send(caller, request(rid, CUSTOM, params={"index": index}))
             seen = [await recv(tool) for _ in ODD_IDS]
             tool_ids = [(type(f["id"]), f["id"]) for f in seen]
             assert len(set(tool_ids)) == len(ODD_IDS), "tool-side ids must be unique"
@@ -102,7 +110,7 @@ async def test_odd_ids_round_trip_exactly(relay: RunningRelay) -> None:
 async def test_huge_integer_id_is_not_rounded_on_the_wire(relay: RunningRelay) -> None:
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "huge", 1) as (tool, [caller]):
-            await send(caller, request(2**70 + 1))
+            await send(caller, request(2**70 + 1, CUSTOM))
             frame = await recv(tool)
             await send(tool, result(frame["id"], {}))
             raw = await caller.get_message()
@@ -113,26 +121,27 @@ async def test_huge_integer_id_is_not_rounded_on_the_wire(relay: RunningRelay) -
 async def test_same_id_from_two_callers_at_once(relay: RunningRelay) -> None:
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "dup", 2) as (tool, [alice, bob]):
-            await send(alice, request(1, params={"who": "alice"}))
-            await send(bob, request(1, params={"who": "bob"}))
+            await send(alice, request(1, CUSTOM, params={"who": "alice"}))
+            await send(bob, request(1, CUSTOM, params={"who": "bob"}))
             first, second = await recv(tool), await recv(tool)
             assert not same_id(first["id"], second["id"])
             by_who = {f["params"]["who"]: f for f in (first, second)}
             # Bob's answer first: if it leaked to Alice she would see it before her own.
             await send(tool, result(by_who["bob"]["id"], {"for": "bob"}))
             await send(tool, result(by_who["alice"]["id"], {"for": "alice"}))
-            await send(tool, notification("notifications/tools/list_changed"))
+            await send(tool, SENTINEL)
             for ws, who in ((alice, "alice"), (bob, "bob")):
                 answer = await recv(ws)
                 assert answer == result(1, {"for": who})
-                assert (await recv(ws))["method"] == "notifications/tools/list_changed"
+                assert await recv(ws) == SENTINEL
 
 
 async def test_frames_reach_the_tool_compact_and_single_line(relay: RunningRelay) -> None:
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "compact", 1) as (tool, [caller]):
             pretty = json.dumps(
-                request(3, params={"name": "add", "arguments": {"a": 1, "b": [2, 3]}}), indent=2
+                request(3, CUSTOM, params={"name": "add", "arguments": {"a": 1, "b": [2, 3]}}),
+                indent=2,
             )
             assert "\n" in pretty
             await caller.send_message(pretty)
@@ -148,7 +157,7 @@ async def test_tool_frame_ending_in_newline_is_accepted(relay: RunningRelay) -> 
     # mcp_pipe.py forwards each line its stdio server prints, newline included.
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "newline", 1) as (tool, [caller]):
-            await send(caller, request("n"))
+            await send(caller, request("n", CUSTOM))
             frame = await recv(tool)
             await tool.send_message(json.dumps(result(frame["id"], {"ok": True})) + "\n")
             assert await recv(caller) == result("n", {"ok": True})
@@ -161,8 +170,10 @@ async def test_progress_reaches_only_the_owning_caller(relay: RunningRelay) -> N
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "progress", 2) as (tool, [alice, bob]):
             # Both use id 7; the SDK uses the request id as the progress token.
-            await send(alice, request(7, params={"_meta": {"progressToken": "tok-a"}, "w": "a"}))
-            await send(bob, request(7, params={"_meta": {"progressToken": 7}, "w": "b"}))
+            await send(
+                alice, request(7, CUSTOM, params={"_meta": {"progressToken": "tok-a"}, "w": "a"})
+            )
+            await send(bob, request(7, CUSTOM, params={"_meta": {"progressToken": 7}, "w": "b"}))
             seen = {f["params"]["w"]: f for f in [await recv(tool), await recv(tool)]}
             tool_tokens = {w: f["params"]["_meta"]["progressToken"] for w, f in seen.items()}
             assert tool_tokens["a"] != tool_tokens["b"]
@@ -193,13 +204,13 @@ async def test_tool_notifications_reach_every_caller_of_that_agent_only(
 ) -> None:
     with trio.fail_after(TIMEOUT):
         async with AsyncExitStack() as stack:
-            tool_a = await stack.enter_async_context(peer(relay.tool_url("agent-a")))
-            tool_b = await stack.enter_async_context(peer(relay.tool_url("agent-b")))
+            tool_a = await stack.enter_async_context(tool_peer(relay.tool_url("agent-a")))
+            tool_b = await stack.enter_async_context(tool_peer(relay.tool_url("agent-b")))
             a1 = await stack.enter_async_context(peer(relay.caller_url("agent-a")))
             a2 = await stack.enter_async_context(peer(relay.caller_url("agent-a")))
             b1 = await stack.enter_async_context(peer(relay.caller_url("agent-b")))
             await wait_for_counts(relay, tools=2, callers=3)
-            changed = notification("notifications/tools/list_changed")
+            changed = notification("notifications/message", {"level": "info", "data": "a"})
             await send(tool_a, changed)
             assert await recv(a1) == changed
             assert await recv(a2) == changed
@@ -211,16 +222,23 @@ async def test_tool_notifications_reach_every_caller_of_that_agent_only(
 async def test_tool_notification_with_no_caller_is_tolerated(relay: RunningRelay) -> None:
     # xiaozhi-mcphub sends tools/list_changed as soon as it connects.
     with trio.fail_after(TIMEOUT):
-        async with peer(relay.tool_url("lonely")) as tool:
+        async with tool_peer(relay.tool_url("lonely")) as tool:
             await wait_for_counts(relay, tools=1, callers=0)
             await send(tool, notification("notifications/tools/list_changed"))
             await send(tool, notification("notifications/message", {"level": "info"}))
+            # The relay lists the tool again (its catalog changed), for nobody yet.
+            frame = await recv(tool)
+            assert frame["method"] == "tools/list"
+            await send(tool, result(frame["id"], {"tools": [tool_spec("late")]}))
             async with peer(relay.caller_url("lonely")) as caller:
-                await send(caller, request(1, "tools/list"))
-                frame = await recv(tool)
-                assert frame["method"] == "tools/list"
-                await send(tool, result(frame["id"], {"tools": []}))
-                assert await recv(caller) == result(1, {"tools": []})
+                # The relay answers from its catalog, with the tool's new list.
+                while True:
+                    await send(caller, request(1, "tools/list"))
+                    answer = await recv(caller)
+                    if answer["result"]["tools"]:
+                        break
+                    await trio.sleep(0.01)
+                assert answer == result(1, {"tools": [tool_spec("late")]})
 
 
 async def test_caller_cancellation_reaches_the_tool_with_the_rewritten_id(
@@ -228,7 +246,7 @@ async def test_caller_cancellation_reaches_the_tool_with_the_rewritten_id(
 ) -> None:
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "cancel", 1) as (tool, [caller]):
-            await send(caller, request("slow", params={"name": "sleep"}))
+            await send(caller, request("slow", CUSTOM, params={"name": "sleep"}))
             forwarded = await recv(tool)
             await send(
                 caller,
@@ -240,7 +258,7 @@ async def test_caller_cancellation_reaches_the_tool_with_the_rewritten_id(
             )
             # A late answer to the cancelled request is dropped; the next one still routes.
             await send(tool, result(forwarded["id"], {"late": True}))
-            await send(caller, request("next"))
+            await send(caller, request("next", CUSTOM))
             nxt = await recv(tool)
             await send(tool, result(nxt["id"], {"late": False}))
             assert await recv(caller) == result("next", {"late": False})
@@ -255,14 +273,22 @@ async def test_tool_ping_is_answered_by_the_relay(relay: RunningRelay) -> None:
             await send(tool, request("p-1", "ping"))
             assert await recv(tool) == result("p-1", {})
             # The caller never saw it: its next frame is the broadcast sentinel.
-            await send(tool, notification("notifications/tools/list_changed"))
-            assert (await recv(caller))["method"] == "notifications/tools/list_changed"
+            await send(tool, SENTINEL)
+            assert await recv(caller) == SENTINEL
 
 
 async def test_tool_sampling_request_round_trips_through_a_caller(relay: RunningRelay) -> None:
     with trio.fail_after(TIMEOUT):
-        async with tool_and_callers(relay, "sampling", 1) as (tool, [caller]):
+        async with tool_and_callers(relay, "sampling", 2) as (tool, [caller, idle]):
             params = {"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}]}
+            # Nothing in flight to the tool: no caller is asked, the tool gets -32005 at once.
+            await send(tool, request("s-0", "sampling/createMessage", params))
+            refused = await recv(tool)
+            assert refused["id"] == "s-0"
+            assert refused["error"]["code"] == -32005
+            # A caller with a request in flight to the tool is the one asked.
+            await send(caller, request("work", CUSTOM))
+            work = await recv(tool)
             await send(tool, request("s-1", "sampling/createMessage", params))
             asked = await recv(caller)
             assert asked["method"] == "sampling/createMessage"
@@ -271,11 +297,16 @@ async def test_tool_sampling_request_round_trips_through_a_caller(relay: Running
             answer = {"role": "assistant", "content": {"type": "text", "text": "hello"}}
             await send(caller, result(asked["id"], answer))
             assert await recv(tool) == result("s-1", answer)
+            await send(tool, result(work["id"], "done"))
+            assert await recv(caller) == result("work", "done")
+            # The idle caller was never asked: its next frame is the sentinel.
+            await send(tool, SENTINEL)
+            assert await recv(idle) == SENTINEL
 
 
 async def test_tool_request_with_no_caller_gets_an_error(relay: RunningRelay) -> None:
     with trio.fail_after(TIMEOUT):
-        async with peer(relay.tool_url("nobody")) as tool:
+        async with tool_peer(relay.tool_url("nobody")) as tool:
             await wait_for_counts(relay, tools=1, callers=0)
             await send(tool, request(11, "sampling/createMessage", {"messages": []}))
             answer = await recv(tool)
@@ -305,10 +336,10 @@ async def test_tool_disconnect_fails_in_flight_requests_promptly(relay: RunningR
                 await stack.enter_async_context(peer(relay.caller_url("flaky"))) for _ in range(3)
             ]
             ids: list[Any] = [0, "x", 2**70]
-            async with peer(relay.tool_url("flaky")) as tool:
+            async with tool_peer(relay.tool_url("flaky")) as tool:
                 await wait_for_counts(relay, tools=1, callers=3)
                 for caller, rid in zip(callers, ids, strict=True):
-                    await send(caller, request(rid))
+                    await send(caller, request(rid, CUSTOM))
                 for _ in ids:
                     await recv(tool)
             with trio.fail_after(2):
@@ -322,11 +353,11 @@ async def test_tool_disconnect_fails_in_flight_requests_promptly(relay: RunningR
 
 async def test_caller_disconnect_cancels_its_requests_at_the_tool(relay: RunningRelay) -> None:
     with trio.fail_after(TIMEOUT):
-        async with peer(relay.tool_url("leaver")) as tool:
+        async with tool_peer(relay.tool_url("leaver")) as tool:
             await wait_for_counts(relay, tools=1, callers=0)
             async with peer(relay.caller_url("leaver")) as caller:
-                await send(caller, request(1))
-                await send(caller, request(1))  # a reused id, still two requests
+                await send(caller, request(1, CUSTOM))
+                await send(caller, request(1, CUSTOM))  # a reused id, still two requests
                 tool_ids = {(await recv(tool))["id"], (await recv(tool))["id"]}
                 assert len(tool_ids) == 2
             cancelled = [await recv(tool), await recv(tool)]
@@ -345,6 +376,7 @@ def _websockets_tool_until_closed(
     the relay has completely torn the connection down.
     """
     with connect(url, proxy=None, open_timeout=5, close_timeout=5) as ws:
+        initialize_sync_tool(ws)
         try:
             while True:
                 frame = json.loads(ws.recv(timeout=5))
@@ -371,19 +403,21 @@ async def test_a_new_tool_connection_replaces_the_old_one(relay: RunningRelay) -
         async with peer(relay.caller_url("replace")) as caller, trio.open_nursery() as nursery:
             nursery.start_soon(run_old_tool)
             await wait_for_counts(relay, tools=1, callers=1)
-            await send(caller, request("before"))
-            assert (await old_received.receive())["method"] == "tools/call"
-            async with peer(relay.tool_url("replace")) as new:
+            await send(caller, request("before", CUSTOM))
+            assert (await old_received.receive())["method"] == CUSTOM
+            async with tool_peer(relay.tool_url("replace")) as new:
                 await old_gone.wait()
                 # The old connection is completely torn down now.
-                assert old_closed == [(4001, "replaced by a newer tool connection")]
+                assert old_closed == [
+                    (4001, f"replaced by a newer connection of server {TOOL_NAME}")
+                ]
                 # The request in flight on the old tool failed; it was not lost.
                 answer = await recv(caller)
                 assert answer["id"] == "before"
                 assert answer["error"]["code"] == -32003
                 # Reference bug: the old handler's teardown unregistered the new tool.
                 assert (await health(relay))["tool_connections"] == 1
-                await send(caller, request("after"))
+                await send(caller, request("after", CUSTOM))
                 frame = await recv(new)
                 await send(new, result(frame["id"], {"by": "new"}))
                 assert await recv(caller) == result("after", {"by": "new"})
@@ -441,11 +475,11 @@ async def test_invalid_caller_frames_get_errors_and_the_connection_survives(
             assert answer["id"] is None
             assert answer["error"]["code"] == -32700
             assert "result" not in answer
-            await caller.send_message(json.dumps([request(1), request(2)]))
+            await caller.send_message(json.dumps([request(1, CUSTOM), request(2, CUSTOM)]))
             answer = await recv(caller)
             assert answer["id"] is None
             assert answer["error"]["code"] == -32600
-            await send(caller, request("still-here"))
+            await send(caller, request("still-here", CUSTOM))
             frame = await recv(tool)
             await send(tool, result(frame["id"], "yes"))
             assert await recv(caller) == result("still-here", "yes")
@@ -454,7 +488,7 @@ async def test_invalid_caller_frames_get_errors_and_the_connection_survives(
 async def test_binary_frame_with_utf8_json_is_treated_as_text(relay: RunningRelay) -> None:
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "binary", 1) as (tool, [caller]):
-            await caller.send_message(json.dumps(request("b", params={"s": "☃"})).encode())
+            await caller.send_message(json.dumps(request("b", CUSTOM, params={"s": "☃"})).encode())
             raw = await tool.get_message()
             assert isinstance(raw, str)  # forwarded as a text frame
             frame = json.loads(raw)
@@ -497,10 +531,11 @@ async def test_http_health_counts_match_the_connections(relay: RunningRelay) -> 
                 "robot_connections": 0,
                 "total_connections": 0,
                 "robot_connections_by_agent": {},
+                "servers_by_agent": {},
             },
         }
         async with AsyncExitStack() as stack:
-            await stack.enter_async_context(peer(relay.tool_url("a")))
+            await stack.enter_async_context(tool_peer(relay.tool_url("a"), tools=["t1", "t2"]))
             for agent in ("a", "a", "b"):
                 await stack.enter_async_context(peer(relay.caller_url(agent)))
             await wait_for_counts(relay, tools=1, callers=3)
@@ -508,12 +543,21 @@ async def test_http_health_counts_match_the_connections(relay: RunningRelay) -> 
             assert response.status == 200
             body = response.json()
             assert body["result"]["status"] == "success"
+            servers = body["result"]["connections"].pop("servers_by_agent")
             assert body["result"]["connections"] == {
                 "tool_connections": 1,
                 "robot_connections": 3,
                 "total_connections": 4,
                 "robot_connections_by_agent": {"a": 2, "b": 1},
             }
+            [row] = servers.pop("a")
+            assert servers == {}
+            assert {k: row[k] for k in ("server", "ready", "tools")} == {
+                "server": TOOL_NAME,
+                "ready": True,
+                "tools": 2,
+            }
+            assert row["connected_since"].endswith("+00:00")
         await wait_for_counts(relay, tools=0, callers=0)
         assert (await health(relay))["robot_connections_by_agent"] == {}
 
@@ -549,9 +593,9 @@ async def test_websocket_paths_work_with_or_without_trailing_slash(
     tool_url = f"{relay.base}/mcp_endpoint/mcp{slash}?token={token}"
     caller_url = f"{relay.base}/mcp_endpoint/call{slash}?token={token}"
     with trio.fail_after(TIMEOUT):
-        async with peer(tool_url) as tool, peer(caller_url) as caller:
+        async with tool_peer(tool_url) as tool, peer(caller_url) as caller:
             await wait_for_counts(relay, tools=1, callers=1)
-            await send(caller, request(1))
+            await send(caller, request(1, CUSTOM))
             frame = await recv(tool)
             await send(tool, result(frame["id"], slash))
             assert await recv(caller) == result(1, slash)
@@ -584,7 +628,7 @@ async def test_subprotocol_mcp_is_echoed_when_offered(
     with trio.fail_after(TIMEOUT):
         async with peer(relay.caller_url("sub"), subprotocols=offered) as ws:
             assert ws.subprotocol == selected
-            await send(ws, request(1))
+            await send(ws, request(1, CUSTOM))
             assert (await recv(ws))["error"]["code"] == -32001
 
 
@@ -600,7 +644,7 @@ async def test_many_callers_with_interleaved_requests(relay: RunningRelay) -> No
             async def call_all(index: int, ws: WebSocketConnection) -> None:
                 # Every caller uses the same ids 1..5, as xiaozhi-server's counters do.
                 for n in range(1, per_caller + 1):
-                    await send(ws, request(n, params={"caller": index, "n": n}))
+                    await send(ws, request(n, CUSTOM, params={"caller": index, "n": n}))
                     await trio.lowlevel.checkpoint()
 
             async with trio.open_nursery() as nursery:
@@ -611,14 +655,14 @@ async def test_many_callers_with_interleaved_requests(relay: RunningRelay) -> No
             rng.shuffle(frames)
             for frame in frames:
                 await send(tool, result(frame["id"], frame["params"]))
-            await send(tool, notification("notifications/tools/list_changed"))
+            await send(tool, SENTINEL)
 
             async def check(index: int, ws: WebSocketConnection) -> None:
                 answers = [await recv(ws) for _ in range(per_caller)]
                 assert sorted(a["id"] for a in answers) == list(range(1, per_caller + 1))
                 for answer in answers:
                     assert answer["result"] == {"caller": index, "n": answer["id"]}
-                assert (await recv(ws))["method"] == "notifications/tools/list_changed"
+                assert await recv(ws) == SENTINEL
 
             async with trio.open_nursery() as nursery:
                 for index, ws in enumerate(callers):
@@ -655,17 +699,17 @@ async def test_custom_authenticator(nursery: trio.Nursery, authenticator: Any) -
         )
         base = f"ws://127.0.0.1:{port}"
         async with (
-            peer(f"{base}/mcp_endpoint/mcp/?token=alice-secret") as tool,
+            tool_peer(f"{base}/mcp_endpoint/mcp/?token=alice-secret") as tool,
             peer(f"{base}/mcp_endpoint/call/?token=caller-only") as alice,
             peer(f"{base}/mcp_endpoint/call/?token=bob-secret") as bob,
         ):
             # caller-only maps to alice on the caller endpoint.
-            await send(alice, request(1))
+            await send(alice, request(1, CUSTOM))
             frame = await recv(tool)
             await send(tool, result(frame["id"], "for alice"))
             assert await recv(alice) == result(1, "for alice")
             # Bob is another agent, which has no tool.
-            await send(bob, request(1))
+            await send(bob, request(1, CUSTOM))
             assert (await recv(bob))["error"]["code"] == -32001
         async with peer(f"{base}/mcp_endpoint/mcp/?token=caller-only") as refused:
             code, reason = await expect_close(refused)
@@ -681,6 +725,7 @@ def _websockets_tool(url: str, n_requests: int) -> list[Any]:
     seen = []
     with connect(url, subprotocols=[Subprotocol("mcp")], proxy=None, open_timeout=5) as ws:
         assert ws.subprotocol == "mcp"
+        initialize_sync_tool(ws)
         for _ in range(n_requests):
             raw = ws.recv(timeout=5)
             assert isinstance(raw, str)
@@ -698,7 +743,7 @@ def _websockets_caller(url: str, ids: list[Any]) -> list[Any]:
         assert ws.subprotocol is None
         for n, rid in enumerate(ids):
             # 70 000 bytes: the relay forwards it to the tool with a 64-bit length header.
-            ws.send(json.dumps(request(rid, params={"n": n, "blob": "x" * 70_000})))
+            ws.send(json.dumps(request(rid, CUSTOM, params={"n": n, "blob": "x" * 70_000})))
         return [json.loads(ws.recv(timeout=5)) for _ in ids]
 
 
@@ -755,21 +800,23 @@ async def test_websockets_library_sees_1008_for_a_bad_token(relay: RunningRelay)
 def _websockets_conformance(tool_url: str, caller_url: str) -> dict[str, Any]:
     """Fragmented messages, client pings and the close handshake, by the websockets library."""
     seen: dict[str, Any] = {}
-    with connect(tool_url) as tool, connect(caller_url) as caller:
-        # A request sent as three fragments (websockets sends an iterable that way).
-        request = json.dumps(
-            {"jsonrpc": "2.0", "id": "frag", "method": "m", "params": {"x": "é" * 50}}
-        )
-        third = len(request) // 3
-        caller.send([request[:third], request[third : 2 * third], request[2 * third :]])
-        forwarded = json.loads(tool.recv(timeout=5))
-        seen["forwarded_params"] = forwarded["params"]
-        tool.send(json.dumps({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"ok": True}}))
-        seen["answer"] = json.loads(caller.recv(timeout=5))
-        # The client's ping is answered with a pong carrying its payload.
-        seen["pong"] = caller.ping(b"payload").wait(timeout=5)
-        caller.close(code=1000, reason="done")
-        seen["caller_close"] = caller.close_code  # the relay echoes the code (RFC 6455 5.5.1)
+    with connect(tool_url) as tool:
+        initialize_sync_tool(tool)
+        with connect(caller_url) as caller:
+            # A request sent as three fragments (websockets sends an iterable that way).
+            request = json.dumps(
+                {"jsonrpc": "2.0", "id": "frag", "method": "m", "params": {"x": "é" * 50}}
+            )
+            third = len(request) // 3
+            caller.send([request[:third], request[third : 2 * third], request[2 * third :]])
+            forwarded = json.loads(tool.recv(timeout=5))
+            seen["forwarded_params"] = forwarded["params"]
+            tool.send(json.dumps({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"ok": True}}))
+            seen["answer"] = json.loads(caller.recv(timeout=5))
+            # The client's ping is answered with a pong carrying its payload.
+            seen["pong"] = caller.ping(b"payload").wait(timeout=5)
+            caller.close(code=1000, reason="done")
+            seen["caller_close"] = caller.close_code  # the relay echoes the code (RFC 6455 5.5.1)
     return seen
 
 

@@ -3,25 +3,49 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import trio
 
-from tests.helpers import peer, recv, send, start_relay, wait_for_counts
+from tests.helpers import (
+    CUSTOM,
+    peer,
+    recv,
+    send,
+    start_relay,
+    tool_peer,
+    tool_spec,
+    wait_for_counts,
+)
 from trio_mcp_relay._transport import ConnectionClosed, WebSocket, memory_websocket_pair
+
+#: The embedded tool's serverInfo name: its identity among the agent's servers.
+EMBEDDED = "kitchen-echo"
 
 
 async def echo_tool(ws: WebSocket) -> None:
-    """Answer every request with its method and params; end when the connection closes."""
+    """An MCP server with one tool, ``echo``: answers the relay's initialize and tools/list,
+    and every other request with its method and params; ends when the connection closes."""
     try:
         while True:
             frame = json.loads(await ws.receive())
             if "id" in frame and "method" in frame:
-                result = {
-                    "embedded": True,
-                    "method": frame["method"],
-                    "params": frame.get("params"),
-                }
+                result: dict[str, Any]
+                if frame["method"] == "initialize":
+                    result = {
+                        "protocolVersion": frame["params"]["protocolVersion"],
+                        "capabilities": {"tools": {}},
+                        "serverInfo": {"name": EMBEDDED, "version": "1"},
+                    }
+                elif frame["method"] == "tools/list":
+                    result = {"tools": [tool_spec("echo")]}
+                else:
+                    result = {
+                        "embedded": True,
+                        "method": frame["method"],
+                        "params": frame.get("params"),
+                    }
                 await ws.send_many(
                     [json.dumps({"jsonrpc": "2.0", "id": frame["id"], "result": result}).encode()]
                 )
@@ -34,15 +58,18 @@ async def test_embedded_tool_answers_callers_without_a_socket(nursery: trio.Nurs
         relay = await start_relay(nursery, embedded_tools={"kitchen": echo_tool})
         await wait_for_counts(relay, tools=1, callers=0)
         async with peer(relay.caller_url("kitchen")) as caller:
-            await send(
-                caller, {"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": {"x": 1}}
-            )
+            call = {"name": "echo", "arguments": {"x": 1}}
+            await send(caller, {"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": call})
             answer = await recv(caller)
+            # The relay initialized it like any tool: its tool is in the catalog.
+            await send(caller, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+            listed = await recv(caller)
         assert answer == {
             "jsonrpc": "2.0",
             "id": 0,
-            "result": {"embedded": True, "method": "tools/call", "params": {"x": 1}},
+            "result": {"embedded": True, "method": "tools/call", "params": call},
         }
+        assert listed["result"]["tools"] == [tool_spec("echo")]
 
 
 async def test_network_tool_replaces_embedded_one_which_comes_back_after(
@@ -53,15 +80,16 @@ async def test_network_tool_replaces_embedded_one_which_comes_back_after(
         relay = await start_relay(nursery, embedded_tools={"kitchen": echo_tool})
         await wait_for_counts(relay, tools=1, callers=0)
         async with peer(relay.caller_url("kitchen")) as caller:
-            async with peer(relay.tool_url("kitchen")) as tool:
+            # Same identity as the embedded server: it replaces it.
+            async with tool_peer(relay.tool_url("kitchen"), name=EMBEDDED) as tool:
                 await wait_for_counts(relay, tools=1, callers=1)
-                await send(caller, {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+                await send(caller, {"jsonrpc": "2.0", "id": 1, "method": CUSTOM})
                 forwarded = await recv(tool)  # the network tool got it, not the embedded one
                 await send(tool, {"jsonrpc": "2.0", "id": forwarded["id"], "result": {"net": 1}})
                 assert (await recv(caller))["result"] == {"net": 1}
             # The network tool left: the embedded one is connected again.
             while True:
-                await send(caller, {"jsonrpc": "2.0", "id": 2, "method": "ping"})
+                await send(caller, {"jsonrpc": "2.0", "id": 2, "method": CUSTOM})
                 answer = await recv(caller)
                 if "result" in answer:
                     break
@@ -120,11 +148,14 @@ async def test_a_failing_embedded_connection_does_not_take_the_relay_down(
     monkeypatch.setattr("trio_mcp_relay.server.lifecycle.EMBEDDED_RESTART_DELAY", 60)
     with trio.fail_after(10):
         relay = await start_relay(nursery, embedded_tools={"noisy": noisy_tool})
-        async with peer(relay.tool_url("other")) as tool, peer(relay.caller_url("other")) as caller:
+        async with (
+            tool_peer(relay.tool_url("other")) as tool,
+            peer(relay.caller_url("other")) as caller,
+        ):
             await wait_for_counts(
                 relay, tools=1, callers=1
             )  # the noisy one is gone, the relay is up
-            await send(caller, {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            await send(caller, {"jsonrpc": "2.0", "id": 1, "method": CUSTOM})
             forwarded = await recv(tool)
             await send(tool, {"jsonrpc": "2.0", "id": forwarded["id"], "result": {}})
             assert (await recv(caller))["id"] == 1

@@ -50,6 +50,7 @@ from wsproto.events import (
 from wsproto.events import Request as WsRequest
 
 from tests.helpers import (
+    CUSTOM,
     KEY,
     RunningRelay,
     health,
@@ -61,6 +62,7 @@ from tests.helpers import (
     result,
     send,
     start_relay,
+    tool_peer,
     wait_for_counts,
 )
 from trio_mcp_relay._auth import encrypt_token
@@ -214,7 +216,7 @@ async def tool_and_callers(
     """A trio-websocket tool and ``n_callers`` callers for ``agent``, registered."""
     before = await health(relay)
     async with AsyncExitStack() as stack:
-        tool = await stack.enter_async_context(peer(relay.tool_url(agent), **kwargs))
+        tool = await stack.enter_async_context(tool_peer(relay.tool_url(agent), **kwargs))
         callers = [
             await stack.enter_async_context(peer(relay.caller_url(agent), **kwargs))
             for _ in range(n_callers)
@@ -229,7 +231,7 @@ async def tool_and_callers(
 
 async def round_trip(tool: WebSocketConnection, caller: WebSocketConnection, rid: Any) -> None:
     """One request from ``caller`` answered by ``tool``; checks the answer is the caller's."""
-    await send(caller, request(rid, params={"probe": rid}))
+    await send(caller, request(rid, CUSTOM, params={"probe": rid}))
     frame = await recv(tool)
     assert frame["params"] == {"probe": rid}
     await send(tool, result(frame["id"], {"probe": rid}))
@@ -293,7 +295,7 @@ async def test_max_message_size_closes_the_sender_with_1009(nursery: trio.Nurser
     relay = await start_relay(nursery, max_message_size=1000)
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "size", 2) as (tool, [big, small]):
-            await send(big, request("big", params={"data": "y" * 1000}))
+            await send(big, request("big", CUSTOM, params={"data": "y" * 1000}))
             code, reason = await expect_close(big)
             assert code == 1009
             assert "1000" in reason
@@ -304,7 +306,7 @@ async def test_max_message_size_closes_the_sender_with_1009(nursery: trio.Nurser
             await send(tool, notification("notifications/message", {"data": "y" * 1000}))
             code, _ = await expect_close(tool)
             assert code == 1009
-            await send(small, request("no-tool"))
+            await send(small, request("no-tool", CUSTOM))
             assert (await recv(small))["error"]["code"] == -32001
 
 
@@ -312,17 +314,17 @@ async def test_max_inflight_per_caller(nursery: trio.Nursery) -> None:
     relay = await start_relay(nursery, max_inflight_per_caller=2)
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "inflight", 2) as (tool, [alice, bob]):
-            await send(alice, request("a1"))
-            await send(alice, request("a2"))
+            await send(alice, request("a1", CUSTOM))
+            await send(alice, request("a2", CUSTOM))
             held = [await recv(tool), await recv(tool)]
-            await send(alice, request("a3"))
+            await send(alice, request("a3", CUSTOM))
             refused = await recv(alice)
             assert refused["id"] == "a3"
             assert refused["error"]["code"] == -32007
             assert "max_inflight_per_caller" in json.dumps(refused["error"])
             assert "2" in refused["error"]["data"]
             # The limit is per caller: Bob is not affected, and the tool never saw a3.
-            await send(bob, request("b1", params={"who": "bob"}))
+            await send(bob, request("b1", CUSTOM, params={"who": "bob"}))
             frame = await recv(tool)
             assert frame["params"] == {"who": "bob"}
             await send(tool, result(frame["id"], "for bob"))
@@ -330,7 +332,7 @@ async def test_max_inflight_per_caller(nursery: trio.Nursery) -> None:
             # Once one of Alice's requests is answered she may send another.
             await send(tool, result(held[0]["id"], "first"))
             assert await recv(alice) == result("a1", "first")
-            await send(alice, request("a4", params={"n": 4}))
+            await send(alice, request("a4", CUSTOM, params={"n": 4}))
             frame = await recv(tool)
             assert frame["params"] == {"n": 4}
             await send(tool, result(frame["id"], "fourth"))
@@ -388,7 +390,7 @@ async def test_max_connections_answers_503(nursery: trio.Nursery) -> None:
                 assert "limit 3" in plain.json()["error"]
                 # ...and those already open keep working.
                 await round_trip(tool, caller, "inside the limit")
-                await third.send_json(request("third"))
+                await third.send_json(request("third", CUSTOM))
                 frame = await recv(tool)
                 await send(tool, result(frame["id"], "ok"))
                 assert await third.receive_json() == result("third", "ok")
@@ -406,6 +408,9 @@ async def test_max_tool_requests(nursery: trio.Nursery) -> None:
     sampling = {"messages": [], "maxTokens": 10}
     with trio.fail_after(TIMEOUT):
         async with tool_and_callers(relay, "asker", 1) as (tool, [caller]):
+            # Tool requests go to a caller with a request in flight to that tool.
+            await send(caller, request("work", CUSTOM))
+            work = await recv(tool)
             await send(tool, request("s1", "sampling/createMessage", sampling))
             asked = await recv(caller)
             assert asked["method"] == "sampling/createMessage"
@@ -422,6 +427,8 @@ async def test_max_tool_requests(nursery: trio.Nursery) -> None:
             assert asked["method"] == "roots/list"
             await send(caller, result(asked["id"], {"roots": []}))
             assert await recv(tool) == result("s3", {"roots": []})
+            await send(tool, result(work["id"], "done"))
+            assert await recv(caller) == result("work", "done")
 
 
 # ----------------------------------------------------------------------------- 4. request timeout
@@ -493,12 +500,12 @@ async def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
                 async with tool_and_callers(relay, "sigterm", 1) as (tool, [caller]):
                     ids = ["one", "two", "three"]
                     for rid in ids:
-                        await send(caller, request(rid, params={"rid": rid}))
+                        await send(caller, request(rid, CUSTOM, params={"rid": rid}))
                     frames = [await recv(tool) for _ in ids]
                     process.send_signal(signal.SIGTERM)
                     # The relay has begun its shutdown once it stops accepting connections...
                     await poll(functools.partial(connection_refused, port))
-                    await send(caller, request("refused"))
+                    await send(caller, request("refused", CUSTOM))
                     assert (await recv(caller))["error"]["code"] == -32003
                     # ...and the requests in flight still get their answers from the tool.
                     for frame in frames:
@@ -539,8 +546,6 @@ async def test_health_with_an_admin_key_refuses_the_server_key(nursery: trio.Nur
         # Tokens are still made with the server key, not the admin key.
         async with tool_and_callers(relay, "admin", 1) as (tool, [caller]):
             await round_trip(tool, caller, "tokens use the server key")
-
-
 
 
 async def test_an_address_that_keeps_failing_gets_429_but_never_for_a_valid_credential(
@@ -598,7 +603,7 @@ async def test_browser_origins_are_checked_on_the_handshake(nursery: trio.Nurser
         assert "sec-websocket-accept" not in evil.headers
         allowed = [(b"Origin", b"https://good.example")]
         async with (
-            peer(relay.tool_url("origins"), extra_headers=allowed) as tool,
+            tool_peer(relay.tool_url("origins"), extra_headers=allowed) as tool,
             peer(relay.caller_url("origins")) as no_origin,  # not a browser: no Origin
         ):
             await wait_for_counts(relay, tools=1, callers=1)
@@ -705,7 +710,7 @@ async def arena(nursery: trio.Nursery, **overrides: Any) -> AsyncIterator[Arena]
     relay = await start_relay(nursery, **overrides)
     async with (
         tool_and_callers(relay, "bystander", 1) as (bystander_tool, [bystander]),
-        peer(relay.tool_url("victim")) as victim_tool,
+        tool_peer(relay.tool_url("victim")) as victim_tool,
     ):
         await wait_for_counts(relay, tools=2, callers=1)
         yield Arena(relay, bystander_tool, bystander, victim_tool)
@@ -761,7 +766,7 @@ async def test_deeply_nested_json_is_a_parse_error(nursery: trio.Nursery, payloa
             assert answer["error"]["code"] == -32700
             assert answer["id"] is None
             # The connection is still usable.
-            await hostile.send_json(request("next", params={"ok": True}))
+            await hostile.send_json(request("next", CUSTOM, params={"ok": True}))
             frame = await recv(a.victim_tool)
             assert frame["params"] == {"ok": True}
             await send(a.victim_tool, result(frame["id"], "fine"))
@@ -773,7 +778,9 @@ async def test_huge_integer_ids_round_trip_exactly(nursery: trio.Nursery) -> Non
     with trio.fail_after(TIMEOUT):
         async with arena(nursery) as a, a.hostile() as hostile:
             for rid in ids:
-                await hostile.send_json(request(rid, params={"big": 7 * 10**60, "rid": str(rid)}))
+                await hostile.send_json(
+                    request(rid, CUSTOM, params={"big": 7 * 10**60, "rid": str(rid)})
+                )
             frames = [await recv(a.victim_tool) for _ in ids]
             assert len({f["id"] for f in frames}) == len(ids)
             for frame in frames:
@@ -796,7 +803,7 @@ async def test_binary_frame_that_is_not_utf8_is_a_parse_error(nursery: trio.Nurs
             answer = await hostile.receive_json()
             assert answer["error"]["code"] == -32700
             assert answer["id"] is None
-            await hostile.send_json(request("after-binary"))
+            await hostile.send_json(request("after-binary", CUSTOM))
             frame = await recv(a.victim_tool)
             await send(a.victim_tool, result(frame["id"], "ok"))
             assert await hostile.receive_json() == result("after-binary", "ok")
@@ -831,7 +838,7 @@ async def test_a_burst_of_10000_notifications(nursery: trio.Nursery) -> None:
             await hostile.send_raw(masked_frame(OP_TEXT, batch.encode()))
             answer = await hostile.receive_json()
             assert answer["error"]["code"] == -32600
-            await hostile.send_json(request("after-burst"))
+            await hostile.send_json(request("after-burst", CUSTOM))
             frame = await recv(a.victim_tool)
             while "id" not in frame:
                 frame = await recv(a.victim_tool)

@@ -105,7 +105,9 @@ def test_dropped_tool_notifications_are_their_own_finding(
 ) -> None:
     """A relay that drops tool notifications (as the reference does) still lets every script
     synchronise (that is done with requests), and only the notifications family fails."""
-    monkeypatch.setattr(RoutingSession, "_notification_from_server", lambda self, server, frame: [])
+    monkeypatch.setattr(
+        RoutingSession, "_notification_from_server", lambda self, server, frame, now: []
+    )
     requests_only = Session(2, (Step(0, "request", 0), Step(1, "request", "")))
     assert trio.run(play, requests_only) == []
     problems = trio.run(play, Session(2, (Step("tool", "notify", NOTE),)), 0.5)

@@ -18,10 +18,11 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import CloseConnection, Ping, RejectConnection
+from wsproto.events import CloseConnection, Ping, RejectConnection, TextMessage
 from wsproto.events import Request as WsRequest
 
 from tests.helpers import (
+    CUSTOM,
     KEY,
     RunningRelay,
     health,
@@ -32,6 +33,7 @@ from tests.helpers import (
     result,
     send,
     start_relay,
+    tool_peer,
     wait_for_counts,
 )
 from trio_mcp_relay._auth import (
@@ -68,7 +70,8 @@ async def attempt(
 ) -> tuple[str, int, str]:
     """Dial ``url`` and wait for the relay's verdict: ("rejected", HTTP status, "") for a
     refused handshake, ("closed", close code, reason) when it is accepted and then closed,
-    ("open", 0, "") when it is still open after ``patience`` seconds (the token was good).
+    ("open", 0, "") when it is still open after ``patience`` seconds, or when the relay
+    begins to initialize it as a tool (the token was good).
 
     wsproto driven by hand, so that every outcome closes the socket (trio-websocket leaves
     it open when a handshake is refused).
@@ -92,6 +95,9 @@ async def attempt(
                         return "closed", event.code, event.reason or ""
                     if isinstance(event, Ping):
                         await stream.send_all(ws.send(event.response()))
+                    if isinstance(event, TextMessage) and '"initialize"' in event.data:
+                        # The relay initializes only a tool it has let in.
+                        return "open", 0, ""
             return "eof", 0, ""
         return "open", 0, ""
 
@@ -109,13 +115,11 @@ async def round_trip(
     caller_ws: WebSocketConnection,
     rid: str,
 ) -> None:
-    await send(caller_ws, request(rid, params={"probe": rid}))
+    await send(caller_ws, request(rid, CUSTOM, params={"probe": rid}))
     frame = await recv(tool_ws)
     assert frame["params"] == {"probe": rid}
     await send(tool_ws, result(frame["id"], {"probe": rid}))
     assert await recv(caller_ws) == result(rid, {"probe": rid})
-
-
 
 
 # ----------------------------------------------------------------------------- lockout
@@ -135,7 +139,7 @@ async def test_200_bad_tokens_then_a_valid_tool_and_caller_connect_at_once(
         assert {outcome[:2] for outcome in outcomes[10:]} == {("rejected", 429)}
         # The valid ones, from the same address, are neither delayed nor refused.
         started = trio.current_time()
-        async with peer(good_tool) as tool_ws, peer(good_caller) as caller_ws:
+        async with tool_peer(good_tool) as tool_ws, peer(good_caller) as caller_ws:
             await wait_for_counts(relay, tools=1, callers=1)
             assert trio.current_time() - started < 1.0
             await round_trip(tool_ws, caller_ws, "after the flood")
@@ -143,7 +147,7 @@ async def test_200_bad_tokens_then_a_valid_tool_and_caller_connect_at_once(
             assert response.status == 200
             assert response.json()["result"]["status"] == "success"
             # A reference token from that address is valid too.
-            async with peer(relay.tool_url("legacy")), peer(relay.caller_url("legacy")):
+            async with tool_peer(relay.tool_url("legacy")), peer(relay.caller_url("legacy")):
                 await wait_for_counts(relay, tools=2, callers=2)
         # And bad ones are still refused.
         assert (await attempt(bad))[:2] == ("rejected", 429)
@@ -161,9 +165,10 @@ async def test_valid_credentials_pass_while_bad_ones_are_being_delayed(
                 flood.start_soon(_record, outcomes, bad)
                 await trio.sleep(0.01)
             started = trio.current_time()
-            async with peer(relay.tool_url("busy")) as tool_ws, peer(
-                relay.caller_url("busy")
-            ) as caller_ws:
+            async with (
+                tool_peer(relay.tool_url("busy")) as tool_ws,
+                peer(relay.caller_url("busy")) as caller_ws,
+            ):
                 await round_trip(tool_ws, caller_ws, "during the delays")
             assert (await http_get(relay.port, f"/mcp_endpoint/health?key={KEY}")).status == 200
             assert trio.current_time() - started < 1.0
@@ -219,7 +224,7 @@ async def test_a_stale_client_every_half_second_for_40_s_does_not_keep_the_tool_
     async def tool_bridge() -> None:
         while True:
             try:
-                async with peer(tool_url) as ws:
+                async with tool_peer(tool_url) as ws:
                     with trio.move_on_after(4.0):
                         while True:
                             frame = await recv(ws)
@@ -239,7 +244,7 @@ async def test_a_stale_client_every_half_second_for_40_s_does_not_keep_the_tool_
                 rid = 0
                 while (elapsed := trio.current_time() - start) < duration:
                     rid += 1
-                    await send(ws, request(rid, "tools/call"))
+                    await send(ws, request(rid, CUSTOM))
                     with trio.move_on_after(0.1):
                         while (answer := await recv(ws))["id"] != rid:
                             pass  # a late answer to an earlier request
@@ -324,10 +329,13 @@ async def test_tokens_open_only_the_endpoints_of_their_role(nursery: trio.Nurser
         assert await attempt(tool(relay, expired)) == ("closed", 1008, REASON_EXPIRED)
         # The right roles work, and so do tokens that have not expired yet.
         fresh = scoped_token(KEY, "scoped", TokenRole.TOOL, expires_in=3600)
-        async with peer(tool(relay, fresh)) as tool_ws, peer(caller(relay, caller_token)) as c:
+        async with tool_peer(tool(relay, fresh)) as tool_ws, peer(caller(relay, caller_token)) as c:
             await wait_for_counts(relay, tools=1, callers=1)
             await round_trip(tool_ws, c, "scoped")
-        async with peer(tool(relay, both_token)) as tool_ws, peer(caller(relay, both_token)) as c:
+        async with (
+            tool_peer(tool(relay, both_token)) as tool_ws,
+            peer(caller(relay, both_token)) as c,
+        ):
             await wait_for_counts(relay, tools=1, callers=1)
             await round_trip(tool_ws, c, "both")
 
@@ -337,7 +345,7 @@ async def test_a_caller_token_cannot_take_the_tool_slot(nursery: trio.Nursery) -
     caller_token = scoped_token(KEY, "guarded", TokenRole.CALLER)
     with trio.fail_after(10):
         real_tool = tool(relay, scoped_token(KEY, "guarded", TokenRole.TOOL))
-        async with peer(real_tool) as tool_ws, peer(caller(relay, caller_token)) as caller_ws:
+        async with tool_peer(real_tool) as tool_ws, peer(caller(relay, caller_token)) as caller_ws:
             await wait_for_counts(relay, tools=1, callers=1)
             outcome = await attempt(tool(relay, caller_token))
             assert outcome == ("closed", 1008, REASON_CALLER_ON_TOOL)
@@ -353,9 +361,10 @@ async def test_old_key_works_while_listed_and_is_refused_once_removed(
     with trio.fail_after(10):
         async with trio.open_nursery() as scope:
             rotating = await start_relay(scope, key=KEY, previous_keys=(OLD_KEY,))
-            async with peer(tool(rotating, old_scoped)) as tool_ws, peer(
-                caller(rotating, old_reference)
-            ) as caller_ws:
+            async with (
+                tool_peer(tool(rotating, old_scoped)) as tool_ws,
+                peer(caller(rotating, old_reference)) as caller_ws,
+            ):
                 await wait_for_counts(rotating, tools=1, callers=1)
                 await round_trip(tool_ws, caller_ws, "old key")
             # The old key still opens the health endpoint too.
@@ -374,7 +383,6 @@ async def test_reference_tokens_can_be_refused(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         outcome = await attempt(relay.tool_url("legacy"))
         assert outcome == ("closed", 1008, REASON_REFERENCE_REFUSED)
-        async with peer(tool(relay, scoped_token(KEY, "new", TokenRole.TOOL))):
+        async with tool_peer(tool(relay, scoped_token(KEY, "new", TokenRole.TOOL))):
             await wait_for_counts(relay, tools=1, callers=0)
             assert (await health(relay))["tool_connections"] == 1
-

@@ -24,7 +24,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from trio_websocket import open_websocket_url
 
-from tests.helpers import KEY, open_tcp_from, recv, request, result, send, start_relay
+from tests.helpers import (
+    CUSTOM,
+    KEY,
+    open_tcp_from,
+    recv,
+    request,
+    result,
+    send,
+    start_relay,
+    tool_peer,
+)
 from trio_mcp_relay import TokenRole, scoped_token
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -141,10 +151,10 @@ async def test_the_readme_nginx_configuration_in_front_of_a_relay(
             tool_url = f"{base}/mcp/?token={tool_token}"
             caller_url = f"{base}/call/?token={caller_token}"
             async with (
-                open_websocket_url(tool_url, ssl_context=context) as tool,
+                tool_peer(tool_url, ssl_context=context) as tool,
                 open_websocket_url(caller_url, ssl_context=context) as caller,
             ):
-                await send(caller, request(0, "ping"))
+                await send(caller, request(0, CUSTOM))
                 frame = await recv(tool)
                 await send(tool, result(frame["id"], {"via": "nginx"}))
                 assert await recv(caller) == result(0, {"via": "nginx"})

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import pytest
@@ -59,8 +60,11 @@ from trio_mcp_relay._pipe import (
     read_dotenv,
     redact_url,
     run_pipe,
+    server_url,
+    server_urls,
     shown_endpoint,
 )
+from trio_mcp_relay._scoped import xiaozhi_safe
 
 TIMEOUT = 10
 SERVER = Path(__file__).parent / "data" / "stdio_server.py"
@@ -346,6 +350,136 @@ async def test_two_servers_get_a_websocket_each(capfd: pytest.CaptureFixture[str
     assert "[two] stdio_server ready pid=" in err
 
 
+def two_server_config(tmp_path: Path, first: str = "one", second: str = "two") -> Path:
+    """An mcp_config.json with two entries running the test server."""
+    config = tmp_path / "mcp_config.json"
+    entry = {"command": sys.executable, "args": [str(SERVER)]}
+    config.write_text(json.dumps({"mcpServers": {first: entry, second: entry}}))
+    return config
+
+
+async def listed_tools(caller: WebSocketConnection, count: int, first_id: int = 100) -> list[str]:
+    """The caller's tools/list once it holds ``count`` tools (servers join one by one)."""
+    rid = first_id
+    while True:
+        answer = await rpc(caller, rid, "tools/list")
+        names = [tool["name"] for tool in answer["result"]["tools"]]
+        if len(names) >= count:
+            return names
+        rid += 1
+        await trio.sleep(0.01)
+
+
+def later_of(names: list[str], ids: tuple[str, str]) -> str:
+    """Which of two servers with the same tools joined later: its tools have derived names
+    (``<server_id>_<tool>``), the earlier one's keep the bare names."""
+    (later,) = [i for i in ids if f"{i}_add" in names]
+    derived = [n for n in names if n.startswith(f"{later}_")]
+    bare = [n for n in names if n not in derived]
+    assert "add" in bare
+    assert sorted(derived) == sorted(f"{later}_{n}" for n in bare)
+    return later
+
+
+async def test_servers_of_one_config_join_the_agent_under_their_names(tmp_path: Path) -> None:
+    servers = load_config_file(
+        two_server_config(tmp_path, "one", "key-callback"), environ=dict(os.environ)
+    )
+    assert [spec.server_id for spec in servers] == ["one", "key-callback"]
+    with trio.fail_after(TIMEOUT):
+        async with open_nursery_then_cancel() as nursery:
+            relay = await start_relay(nursery)
+            statuses = await start_pipe(nursery, relay.tool_url("multi"), servers)
+            await wait_for_counts(relay, tools=2, callers=0)
+            async with peer(relay.caller_url("multi")) as caller:
+                await initialize(caller)
+                names = await listed_tools(caller, 14)
+                # Both servers are there: the later one's colliding names are derived from
+                # its server_id (the name in the config, decoded by the relay).
+                assert len(names) == 14
+                later = later_of(names, ("one", "key-callback"))
+                first = json.loads(await call(caller, 1, "state"))["pid"]
+                second = json.loads(await call(caller, 2, f"{later}_state"))["pid"]
+                assert await call(caller, 3, f"{later}_add", a=1, b=2) == "3"
+            assert {first, second} == {status.child_pid for status in statuses}
+            assert first != second
+            # Neither replaced the other: one connection each, never redialled.
+            assert [status.connections for status in statuses] == [1, 1]
+
+
+def test_server_urls_name_each_server_without_key_or_call() -> None:
+    base = f"ws://h:1/mcp_endpoint/mcp/?token={SECRET}"
+    specs = [
+        ServerSpec("a b", server_id="a b"),
+        ServerSpec("KeyBoard", server_id="KeyBoard"),
+        ServerSpec("recall+x", server_id="recall+x"),
+        ServerSpec("lone"),
+    ]
+    urls = server_urls(base, specs)
+    assert urls == [
+        f"{base}&server_id=a%20b",
+        f"{base}&server_id=%4BeyBoard",
+        f"{base}&server_id=re%63all%2Bx",
+        base,
+    ]
+    for url, spec in zip(urls, specs, strict=True):
+        added = url[len(base) :]
+        assert xiaozhi_safe(added), url
+        assert parse_qs(urlsplit(url).query).get("server_id", [None])[0] == spec.server_id
+    # A single server keeps the server_id of the URL (its token may be bound to it)...
+    bound = f"{base}&server_id=mine"
+    assert server_urls(bound, specs[:1]) == [bound]
+    # ...several cannot share one, nor have one the relay would refuse.
+    with pytest.raises(PipeConfigError, match="needs its own"):
+        server_urls(bound, specs[:2])
+    with pytest.raises(PipeConfigError, match="1 to 64 printable"):
+        server_urls(base, [ServerSpec("x" * 65, server_id="x" * 65)])
+    with pytest.raises(PipeConfigError, match="two servers have the server_id"):
+        server_urls(base, [ServerSpec("a", server_id="a"), ServerSpec("b", server_id="a")])
+    assert server_url(bound, "other") == f"{base}&server_id=other"
+
+
+@given(st.text(min_size=1, max_size=64).filter(str.isprintable))
+def test_any_server_id_round_trips_through_a_xiaozhi_safe_url(name: str) -> None:
+    base = "ws://h:1/mcp_endpoint/mcp/?token=T"
+    url = server_url(base, name)
+    assert xiaozhi_safe(url[len(base) :])
+    assert parse_qs(urlsplit(url).query)["server_id"] == [name]
+
+
+async def test_the_command_bridges_every_server_of_a_config(tmp_path: Path) -> None:
+    config = two_server_config(tmp_path)
+    with trio.fail_after(TIMEOUT):
+        async with open_nursery_then_cancel() as nursery:
+            relay = await start_relay(nursery)
+            env = {k: v for k, v in os.environ.items() if k not in PIPE_ENV_NAMES}
+            env["MCP_ENDPOINT"] = relay.tool_url("cli")
+            command = [*pipe_command(), "pipe", "--config", str(config), "--ping-interval", "0"]
+            process: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    check=False,
+                    cwd=tmp_path,
+                    env=env,
+                )
+            )
+            await wait_for_counts(relay, tools=2, callers=0)
+            async with peer(relay.caller_url("cli")) as caller:
+                await initialize(caller)
+                names = await listed_tools(caller, 14)
+                later = later_of(names, ("one", "two"))
+                first = json.loads(await call(caller, 1, "state"))["pid"]
+                second = json.loads(await call(caller, 2, f"{later}_state"))["pid"]
+                assert first != second
+                assert await call(caller, 3, f"{later}_add", a=2, b=2) == "4"
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+
+
 # ----------------------------------------------------------------------------- frames
 
 
@@ -627,6 +761,19 @@ def pipe_app() -> typer.Typer:
             ["--endpoint", "ws://127.0.0.1:1/?token=t", "--", "no-such-program-xyz"],
             {},
             ["command not found", "no-such-program-xyz"],
+        ),
+        (
+            ["--endpoint", "ws://127.0.0.1:1/?token=t&server_id=s"],
+            {
+                "mcp_config.json": '{"mcpServers": {"a": {"command": "python"}, "b": {"url": '
+                '"http://h/mcp"}}}'
+            },
+            ["server_id='s'", "each of the 2 servers needs its own"],
+        ),
+        (
+            ["--endpoint", "ws://127.0.0.1:1/?token=t"],
+            {"mcp_config.json": json.dumps({"mcpServers": {"n" * 65: {"url": "http://h/"}}})},
+            ["cannot be a server_id: 1 to 64 printable characters"],
         ),
     ],
 )

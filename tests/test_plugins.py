@@ -12,8 +12,11 @@ import enum
 import functools
 import json
 import math
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import typing
 from collections.abc import AsyncIterator, Sequence
@@ -1007,6 +1010,52 @@ async def test_run_tools_stops_when_replaced(relay: RunningRelay) -> None:
     assert outcome[0].code == 4001
 
 
+async def list_tool_names(caller: Any, rid: int) -> list[str]:
+    await send(caller, request(rid, "tools/list"))
+    answer = await recv(caller)
+    assert answer["id"] == rid, answer
+    return [t["name"] for t in answer["result"]["tools"]]
+
+
+async def test_plugin_sets_with_their_own_server_ids_join_one_agent(relay: RunningRelay) -> None:
+    params = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}}
+    with trio.fail_after(TIMEOUT):
+        async with (
+            tools_serving(relay, "sets", [Calculator()], server_id="math"),
+            peer(relay.caller_url("sets")) as caller,
+        ):
+            await send(caller, request(0, "initialize", params))
+            assert (await recv(caller))["id"] == 0
+            await send(caller, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+            assert await list_tool_names(caller, 1) == ["calculate"]
+            # A second set on the same token joins (a plain second connection would replace
+            # the first): the relay initializes it, lists it, and tells the caller.
+            async with tools_serving(relay, "sets", [fixed_clock()], server_id="keys-and-calls"):
+                changed = await recv(caller)
+                assert changed == {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/tools/list_changed",
+                }
+                await wait_for_counts(relay, tools=2, callers=1)
+                names = await list_tool_names(caller, 2)
+                assert names == ["calculate", "current_time", "convert_time", "list_timezones"]
+                await send(caller, call(3, "calculate", {"expression": "6 * 7"}))
+                assert (await recv(caller))["result"]["content"][0]["text"] == "42"
+                await send(caller, call(4, "current_time", {"timezone": "UTC"}))
+                now = await recv(caller)
+                assert now["result"]["structuredContent"]["datetime"].startswith("2024-07-01T12")
+            # The clock set left: only its tools went, the calculator still answers.
+            assert (await recv(caller))["method"] == "notifications/tools/list_changed"
+            assert await list_tool_names(caller, 5) == ["calculate"]
+            await send(caller, call(6, "calculate", {"expression": "1 + 1"}))
+            assert (await recv(caller))["result"]["content"][0]["text"] == "2"
+
+
+async def test_run_tools_refuses_a_server_id_the_relay_would_refuse() -> None:
+    with trio.fail_after(TIMEOUT), pytest.raises(ValueError, match="1 to 64 printable"):
+        await run_tools("ws://127.0.0.1:1/mcp/?token=t", [Calculator()], server_id="x" * 65)
+
+
 async def test_run_tools_without_reconnect_raises_when_it_cannot_connect() -> None:
     with trio.fail_after(TIMEOUT), pytest.raises(Exception) as caught:
         await run_tools(
@@ -1124,6 +1173,88 @@ def test_tools_command_runs_the_plugins(
     assert made["url"] == "ws://127.0.0.1:8004/mcp_endpoint/mcp/?token=T"
     assert [type(p) for p in made["plugins"]] == [Calculator, Clock]
     assert made["reconnect"] is False
+
+
+def test_tools_command_serves_each_set_on_its_own_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(_cmd_tools, "run_tools", _fake_run_tools(calls, "return"))
+    monkeypatch.setenv("MCP_ENDPOINT", "ws://127.0.0.1:8004/mcp_endpoint/mcp/?token=T")
+    args = ["tools", CLOCK, "--set", f"math={CALCULATOR}", "--set", f"both={CALCULATOR},{CLOCK}"]
+    result = runner.invoke(command_app(), args)
+    assert result.exit_code == 0, result.output
+    made = sorted(
+        ((c["server_id"] or "", [type(p) for p in c["plugins"]]) for c in calls),
+        key=lambda row: row[0],
+    )
+    assert made == [("", [Clock]), ("both", [Calculator, Clock]), ("math", [Calculator])]
+    assert {c["url"] for c in calls} == {"ws://127.0.0.1:8004/mcp_endpoint/mcp/?token=T"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "math"], "expected ID=MODULE:CLASS"),
+        (["--set", f"={CALCULATOR}"], "expected ID=MODULE:CLASS"),
+        (["--set", "math="], "expected ID=MODULE:CLASS"),
+        (["--set", f"{'x' * 65}={CALCULATOR}"], "1 to 64 printable characters"),
+        (["--set", f"a={CALCULATOR}", "--set", f"a={CLOCK}"], "is given twice"),
+        (["--set", f"a={CALCULATOR},{CALCULATOR}"], "--set a: duplicate tool name"),
+        (["--set", "a=no_such_module_q:X"], "no module named 'no_such_module_q'"),
+    ],
+)
+def test_tools_command_set_errors_exit_2(args: list[str], message: str) -> None:
+    result = runner.invoke(command_app(), ["tools", "--endpoint", "ws://h/?token=t", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+async def test_the_command_serves_two_sets_on_one_token(relay: RunningRelay) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("MCP_ENDPOINT", "LOG_LEVEL")}
+    env["MCP_ENDPOINT"] = relay.tool_url("cli-sets")
+    command = [
+        sys.executable,
+        "-m",
+        "trio_mcp_relay",
+        "tools",
+        "--set",
+        f"math={CALCULATOR}",
+        "--set",
+        f"time={CLOCK}",
+    ]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    check=False,
+                    env=env,
+                )
+            )
+            await wait_for_counts(relay, tools=2, callers=0)
+            async with peer(relay.caller_url("cli-sets")) as caller:
+                rid = 0
+                while len(names := await list_tool_names(caller, rid)) < 4:
+                    rid += 1
+                    await trio.sleep(0.01)
+                assert sorted(names) == [
+                    "calculate",
+                    "convert_time",
+                    "current_time",
+                    "list_timezones",
+                ]
+                await send(caller, call("a", "calculate", {"expression": "2 ** 10"}))
+                assert (await recv(caller))["result"]["content"][0]["text"] == "1024"
+                await send(caller, call("b", "list_timezones", {"query": "tokyo"}))
+                zones = await recv(caller)
+                assert "Asia/Tokyo" in json.dumps(zones["result"])
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
 
 
 def test_tools_command_cannot_connect() -> None:

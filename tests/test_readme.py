@@ -23,7 +23,13 @@ def test_embedding_example_runs() -> None:
         [sys.executable, "-c", match.group(1)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == 'caller got {"jsonrpc":"2.0","id":0,"result":{}}'
+    printed = re.search(
+        r"<!-- /embedding-example -->\n\nIt prints:\n\n```text\n(.*?)```", README, re.S
+    )
+    assert printed, "README no longer says what its embedding example prints"
+    assert result.stdout.strip().splitlines() == printed.group(1).strip().splitlines()
+    # The middleware saw the initialize the relay answered itself and the call it routed.
+    assert "audit: kitchen initialize -> relay" in result.stdout
 
 
 def test_readme_starts_with_the_two_commands_ci_runs() -> None:

@@ -31,6 +31,8 @@ from trio_mcp_relay._routing import CLOSE_REPLACED, Action, Close, Role, Router,
 
 CANCELLED = "notifications/cancelled"
 PROGRESS = "notifications/progress"
+#: A method the relay does not know: it goes to the agent's default server as it is.
+CUSTOM = "custom/call"
 TOOL_REQUEST_METHODS = ["sampling/createMessage", "roots/list", "elicitation/create"]
 
 
@@ -58,28 +60,91 @@ def error_of(frame: Any) -> tuple[Any, int]:
     return (typed(frame["id"]), frame["error"]["code"])
 
 
+def tool_item(tool: str | dict[str, Any]) -> dict[str, Any]:
+    """A tools/list entry: a bare name becomes a minimal tool."""
+    if isinstance(tool, dict):
+        return tool
+    return {"name": tool, "inputSchema": {"type": "object"}}
+
+
 class Harness:
-    """Drives a Router as the I/O layer would, checking invariants after every input."""
+    """Drives a Router as the I/O layer would, checking invariants after every input.
+
+    ``tool()`` plays a tool through the relay's initialization (initialize, then tools/list),
+    so the tool is ready when it returns. Catalog changes are flushed at once
+    (``list_changed_delay=0``), so no notify deadline lingers after a tool connected.
+    """
 
     def __init__(self, timeout: float = 30.0, **options: Any) -> None:
+        options.setdefault("list_changed_delay", 0.0)
         self.router = Router(tool_request_timeout=timeout, **options)
         self.now = 0.0
         self._conns = itertools.count(1)
+        #: what the relay sent callers while the last tool connected (list_changed...)
+        self.notified: list[tuple[int, Any]] = []
 
     def check(self) -> None:
         assert list(self.router.check_invariants()) == []
 
-    def tool(self, agent: str = "a") -> int:
+    def connect(
+        self,
+        agent: str = "a",
+        identity: str = "main",
+        tools: list[str | dict[str, Any]] | tuple[str, ...] = (),
+        server_id: str | None = None,
+    ) -> tuple[int, list[Action]]:
+        """Connect a tool and complete its initialization: its connection, and every action
+        that was not part of the handshake with it (what a replacement caused, answers to
+        parked requests)."""
         conn = next(self._conns)
-        assert self.router.tool_connected(conn, agent) == []
+        other: list[Action] = []
+
+        def to_tool(actions: list[Action]) -> list[Any]:
+            mine = [decode(a) for a in actions if isinstance(a, Send) and a.conn == conn]
+            other.extend(a for a in actions if not (isinstance(a, Send) and a.conn == conn))
+            self.check()
+            return mine
+
+        [init] = to_tool(self.router.tool_connected(conn, agent, server_id, self.now))
+        assert init["method"] == "initialize"
+        result = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {"tools": {}},
+            "serverInfo": {"name": identity},
+        }
+        reply = {"jsonrpc": "2.0", "id": init["id"], "result": result}
+        initialized, listing = to_tool(self.router.received(conn, json.dumps(reply), self.now))
+        assert initialized == {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert listing["method"] == "tools/list"
+        reply = {
+            "jsonrpc": "2.0",
+            "id": listing["id"],
+            "result": {"tools": [tool_item(t) for t in tools]},
+        }
+        assert to_tool(self.router.received(conn, json.dumps(reply), self.now)) == []
+        flushed = self.router.expire(self.now)
+        assert all(isinstance(a, Send) for a in flushed)
+        self.notified = sends(flushed)
+        assert all(f["method"].endswith("/list_changed") for _, f in self.notified)
+        self.router.take_deadline_change()
         self.check()
+        return conn, other
+
+    def tool(
+        self,
+        agent: str = "a",
+        identity: str = "main",
+        tools: list[str | dict[str, Any]] | tuple[str, ...] = (),
+        server_id: str | None = None,
+    ) -> int:
+        """A ready tool; one of the identity of a connected one replaces it."""
+        conn, _ = self.connect(agent, identity, tools, server_id)
         return conn
 
-    def replace_tool(self, agent: str = "a") -> tuple[int, list[Action]]:
-        conn = next(self._conns)
-        actions = self.router.tool_connected(conn, agent)
-        self.check()
-        return conn, actions
+    def replace_tool(
+        self, agent: str = "a", identity: str = "main", tools: tuple[str, ...] = ()
+    ) -> tuple[int, list[Action]]:
+        return self.connect(agent, identity, tools)
 
     def caller(self, agent: str = "a") -> int:
         conn = next(self._conns)
@@ -95,7 +160,7 @@ class Harness:
     def send(self, conn: int, obj: Any) -> list[tuple[int, Any]]:
         return self.raw(conn, json.dumps(obj, ensure_ascii=False))
 
-    def request(self, caller: int, rid: Any, method: str = "tools/call", **members: Any) -> Any:
+    def request(self, caller: int, rid: Any, method: str = CUSTOM, **members: Any) -> Any:
         """Send a caller request that must be forwarded: the frame the tool gets."""
         frame = {"jsonrpc": "2.0", "id": rid, "method": method, **members}
         actions = self.router.received(caller, json.dumps(frame), self.now)
@@ -142,9 +207,11 @@ def h() -> Harness:
     "rid", [0, "", 1, 1.0, "1", -7, 1.5, 2**64, -(2**80), "ид-🙂", 1e300, "x" * 40]
 )
 def test_request_id_is_rewritten_and_restored_exactly(h: Harness, rid: Any) -> None:
-    tool = h.tool()
+    tool = h.tool(tools=["add"])
     caller = h.caller()
-    forwarded = h.request(caller, rid, params={"name": "add", "arguments": {"a": 1}})
+    forwarded = h.request(
+        caller, rid, method="tools/call", params={"name": "add", "arguments": {"a": 1}}
+    )
     assert forwarded == {
         "jsonrpc": "2.0",
         "id": forwarded["id"],
@@ -160,10 +227,17 @@ def test_request_id_is_rewritten_and_restored_exactly(h: Harness, rid: Any) -> N
 
 
 def test_sdk_initialize_with_id_zero(h: Harness) -> None:
-    # The reference server loses this response (`if original_id:`).
+    # The reference server loses this response (`if original_id:`). The relay answers
+    # initialize itself now; id 0 must survive that, and a forwarded request's answer too.
     tool = h.tool()
     caller = h.caller()
-    forwarded = h.request(caller, 0, method="initialize", params={"protocolVersion": "x"})
+    frame = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "x"}}
+    [(conn, response)] = h.send(caller, frame)
+    assert conn == caller
+    assert typed(response["id"]) == typed(0)
+    assert set(response) == {"jsonrpc", "id", "result"}
+    assert isinstance(response["result"]["protocolVersion"], str)
+    forwarded = h.request(caller, 0)
     [(conn, response)] = h.respond(tool, forwarded["id"], {"protocolVersion": "x"})
     assert conn == caller
     assert typed(response["id"]) == typed(0)
@@ -217,9 +291,9 @@ def test_error_responses_are_routed_with_the_original_id(h: Harness) -> None:
 def test_params_absent_null_and_extra_members_are_forwarded_as_sent(h: Harness) -> None:
     tool = h.tool()
     caller = h.caller()
-    absent = h.request(caller, 1, method="tools/list")
+    absent = h.request(caller, 1)
     assert "params" not in absent
-    null = h.request(caller, 2, method="tools/list", params=None)
+    null = h.request(caller, 2, params=None)
     assert null["params"] is None
     extra = h.request(caller, 3, params={"a": 1}, trace="t-1")
     assert extra["trace"] == "t-1"
@@ -275,9 +349,17 @@ def test_no_tool_answers_32001_with_the_request_id(h: Harness) -> None:
 
 def test_caller_notifications_are_forwarded_without_an_id(h: Harness) -> None:
     tool = h.tool()
+    other = h.tool(identity="other")
     caller = h.caller()
-    note = {"jsonrpc": "2.0", "method": "notifications/initialized", "params": {}}
+    # initialized is the relay's to absorb: it initialized the tools itself
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized", "params": {}}
+    assert h.send(caller, initialized) == []
+    # others go to the default server, as sent
+    note = {"jsonrpc": "2.0", "method": "notifications/custom", "params": {"x": [1]}}
     assert h.send(caller, note) == [(tool, note)]
+    # roots/list_changed concerns every server
+    roots = {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}
+    assert sorted(h.send(caller, roots), key=lambda s: s[0]) == [(tool, roots), (other, roots)]
 
 
 @pytest.mark.parametrize(
@@ -430,11 +512,31 @@ def test_tool_notifications_go_to_every_caller_of_its_agent_only(h: Harness) -> 
 
 
 def test_tool_notification_without_callers_is_dropped(h: Harness) -> None:
-    # xiaozhi-mcphub sends list_changed the moment it connects.
     tool = h.tool()
-    note = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+    note = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info"}}
     assert h.send(tool, note) == []
     assert h.raw(tool, json.dumps(note) + "\n") == []
+
+
+def test_tool_list_changed_is_not_forwarded_but_relisted(h: Harness) -> None:
+    # xiaozhi-mcphub sends list_changed the moment it connects: the relay lists the tool
+    # again; callers hear only the relay's own list_changed, and only if they initialized
+    # and what they saw changed.
+    tool = h.tool(tools=["a"])
+    plain, initialized = h.caller(), h.caller()
+    h.send(initialized, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}})
+    note = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+    [(conn, listing)] = h.send(tool, note)
+    assert (conn, listing["method"]) == (tool, "tools/list")
+    # the same list: nothing to tell
+    assert h.respond(tool, listing["id"], {"tools": [tool_item("a")]}) == []
+    assert h.expire(1.0) == []
+    [(_, listing)] = h.raw(tool, json.dumps(note) + "\n")
+    assert h.respond(tool, listing["id"], {"tools": [tool_item("a"), tool_item("b")]}) == []
+    assert h.expire(0.0) == [
+        (initialized, {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+    ]
+    assert plain != initialized
 
 
 # ---------------------------------------------------------------------- cancellation
@@ -514,6 +616,7 @@ def test_tool_ping_is_answered_by_the_relay(h: Harness) -> None:
 def test_tool_request_round_trip(h: Harness, method: str, tool_id: Any) -> None:
     tool = h.tool()
     caller = h.caller()
+    h.request(caller, "busy")  # tool requests go to a caller with a request in flight
     params = {"messages": [{"role": "user"}], "maxTokens": 10}
     [(conn, forwarded)] = h.send(
         tool, {"jsonrpc": "2.0", "id": tool_id, "method": method, "params": params}
@@ -525,18 +628,19 @@ def test_tool_request_round_trip(h: Harness, method: str, tool_id: Any) -> None:
         "method": method,
         "params": params,
     }
-    assert h.router.pending_count() == 1
+    assert h.router.pending_count() == 2
     reply = {"jsonrpc": "2.0", "id": forwarded["id"], "result": {"content": "hi"}}
     [(conn, answer)] = h.send(caller, reply)
     assert conn == tool
     assert typed(answer) == typed({"jsonrpc": "2.0", "id": tool_id, "result": {"content": "hi"}})
-    assert h.router.pending_count() == 0
+    assert h.router.pending_count() == 1
     assert h.send(caller, reply) == []
 
 
 def test_tool_request_error_answer_is_routed_back(h: Harness) -> None:
     tool = h.tool()
     caller = h.caller()
+    h.request(caller, "busy")
     [(_, forwarded)] = h.tool_request(tool, 9, "roots/list")
     reply = {"jsonrpc": "2.0", "id": forwarded["id"], "error": {"code": -1, "message": "no roots"}}
     assert h.send(caller, reply) == [
@@ -547,6 +651,7 @@ def test_tool_request_error_answer_is_routed_back(h: Harness) -> None:
 def test_colliding_tool_request_ids_get_distinct_caller_side_ids(h: Harness) -> None:
     tool = h.tool()
     caller = h.caller()
+    h.request(caller, "busy")
     [(_, first)] = h.tool_request(tool, 0)
     [(_, second)] = h.tool_request(tool, 0)
     assert first["id"] != second["id"]
@@ -572,44 +677,105 @@ def test_tool_request_goes_to_the_most_recently_active_busy_caller(h: Harness) -
     assert idle_old not in (busy_old, busy_new)
 
 
-def test_tool_request_goes_to_the_most_recently_active_caller_when_none_is_busy(
+def test_tool_request_goes_to_the_most_recently_active_caller_with_a_request_to_it(
     h: Harness,
 ) -> None:
+    # Before, an idle caller would do; now only callers with a request in flight to that
+    # tool are candidates, the most recently active of them.
     tool = h.tool()
     first, second, third = h.caller(), h.caller(), h.caller()
-    [(conn, _)] = h.tool_request(tool, 1)
+    [(conn, response)] = h.tool_request(tool, 1)
+    assert (conn, error_of(response)) == (tool, error(1, -32005))  # nobody is busy
+    h.request(first, "f")
+    h.request(third, "t")
+    [(conn, _)] = h.tool_request(tool, 2)
     assert conn == third
     h.send(first, {"jsonrpc": "2.0", "method": "notifications/initialized"})
-    [(conn, _)] = h.tool_request(tool, 2)
+    [(conn, _)] = h.tool_request(tool, 3)
     assert conn == first
     # invalid frames are no sign of life
-    h.raw(second, b"garbage")
-    [(conn, _)] = h.tool_request(tool, 3)
+    h.raw(third, b"garbage")
+    [(conn, _)] = h.tool_request(tool, 4)
+    assert conn == first
+    # an idle caller is never chosen, however recently active
+    h.send(second, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+    [(conn, _)] = h.tool_request(tool, 5)
     assert conn == first
     # a caller that had in-flight requests but got its answers is no longer busy
     forwarded = h.request(second, 1)
-    h.send(third, {"jsonrpc": "2.0", "method": "notifications/initialized"})
-    [(conn, _)] = h.tool_request(tool, 4)
+    [(conn, _)] = h.tool_request(tool, 6)
     assert conn == second
     h.respond(tool, forwarded["id"])
-    [(conn, _)] = h.tool_request(tool, 5)
-    assert conn == third
+    [(conn, _)] = h.tool_request(tool, 7)
+    assert conn == first
+
+
+def test_tool_request_goes_only_to_a_caller_busy_with_that_tool(h: Harness) -> None:
+    main = h.tool()
+    other = h.tool(identity="other", tools=["o"])
+    to_main, to_other = h.caller(), h.caller()
+    h.request(to_main, 1)
+    h.request(to_other, 1, method="tools/call", params={"name": "o"})
+    [(conn, _)] = h.tool_request(main, "m")
+    assert conn == to_main
+    [(conn, _)] = h.tool_request(other, "o")
+    assert conn == to_other
+
+
+@pytest.mark.parametrize(
+    ("method", "capability"),
+    [
+        ("sampling/createMessage", "sampling"),
+        ("roots/list", "roots"),
+        ("elicitation/create", "elicitation"),
+    ],
+)
+def test_tool_request_needs_the_declared_capability(
+    h: Harness, method: str, capability: str
+) -> None:
+    tool = h.tool()
+    declared, undeclared, silent = h.caller(), h.caller(), h.caller()
+    declarations: list[tuple[int, dict[str, Any]]] = [
+        (declared, {capability: {}}),
+        (undeclared, {"other": {}}),
+    ]
+    for conn, caps in declarations:
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"capabilities": caps}}
+        h.send(conn, init)
+    h.request(declared, 1)
+    h.request(silent, 1)
+    h.request(undeclared, 1)  # the most recent, but it declared no such capability
+    [(conn, _)] = h.tool_request(tool, 1, method)
+    assert conn == silent  # never sent initialize: taken at its word for none, accepted
+    h.caller_gone(silent)
+    [(conn, _)] = h.tool_request(tool, 2, method)
+    assert conn == declared
+    h.caller_gone(declared)
+    [(conn, response)] = h.tool_request(tool, 3, method)
+    assert (conn, error_of(response)) == (tool, error(3, -32005))
 
 
 @pytest.mark.parametrize("method", TOOL_REQUEST_METHODS)
 def test_tool_request_without_caller_is_answered_32005(h: Harness, method: str) -> None:
     tool = h.tool()
-    h.caller("other-agent")
+    busy_elsewhere = h.caller("other-agent")
+    h.tool("other-agent")
+    h.request(busy_elsewhere, 1)
     [(conn, response)] = h.tool_request(tool, "t-1", method)
     assert conn == tool
     assert error_of(response) == error("t-1", -32005)
-    assert h.router.pending_count() == 0
+    # a connected caller with nothing in flight to this tool does not count either
+    h.caller()
+    [(conn, response)] = h.tool_request(tool, "t-2", method)
+    assert (conn, error_of(response)) == (tool, error("t-2", -32005))
+    assert h.router.pending_count() == 1
 
 
 def test_unanswered_tool_request_times_out() -> None:
     h = Harness(timeout=10.0)
     tool = h.tool()
     caller = h.caller()
+    h.request(caller, "busy")
     assert h.router.next_deadline() is None
     assert not h.router.take_deadline_change()
     h.now = 100.0
@@ -625,7 +791,7 @@ def test_unanswered_tool_request_times_out() -> None:
     assert conn == caller
     assert note["method"] == CANCELLED
     assert typed(note["params"]["requestId"]) == typed(forwarded["id"])
-    assert h.router.pending_count() == 0
+    assert h.router.pending_count() == 1
     assert h.router.next_deadline() is None
     # the caller answers too late
     assert h.send(caller, {"jsonrpc": "2.0", "id": forwarded["id"], "result": {}}) == []
@@ -635,6 +801,8 @@ def test_unanswered_tool_request_times_out() -> None:
 def test_only_the_chosen_caller_may_answer_a_tool_request(h: Harness) -> None:
     tool = h.tool()
     other, chosen = h.caller(), h.caller()
+    h.request(other, 1)
+    h.request(chosen, 1)
     [(conn, forwarded)] = h.tool_request(tool, 1)
     assert conn == chosen
     assert h.send(other, {"jsonrpc": "2.0", "id": forwarded["id"], "result": {}}) == []
@@ -647,11 +815,12 @@ def test_only_the_chosen_caller_may_answer_a_tool_request(h: Harness) -> None:
 def test_tool_cancelling_its_request_tells_the_caller(h: Harness) -> None:
     tool = h.tool()
     caller = h.caller()
+    h.request(caller, "busy")
     [(_, forwarded)] = h.tool_request(tool, "s")
     assert h.send(tool, cancel("s", reason="done")) == [
         (caller, cancel(forwarded["id"], reason="done"))
     ]
-    assert h.router.pending_count() == 0
+    assert h.router.pending_count() == 1
     assert h.send(caller, {"jsonrpc": "2.0", "id": forwarded["id"], "result": {}}) == []
     assert h.send(tool, cancel("unknown")) == []
 
@@ -659,10 +828,14 @@ def test_tool_cancelling_its_request_tells_the_caller(h: Harness) -> None:
 def test_caller_leaving_fails_what_it_owed_the_tool(h: Harness) -> None:
     tool = h.tool()
     caller = h.caller()
+    busy = h.request(caller, "busy")
     h.tool_request(tool, "s-1")
-    [(conn, response)] = h.caller_gone(caller)
-    assert conn == tool
+    delivered = h.caller_gone(caller)
+    assert {conn for conn, _ in delivered} == {tool}
+    [response] = [f for _, f in delivered if "error" in f]
     assert error_of(response) == error("s-1", -32003)
+    [note] = [f for _, f in delivered if "method" in f]
+    assert (note["method"], note["params"]["requestId"]) == (CANCELLED, busy["id"])
     assert h.router.pending_count() == 0
 
 
@@ -891,8 +1064,11 @@ def test_max_inflight_per_caller() -> None:
     caller, other = h.caller(), h.caller()
     first = h.request(caller, 1)
     h.request(caller, 2)
-    [(conn, response)] = h.send(caller, {"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+    [(conn, response)] = h.send(caller, {"jsonrpc": "2.0", "id": 3, "method": CUSTOM})
     assert (conn, error_of(response)) == (caller, error(3, -32007))
+    # what the relay answers itself takes no slot
+    [(conn, response)] = h.send(caller, {"jsonrpc": "2.0", "id": 4, "method": "tools/list"})
+    assert (conn, response["result"]) == (caller, {"tools": []})
     assert h.router.pending_count() == 2
     h.request(other, 3)
     h.respond(tool, first["id"])
@@ -904,6 +1080,7 @@ def test_max_tool_requests_per_agent() -> None:
     h = Harness(max_tool_requests=1)
     tool = h.tool()
     caller = h.caller()
+    h.request(caller, "busy")
     [(_, forwarded)] = h.tool_request(tool, "a")
     [(conn, response)] = h.tool_request(tool, "b")
     assert (conn, error_of(response)) == (tool, error("b", -32007))
@@ -921,7 +1098,7 @@ def test_draining_refuses_new_requests_and_finishes_old_ones(h: Harness) -> None
     h.router.draining = True
     [(conn, response)] = h.send(caller, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
     assert (conn, error_of(response)) == (caller, error(2, -32003))
-    note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    note = {"jsonrpc": "2.0", "method": "notifications/custom"}
     assert h.send(caller, note) == [(tool, note)]
     [(conn, response)] = h.respond(tool, forwarded["id"])
     assert (conn, typed(response["id"])) == (caller, typed(1))
@@ -1248,6 +1425,29 @@ class RouterMachine(RuleBasedStateMachine):
         for agent in callers:
             self.connect_caller(agent)
 
+    def handshake(self, conn: int, agent: str) -> list[Action]:
+        """Connect a tool and play its side of the relay's initialization (one identity per
+        agent, no tools): every action not part of that handshake."""
+        other: list[Action] = []
+
+        def to_tool(actions: list[Action]) -> list[Any]:
+            mine = [decode(a) for a in actions if isinstance(a, Send) and a.conn == conn]
+            other.extend(a for a in actions if not (isinstance(a, Send) and a.conn == conn))
+            return mine
+
+        [init] = to_tool(self.router.tool_connected(conn, agent, None, self.now))
+        assert init["method"] == "initialize"
+        self.seen_by_tool[conn] = {typed(init["id"])}
+        result = {"capabilities": {"tools": {}}, "serverInfo": {"name": "main"}}
+        frame = {"jsonrpc": "2.0", "id": init["id"], "result": result}
+        initialized, listing = to_tool(self.receive(conn, frame))
+        assert initialized["method"] == "notifications/initialized"
+        assert listing["method"] == "tools/list"
+        self.seen_by_tool[conn].add(typed(listing["id"]))
+        frame = {"jsonrpc": "2.0", "id": listing["id"], "result": {"tools": []}}
+        assert to_tool(self.receive(conn, frame)) == []
+        return other
+
     @rule(agent=st.sampled_from(AGENTS))
     def connect_tool(self, agent: str) -> None:
         conn = next(self.conns)
@@ -1256,9 +1456,8 @@ class RouterMachine(RuleBasedStateMachine):
             old = self.tools[agent]
             expected = [*self.tool_gone(agent), ("close", old, CLOSE_REPLACED)]
             self.replaced.append((agent, old))
-        self.expect(self.router.tool_connected(conn, agent), expected, "tool connected, replaced")
+        self.expect(self.handshake(conn, agent), expected, "tool connected, replaced")
         self.tools[agent] = conn
-        self.seen_by_tool[conn] = set()
 
     @precondition(lambda self: len(self.callers) < 6)
     @rule(agent=st.sampled_from(AGENTS))
@@ -1321,7 +1520,7 @@ class RouterMachine(RuleBasedStateMachine):
             token = MISSING
         req = CallerRequest(seq, caller, agent, rid, token)
         self.requests.append(req)
-        frame = {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params, "x": seq}
+        frame = {"jsonrpc": "2.0", "id": rid, "method": CUSTOM, "params": params, "x": seq}
         actions = self.receive(caller, frame)
         tool = self.tools.get(agent)
         refusal = None
@@ -1409,14 +1608,32 @@ class RouterMachine(RuleBasedStateMachine):
         if kind == "caller notifies" and self.callers:
             caller = data.draw(st.sampled_from(sorted(self.callers)))
             tool = self.tools.get(self.callers[caller])
-            frame = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-            self.expect(self.receive(caller, frame), [out(tool, frame)] if tool else [])
+            if data.draw(st.booleans()):
+                # the relay initialized its tools itself: a caller's initialized is absorbed
+                frame = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+                self.expect(self.receive(caller, frame), [], "caller initialized absorbed")
+            else:
+                custom: dict[str, Any] = {"jsonrpc": "2.0", "method": "notifications/custom"}
+                self.expect(self.receive(caller, custom), [out(tool, custom)] if tool else [])
         elif kind == "tool notifies" and self.tools:
             agent = data.draw(st.sampled_from(sorted(self.tools)))
-            frame = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
-            actions = self.receive(self.tools[agent], frame)
-            expected = [out(c, frame) for c in self.callers_of(agent)]
-            self.expect(actions, expected, "tool notification")
+            tool = self.tools[agent]
+            if data.draw(st.booleans()):
+                message: dict[str, Any] = {"jsonrpc": "2.0", "method": "notifications/message"}
+                actions = self.receive(tool, message)
+                expected = [out(c, message) for c in self.callers_of(agent)]
+                self.expect(actions, expected, "tool notification")
+            else:
+                # not forwarded: the relay lists the tool again (and the list is the same)
+                frame = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+                [action] = self.receive(tool, frame)
+                assert isinstance(action, Send) and action.conn == tool
+                listing = decode(action)
+                assert listing["method"] == "tools/list"
+                assert typed(listing["id"]) not in self.seen_by_tool[tool]
+                self.seen_by_tool[tool].add(typed(listing["id"]))
+                reply = {"jsonrpc": "2.0", "id": listing["id"], "result": {"tools": []}}
+                self.expect(self.receive(tool, reply), [], "tool list_changed, relisted")
         elif kind == "tool pings" and self.tools:
             tool = self.tools[data.draw(st.sampled_from(sorted(self.tools)))]
             actions = self.receive(tool, {"jsonrpc": "2.0", "id": rid, "method": "ping"})
@@ -1513,14 +1730,14 @@ class RouterMachine(RuleBasedStateMachine):
         ):
             self.expect(actions, [relay_error(tool, rid, -32007)], "tool request over the limit")
             return
-        candidates = self.callers_of(agent)
-        busy = {r.caller for r in self.in_flight(agent)}
-        candidates = [c for c in candidates if c in busy] or candidates
+        # only callers with a request in flight to this tool (one tool per agent here)
+        busy = {r.caller for r in self.in_flight(agent) if r.tool == tool}
+        candidates = [c for c in self.callers_of(agent) if c in busy]
         if not candidates:
             self.expect(actions, [relay_error(tool, rid, -32005)], "tool request without caller")
             return
         chosen = max(candidates, key=self.last_active.__getitem__)
-        event(f"tool request routed to a {'busy' if chosen in busy else 'idle'} caller")
+        event("tool request routed to a busy caller")
         [action] = actions
         assert isinstance(action, Send)
         assert action.conn == chosen

@@ -235,9 +235,7 @@ def test_round_trip_of_every_field(
 @st.composite
 def tampered(draw: st.DrawFn) -> tuple[str, str]:
     """A valid token and a copy with one character replaced, inserted or deleted."""
-    token = mint_scoped(
-        KEY, Claims(draw(agents), draw(roles), draw(server_ids), draw(expiries))
-    )
+    token = mint_scoped(KEY, Claims(draw(agents), draw(roles), draw(server_ids), draw(expiries)))
     position = draw(st.integers(0, len(token) - 1))
     alphabet = string.ascii_letters + string.digits + "-_.=+/%"
     kind = draw(st.sampled_from(["replace", "insert", "delete"]))

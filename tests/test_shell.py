@@ -19,8 +19,8 @@ import trio
 import trio.testing
 from wsproto.connection import ConnectionState
 
-from tests.helpers import KEY, notification, recv, request, result, send
-from tests.memnet import MemoryNet, PeerClosed, RawPeer
+from tests.helpers import CUSTOM, KEY, notification, recv, request, result, send
+from tests.memnet import MemoryNet, PeerClosed
 from tests.test_faults import masked_frame
 from trio_mcp_relay._config import RelayConfig
 from trio_mcp_relay.server import serve_relay
@@ -43,12 +43,6 @@ async def memory_relay(**overrides: Any) -> AsyncIterator[tuple[MemoryNet, trio.
         nursery.cancel_scope.cancel()
 
 
-async def answer_initialize(tool: RawPeer) -> None:
-    frame = await tool.receive()
-    assert frame["method"] == "initialize"
-    await tool.send(result(frame["id"], {"protocolVersion": "2025-11-25", "capabilities": {}}))
-
-
 # ------------------------------------------------------------------ a tool that stops reading
 
 
@@ -64,14 +58,14 @@ async def test_a_tool_that_stops_reading_leaves_no_request_unanswered(
                 ping_timeout=timeout,
                 forward_timeout=forward,
             ) as (net, _),
-            net.raw("tool", "deaf") as tool,
+            net.raw_tool("deaf"),  # it never reads once initialized
             net.websocket("caller", "deaf") as alice,
             net.websocket("caller", "deaf") as bob,
-            net.websocket("tool", "other") as other_tool,
+            net.tool("other") as other_tool,
             net.websocket("caller", "other") as other_caller,
         ):
+            # The relay answers initialize itself, from its catalog: the tool was not asked.
             await send(alice, request("init", "initialize", {"protocolVersion": "2025-11-25"}))
-            await answer_initialize(tool)
             assert (await recv(alice))["id"] == "init"
             # From now on the tool never reads. Its pipe (64 KiB) fills, then its outbox (32).
             blob = "b" * 2000
@@ -85,7 +79,7 @@ async def test_a_tool_that_stops_reading_leaves_no_request_unanswered(
                 ]
                 for rid in ids:
                     sent_at[rid] = trio.current_time()
-                    await send(ws, request(rid, params={"data": blob}))
+                    await send(ws, request(rid, CUSTOM, params={"data": blob}))
                 while len([r for r in answers if r in ids]) < len(ids):
                     frame = await recv(ws)
                     answers[frame["id"]] = (trio.current_time(), frame)
@@ -94,7 +88,7 @@ async def test_a_tool_that_stops_reading_leaves_no_request_unanswered(
                 callers.start_soon(caller, alice, "a")
                 callers.start_soon(caller, bob, "b")
                 # Meanwhile another agent is served normally.
-                await send(other_caller, request("x", params={}))
+                await send(other_caller, request("x", CUSTOM, params={}))
                 asked = await recv(other_tool)
                 await send(other_tool, result(asked["id"], "fine"))
                 assert await recv(other_caller) == result("x", "fine")
@@ -107,7 +101,7 @@ async def test_a_tool_that_stops_reading_leaves_no_request_unanswered(
                 assert at - sent_at[rid] <= interval + timeout + forward + 2, (rid, at)
             # The tool is gone: a new request finds no tool; neither caller was closed.
             for ws in (alice, bob):
-                await send(ws, request("after"))
+                await send(ws, request("after", CUSTOM))
                 assert (await recv(ws))["error"]["code"] == -32001
 
 
@@ -118,13 +112,13 @@ async def test_a_tool_that_pongs_but_reads_slowly_gets_requests_expired_after_fo
     with trio.fail_after(GUARD):
         async with (
             memory_relay(outbox_size=4, forward_timeout=forward, ping_interval=0) as (net, _),
-            net.raw("tool", "slow", capacity=4096) as tool,
+            net.raw_tool("slow", capacity=4096) as tool,
             net.websocket("caller", "slow") as alice,
         ):
             blob = "s" * 3000
             started = trio.current_time()
             for n in range(12):
-                await send(alice, request(n, params={"n": n, "data": blob}))
+                await send(alice, request(n, CUSTOM, params={"n": n, "data": blob}))
             # 12 requests: what fits the pipe and the 4-frame queue waits; the rest is refused
             # at once; what waited forward_timeout in the queue is answered then.
             answered: dict[int, tuple[float, str]] = {}
@@ -159,11 +153,11 @@ async def test_a_caller_over_its_byte_bound_gets_1013_after_what_it_can_read(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(outbox_bytes=1_000_000, slow_caller_grace=10) as (net, _),
-            net.websocket("tool", "busy") as tool,
+            net.tool("busy") as tool,
             net.websocket("caller", "busy") as healthy,
             net.raw("caller", "busy", capacity=65536) as stalled,
         ):
-            await stalled.send(request("held"))
+            await stalled.send(request("held", CUSTOM))
             held = await recv(tool)
             blob = "z" * 200_000
             for n in range(40):  # 8 MB towards a caller that does not read
@@ -195,10 +189,10 @@ async def test_frames_a_dropped_caller_has_not_begun_to_receive_are_dropped(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(outbox_bytes=100_000) as (net, _),
-            net.raw("tool", "busy") as tool,
+            net.raw_tool("busy") as tool,
             net.raw("caller", "busy", capacity=1024) as stalled,
         ):
-            await stalled.send(request("hello", "ping"))
+            await stalled.send(request("hello", CUSTOM))
             await tool.receive()
             # Four frames in one write: the relay routes them in one step, so the caller's
             # writer takes them as one batch (the first begun on the wire, three not).
@@ -220,13 +214,13 @@ async def test_a_caller_that_does_not_read_for_the_grace_is_closed_1013(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(slow_caller_grace=grace) as (net, _),
-            net.websocket("tool", "busy") as tool,
+            net.tool("busy") as tool,
             net.websocket("caller", "busy") as healthy,
             net.raw("caller", "busy", capacity=2048) as stalled,
-            net.websocket("tool", "other") as other_tool,
+            net.tool("other") as other_tool,
             net.websocket("caller", "other") as other_caller,
         ):
-            await stalled.send(request("ping-me", "ping"))
+            await stalled.send(request("held", CUSTOM))
             await recv(tool)
             started = trio.current_time()
             for n in range(10):  # 10 x 1 KB: within every bound, but never read
@@ -234,7 +228,7 @@ async def test_a_caller_that_does_not_read_for_the_grace_is_closed_1013(
                 assert (await recv(healthy))["params"]["n"] == n
             # During the stall, another caller of the agent and another agent are served.
             for ws, peer_tool in ((healthy, tool), (other_caller, other_tool)):
-                await send(ws, request("meanwhile"))
+                await send(ws, request("meanwhile", CUSTOM))
                 asked = await recv(peer_tool)
                 await send(peer_tool, result(asked["id"], "ok"))
                 assert await recv(ws) == result("meanwhile", "ok")
@@ -256,7 +250,7 @@ async def test_the_relay_budget_for_queued_bytes_holds_across_connections(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(outbox_bytes=10_000_000, max_queued_bytes=1_500_000) as (net, _),
-            net.websocket("tool", "busy") as tool,
+            net.tool("busy") as tool,
             net.raw("caller", "busy", capacity=1024) as one,
             net.raw("caller", "busy", capacity=1024) as two,
             net.websocket("caller", "busy") as healthy,
@@ -284,7 +278,7 @@ async def test_a_caller_whose_requests_wait_on_a_full_tool_still_answers_pings(
                 net,
                 _,
             ),
-            net.raw("tool", "deaf", capacity=1024),
+            net.raw_tool("deaf", capacity=1024),
             net.raw("caller", "deaf") as caller,
             trio.open_nursery() as reading,
         ):
@@ -293,12 +287,12 @@ async def test_a_caller_whose_requests_wait_on_a_full_tool_still_answers_pings(
             send_answers, answers = trio.open_memory_channel[Any](1000)
             reading.start_soon(caller.read_into, send_answers)
             for n in range(50):
-                await caller.send(request(n, params={"data": "c" * 500}))
+                await caller.send(request(n, CUSTOM, params={"data": "c" * 500}))
             got = [await answers.receive() for _ in range(50)]
             assert sorted(a["id"] for a in got) == list(range(50))
             # The deaf tool was dropped (no pong); the caller, pinged all along, was not.
             await trio.sleep(60)
-            await caller.send(request("later"))
+            await caller.send(request("later", CUSTOM))
             answer = await answers.receive()
             assert answer["id"] == "later" and answer["error"]["code"] == -32001
             reading.cancel_scope.cancel()
@@ -311,14 +305,16 @@ async def test_a_ping_is_owed_even_when_the_outbox_is_full(
     # from the start, so the ping must go out (ahead of the queue) all the same.
     with trio.fail_after(GUARD):
         async with (
-            memory_relay(outbox_size=4, ping_interval=5, ping_timeout=5, forward_timeout=500)
-            as (net, _),
-            net.raw("tool", "deaf", capacity=1024),
+            memory_relay(outbox_size=4, ping_interval=5, ping_timeout=5, forward_timeout=500) as (
+                net,
+                _,
+            ),
+            net.raw_tool("deaf", capacity=1024),
             net.websocket("caller", "deaf") as caller,
         ):
             started = trio.current_time()
             for n in range(8):
-                await send(caller, request(n, params={"data": "f" * 600}))
+                await send(caller, request(n, CUSTOM, params={"data": "f" * 600}))
             codes = [(await recv(caller))["error"]["code"] for _ in range(8)]
             assert -32003 in codes and -32002 in codes, codes
             assert trio.current_time() - started <= 5 + 5 + 5, trio.current_time() - started
@@ -330,8 +326,8 @@ async def test_a_peer_that_does_not_answer_pings_is_closed_1011(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(ping_interval=20, ping_timeout=20) as (net, _),
-            net.raw("tool", "mute") as mute,
-            net.raw("tool", "polite") as polite,
+            net.raw_tool("mute") as mute,
+            net.raw_tool("polite") as polite,
             trio.open_nursery() as reading,
         ):
             reading.start_soon(polite.read_into, trio.open_memory_channel[Any](10)[0])
@@ -376,10 +372,10 @@ async def test_silent_sockets_from_one_address_do_not_lock_out_another(
                 refused += 1
             assert refused == 195
             async with (
-                net.websocket("tool", "legit", host="127.0.0.2") as tool,
+                net.tool("legit", host="127.0.0.2") as tool,
                 net.websocket("caller", "legit", host="127.0.0.2") as caller,
             ):
-                await send(caller, request(1))
+                await send(caller, request(1, CUSTOM))
                 frame = await recv(tool)
                 await send(tool, result(frame["id"], "ok"))
                 assert await recv(caller) == result(1, "ok")
@@ -391,16 +387,15 @@ async def test_a_caller_is_known_to_the_router_before_its_handshake_answer(
     with trio.fail_after(GUARD):
         async with (
             memory_relay() as (net, _),
-            net.websocket("tool", "fresh") as tool,
+            net.tool("fresh") as tool,
         ):
             for n in range(40):
                 async with net.websocket("caller", "fresh") as caller:
-                    # Right after the 101: the tool asks the caller side something.
-                    await send(tool, request(f"roots-{n}", "roots/list"))
-                    asked = await recv(caller)
-                    assert asked["method"] == "roots/list", asked
-                    await send(caller, result(asked["id"], {"roots": []}))
-                    assert await recv(tool) == result(f"roots-{n}", {"roots": []})
+                    # Right after the 101: a tool notification, sent to every caller the
+                    # router knows, reaches this one.
+                    said = notification("notifications/message", {"level": "info", "data": n})
+                    await send(tool, said)
+                    assert await recv(caller) == said
 
 
 async def test_a_slowloris_head_is_dropped_after_the_handshake_timeout(
@@ -437,9 +432,12 @@ async def test_a_tool_request_nobody_answers_times_out(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(tool_request_timeout=30) as (net, _),
-            net.websocket("tool", "asker") as tool,
+            net.tool("asker") as tool,
             net.websocket("caller", "asker") as caller,
         ):
+            # A caller with a request in flight to the tool is the one it may ask.
+            await send(caller, request("work", CUSTOM))
+            await recv(tool)
             started = trio.current_time()
             await send(tool, request("s-1", "sampling/createMessage", {"messages": []}))
             asked = await recv(caller)
@@ -457,11 +455,11 @@ async def test_request_timeout_answers_32006_and_cancels_at_the_tool(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(request_timeout=15) as (net, _),
-            net.websocket("tool", "slow") as tool,
+            net.tool("slow") as tool,
             net.websocket("caller", "slow") as caller,
         ):
             started = trio.current_time()
-            await send(caller, request(0))
+            await send(caller, request(0, CUSTOM))
             asked = await recv(tool)
             answer = await recv(caller)
             assert answer["id"] == 0 and answer["error"]["code"] == -32006
@@ -476,10 +474,10 @@ async def test_without_request_timeout_a_slow_answer_still_arrives(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(ping_interval=0) as (net, _),
-            net.websocket("tool", "slow") as tool,
+            net.tool("slow") as tool,
             net.websocket("caller", "slow") as caller,
         ):
-            await send(caller, request(""))
+            await send(caller, request("", CUSTOM))
             asked = await recv(tool)
             await trio.sleep(300)
             await send(tool, result(asked["id"], "late"))
@@ -495,16 +493,16 @@ async def test_graceful_shutdown_lets_the_request_in_flight_finish(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(shutdown_grace=30) as (net, shutdown),
-            net.websocket("tool", "t") as tool,
+            net.tool("t") as tool,
             net.raw("caller", "t") as caller,
         ):
-            await caller.send(request(1))
+            await caller.send(request(1, CUSTOM))
             asked = await recv(tool)
             started = trio.current_time()
             shutdown.set()
             await trio.sleep(10)
             # New requests are refused meanwhile; the one in flight may finish.
-            await caller.send(request(2))
+            await caller.send(request(2, CUSTOM))
             assert (await caller.receive())["error"]["code"] == -32003
             await send(tool, result(asked["id"], "done"))
             assert await caller.receive() == result(1, "done")
@@ -520,10 +518,10 @@ async def test_graceful_shutdown_answers_what_is_left_after_the_grace(
     with trio.fail_after(GUARD):
         async with (
             memory_relay(shutdown_grace=30) as (net, shutdown),
-            net.websocket("tool", "t") as tool,
+            net.tool("t") as tool,
             net.raw("caller", "t") as caller,
         ):
-            await caller.send(request("never"))
+            await caller.send(request("never", CUSTOM))
             await recv(tool)
             started = trio.current_time()
             shutdown.set()
@@ -549,8 +547,8 @@ async def test_cancelling_serve_relay_answers_in_flight_requests_and_closes_1001
                     await serve_relay(config, listeners=[net.listener], task_status=task_status)
 
             await nursery.start(run)
-            async with net.raw("tool", "t") as tool, net.raw("caller", "t") as caller:
-                await caller.send(request("in-flight"))
+            async with net.raw_tool("t") as tool, net.raw("caller", "t") as caller:
+                await caller.send(request("in-flight", CUSTOM))
                 await tool.receive()
                 started = trio.current_time()
                 scope.cancel()
@@ -585,3 +583,36 @@ async def test_every_http_answer_has_its_reason_phrase(
             await stream.send_all(head)
             answer = await stream.receive_some()
             assert answer.startswith(b"HTTP/1.1 " + status + b"\r\n"), answer
+
+
+# ------------------------------------------------------------------ the relay initializes tools
+
+
+async def test_a_tool_that_never_answers_initialize_is_closed_4003_after_init_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(GUARD):
+        async with (
+            memory_relay(ping_interval=0) as (net, _),
+            net.raw("tool", "mute") as mute,
+            net.websocket("caller", "mute") as caller,
+        ):
+            opened = trio.current_time()
+            init = await mute.receive()
+            assert init["method"] == "initialize" and init["params"]["clientInfo"]
+            # A caller's request waits for the initialization to end, then finds no tool.
+            await send(caller, request("early", CUSTOM))
+            with pytest.raises(PeerClosed) as closed:
+                await mute.receive()
+            assert closed.value.code == 4003
+            assert "initialize" in closed.value.reason
+            assert 10 <= trio.current_time() - opened < 11
+            answer = await recv(caller)
+            assert answer["id"] == "early" and answer["error"]["code"] == -32001
+            # A tool that completes the initialization is served.
+            async with net.raw_tool("mute", tools=["soup"]) as tool:
+                await send(caller, request("late", "tools/call", {"name": "soup"}))
+                asked = await tool.receive()
+                assert asked["method"] == "tools/call" and asked["params"] == {"name": "soup"}
+                await tool.send(result(asked["id"], {"content": []}))
+                assert await recv(caller) == result("late", {"content": []})

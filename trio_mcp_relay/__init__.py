@@ -24,18 +24,25 @@ from ._auth import (
     scoped_token,
 )
 from ._config import ConfigError, RelayConfig, load_config
+from .core.catalog import ToolFilter
+from .core.middleware import Call, Middleware, Refused, Reply
 from .server import serve_relay
 
 __all__ = [
     "AesTokenAuthenticator",
     "AuthError",
     "Authenticator",
+    "Call",
     "ConfigError",
     "Endpoint",
     "Grant",
+    "Middleware",
+    "Refused",
     "RelayConfig",
+    "Reply",
     "TokenAuthenticator",
     "TokenRole",
+    "ToolFilter",
     "__version__",
     "decrypt_agent_id",
     "encrypt_token",

@@ -3,6 +3,12 @@
 Runs against any endpoint speaking the mcp-endpoint-server protocol (this relay, the
 reference server, behind a proxy or not). Each step yields a :class:`CheckResult` with a hint
 that names the likely cause when it fails.
+
+The check's own tool is a small MCP server (:class:`_CheckTool`) with one tool, ``check``: an
+aggregating relay (trio-mcp-relay since #9) initializes and lists every tool connection itself
+and routes ``tools/call`` by tool name, while the reference server forwards every frame as is;
+the tool answers both. The last step reports what a caller of the agent sees: its servers
+(from the health endpoint, when it lists them per agent) and its tools.
 """
 
 from __future__ import annotations
@@ -177,6 +183,109 @@ def _skipped(name: str, why: str) -> CheckResult:
     return CheckResult(name, True, why, skipped=True)
 
 
+#: The check tool's name, as server (``serverInfo.name``) and as its only tool.
+CHECK_SERVER = "trio-mcp-relay-check"
+CHECK_TOOL = {
+    "name": "check",
+    "description": "Answers the round trip of trio-mcp-relay check.",
+    "inputSchema": {"type": "object"},
+}
+CHECK_RESULT = {"content": [{"type": "text", "text": "trio-mcp-relay check"}]}
+
+
+class _CheckTool:
+    """The check's tool connection as an MCP server: it answers ``initialize``, ``ping`` and
+    ``tools/list`` (the ``check`` tool) itself, and hands each ``tools/call`` to the round
+    trip, which answers it."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.initialized = False  # the endpoint sent its own initialize (an aggregator)
+        self._calls_in, self.calls = trio.open_memory_channel[dict[str, object]](16)
+
+    async def first_frame(self, grace: float) -> None:
+        """Wait ``grace`` s for a refusal (a close) or the endpoint's ``initialize``.
+
+        Raises:
+            _Failed: closed (1008: the token), or a first frame that is no ``initialize``.
+        """
+        with trio.move_on_after(grace):
+            try:
+                message = await self.ws.get_message()
+            except ConnectionClosed as exc:
+                code, reason = _close_of(exc)
+                hint = "the token was refused: is it a token of this endpoint's key?"
+                raise _Failed(f"closed: {code} {reason}", hint if code == 1008 else "") from None
+            frame = _json_object(message)
+            if frame is None or frame.get("method") != "initialize" or "id" not in frame:
+                raise _Failed(f"unexpected first frame {str(message)[:80]!r}")
+            await self._answer(frame)
+
+    async def serve(self) -> None:
+        """Answer the endpoint until the connection ends (never raises for it)."""
+        try:
+            while True:
+                frame = _json_object(await self.ws.get_message())
+                if frame is not None and "method" in frame and "id" in frame:
+                    await self._answer(frame)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _answer(self, frame: dict[str, object]) -> None:
+        method = frame.get("method")
+        params = frame.get("params")
+        result: object
+        if method == "tools/call":
+            await self._calls_in.send(frame)
+            return
+        if method == "initialize":
+            self.initialized = True
+            asked = params.get("protocolVersion") if isinstance(params, dict) else None
+            result = {
+                "protocolVersion": asked if isinstance(asked, str) else "2025-06-18",
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": CHECK_SERVER, "version": "1"},
+            }
+        elif method == "ping":
+            result = {}
+        elif method == "tools/list":
+            result = {"tools": [CHECK_TOOL]}
+        else:
+            error = {"code": -32601, "message": "Method not found"}
+            await self.send({"jsonrpc": "2.0", "id": frame["id"], "error": error})
+            return
+        await self.send({"jsonrpc": "2.0", "id": frame["id"], "result": result})
+
+    async def send(self, frame: dict[str, object]) -> None:
+        await self.ws.send_message(json.dumps(frame))
+
+    @property
+    def detail(self) -> str:
+        if self.initialized:
+            return "connected; the endpoint initialized it as an MCP server"
+        return "connected"
+
+
+def _json_object(message: str | bytes) -> dict[str, object] | None:
+    try:
+        frame = json.loads(message)
+    except ValueError:
+        return None
+    return frame if isinstance(frame, dict) else None
+
+
+async def _open_tool(stack: contextlib.AsyncExitStack, url: str, timeout: float) -> _CheckTool:
+    """Connect the check's tool, answer the endpoint's initialize if it sends one, and keep
+    serving it in the background until ``stack`` closes."""
+    ws = await stack.enter_async_context(connect_websocket(url, connect_timeout=timeout))
+    tool = _CheckTool(ws)
+    await tool.first_frame(0.3)
+    nursery = await stack.enter_async_context(trio.open_nursery())
+    stack.callback(nursery.cancel_scope.cancel)  # runs first: the serve loop never ends
+    nursery.start_soon(tool.serve)
+    return tool
+
+
 async def run_checks(endpoint: Endpoint) -> list[CheckResult]:
     """Run every check in order; returns one result per step."""
     agent = f"trio-mcp-relay-check-{secrets.token_hex(4)}"
@@ -220,7 +329,8 @@ async def _token_checks(endpoint: Endpoint) -> list[CheckResult]:
         caller = await _step(caller_name, connect_caller)
         if not caller.ok:
             return [_skipped(tool_name, "skipped"), caller, _skipped(trip_name, "skipped")]
-        request = {"jsonrpc": "2.0", "id": 0, "method": "ping"}
+        # tools/list, not ping: an aggregating relay answers ping itself, even with no tool.
+        request = {"jsonrpc": "2.0", "id": 0, "method": "tools/list"}
         first: dict[str, object] | None = None
         with trio.move_on_after(timeout):
             await caller_ws[0].send_message(json.dumps(request))
@@ -229,35 +339,41 @@ async def _token_checks(endpoint: Endpoint) -> list[CheckResult]:
         if not (isinstance(error, dict) and error.get("code") == -32001):
             # A tool is connected (or may be): never replace it with ours.
             tool = _skipped(tool_name, "skipped: the agent's own tool is connected")
-            return [tool, caller, _ping_answer(first, timeout)]
-        tool_ws: list[WebSocketConnection] = []
+            servers = await _step(
+                SERVERS_STEP, lambda: _servers_seen(endpoint, None, caller_ws[0], None)
+            )
+            return [tool, caller, _list_answer(first, timeout), servers]
+        tools: list[_CheckTool] = []
 
         async def connect_tool() -> str:
-            tool_ws.append(await _open_checked(stack, endpoint.url("mcp", ""), timeout))
-            return "connected with the URL's token (the agent had no tool)"
+            tools.append(await _open_tool(stack, endpoint.url("mcp", ""), timeout))
+            return tools[0].detail + " (with the URL's token: the agent had no tool)"
 
         tool = await _step(tool_name, connect_tool)
         if not tool.ok:
-            return [tool, caller, _skipped(trip_name, "skipped")]
+            return [tool, caller, _skipped(trip_name, "skipped"), _skipped(SERVERS_STEP, "skipped")]
         trip = await _step(
             trip_name,
-            lambda: _round_trip(tool_ws[0], caller_ws[0], timeout),
+            lambda: _round_trip(tools[0], caller_ws[0], timeout),
             "the relay did not answer in time: lost response?",
         )
-        return [tool, caller, trip]
+        servers = await _step(
+            SERVERS_STEP, lambda: _servers_seen(endpoint, None, caller_ws[0], CHECK_TOOL["name"])
+        )
+        return [tool, caller, trip, servers]
 
 
-def _ping_answer(response: dict[str, object] | None, timeout: float) -> CheckResult:
+def _list_answer(response: dict[str, object] | None, timeout: float) -> CheckResult:
     name = "forwarded round trip"
     if response is None:
         return CheckResult(
             name,
             False,
-            f"no answer to ping (id 0) within {timeout:g} s",
+            f"no answer to tools/list (id 0) within {timeout:g} s",
             "a lost response: mcp-endpoint-server 0.0.6 and earlier lose every answer to id 0",
         )
     if response.get("id") == 0 and type(response.get("id")) is int:
-        return CheckResult(name, True, "ping with id 0 answered by the agent's tool")
+        return CheckResult(name, True, "tools/list with id 0 answered for the agent's tool")
     return CheckResult(
         name,
         False,
@@ -321,10 +437,19 @@ async def _websocket_checks(endpoint: Endpoint, agent: str) -> list[CheckResult]
     timeout = endpoint.timeout
     sockets: dict[str, WebSocketConnection] = {}
     async with contextlib.AsyncExitStack() as stack:
+        tools: list[_CheckTool] = []
+        hint = "the token was refused: is --key the server key?"
 
-        async def connect(name: str, path: str) -> str:
+        async def connect_tool() -> str:
+            try:
+                tools.append(await _open_tool(stack, endpoint.url("mcp", agent), timeout))
+            except _Failed as exc:
+                raise _Failed(exc.detail, hint if exc.hint else "") from None
+            return tools[0].detail
+
+        async def connect_caller() -> str:
             ws = await stack.enter_async_context(
-                connect_websocket(endpoint.url(path, agent), connect_timeout=timeout)
+                connect_websocket(endpoint.url("call", agent), connect_timeout=timeout)
             )
             # A relay may accept, then close a connection it refuses (bad token: 1008).
             with trio.move_on_after(0.3):
@@ -332,37 +457,103 @@ async def _websocket_checks(endpoint: Endpoint, agent: str) -> list[CheckResult]
                     message = await ws.get_message()
                 except ConnectionClosed as exc:
                     code, reason = _close_of(exc)
-                    hint = "the token was refused: is --key the server key?" if code == 1008 else ""
-                    raise _Failed(f"closed: {code} {reason}", hint) from None
+                    raise _Failed(
+                        f"closed: {code} {reason}", hint if code == 1008 else ""
+                    ) from None
                 raise _Failed(f"unexpected first frame {message[:80]!r}")
-            sockets[name] = ws
+            sockets["caller"] = ws
             return "connected"
 
-        tool = await _step("tool connection (/mcp_endpoint/mcp/)", lambda: connect("tool", "mcp"))
-        caller = await _step(
-            "caller connection (/mcp_endpoint/call/)", lambda: connect("caller", "call")
-        )
+        tool = await _step("tool connection (/mcp_endpoint/mcp/)", connect_tool)
+        caller = await _step("caller connection (/mcp_endpoint/call/)", connect_caller)
         if not (tool.ok and caller.ok):
-            return [tool, caller, CheckResult("forwarded round trip", False, "skipped")]
+            return [
+                tool,
+                caller,
+                CheckResult("forwarded round trip", False, "skipped"),
+                CheckResult(SERVERS_STEP, False, "skipped"),
+            ]
         trip = await _step(
             "forwarded round trip",
-            lambda: _round_trip(sockets["tool"], sockets["caller"], timeout),
+            lambda: _round_trip(tools[0], sockets["caller"], timeout),
             "the relay did not answer in time: lost response?",
         )
-        return [tool, caller, trip]
+        servers = await _step(
+            SERVERS_STEP,
+            lambda: _servers_seen(endpoint, agent, sockets["caller"], CHECK_TOOL["name"]),
+        )
+        return [tool, caller, trip, servers]
 
 
-async def _round_trip(
-    tool: WebSocketConnection, caller: WebSocketConnection, timeout: float
+SERVERS_STEP = "servers a caller sees"
+
+
+async def _servers_seen(
+    endpoint: Endpoint, agent: str | None, caller: WebSocketConnection, expected: object
 ) -> str:
+    """What a caller of the agent is offered: its tools (tools/list through the caller), and
+    its servers if the health endpoint lists them per agent (``result.servers``)."""
+    request = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    with trio.fail_after(endpoint.timeout):
+        await caller.send_message(json.dumps(request))
+        response = json.loads(await caller.get_message())
+    listed = response.get("result", {}).get("tools") if isinstance(response, dict) else None
+    if response.get("id") != 1 or not isinstance(listed, list):
+        raise _Failed(f"tools/list got {response!r:.80}", "a caller must be able to list tools")
+    names = [t.get("name") for t in listed if isinstance(t, dict)]
+    if expected is not None and expected not in names:
+        raise _Failed(
+            f"tools/list does not offer the check tool's {expected!r} (got {names!r:.60})",
+            "the endpoint does not list its tool connections' tools to callers",
+        )
+    shown = ", ".join(str(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+    tools = f"{len(names)} tool{'s' if len(names) != 1 else ''}" + (f": {shown}" if names else "")
+    servers = await _health_servers(endpoint, agent) if agent is not None else None
+    if servers is None:
+        return tools
+    return f"servers: {', '.join(servers) or 'none'}; {tools}"
+
+
+async def _health_servers(endpoint: Endpoint, agent: str) -> list[str] | None:
+    """The agent's server identities from the health endpoint, or None if it lists none.
+
+    Read defensively: ``result.servers`` as ``{agent: [row, ...]}`` or ``[{"agent": ...,
+    ...}]``, a row naming the server by ``identity``, ``server_id`` or ``name``."""
+    if endpoint.key is None:
+        return None
+    target = f"/mcp_endpoint/health?key={quote(endpoint.key, safe='')}"
+    try:
+        answer = await _http_get(endpoint.base, target, endpoint.timeout)
+        body = json.loads(answer.body)
+    except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError, h11.ProtocolError):
+        return None
+    result = body.get("result") if isinstance(body, dict) else None
+    servers = result.get("servers") if isinstance(result, dict) else None
+    rows: object = None
+    if isinstance(servers, dict):
+        rows = servers.get(agent, [])
+    elif isinstance(servers, list):
+        rows = [r for r in servers if isinstance(r, dict) and r.get("agent") == agent]
+    if not isinstance(rows, list):
+        return None
+    names = []
+    for row in rows:
+        if isinstance(row, dict):
+            name = row.get("identity") or row.get("server_id") or row.get("name")
+            ready = "" if row.get("ready", True) else " (initializing)"
+            names.append(f"{name}{ready}")
+    return names
+
+
+async def _round_trip(tool: _CheckTool, caller: WebSocketConnection, timeout: float) -> str:
     request = {"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": {"name": "check"}}
     with trio.fail_after(timeout):
         await caller.send_message(json.dumps(request))
-        forwarded = json.loads(await tool.get_message())
-        if forwarded.get("method") != "tools/call" or "id" not in forwarded:
+        forwarded = await tool.calls.receive()
+        params = forwarded.get("params")
+        if not isinstance(params, dict) or params.get("name") != "check":
             raise _Failed(f"the tool got {forwarded!r:.80}")
-        answer = {"jsonrpc": "2.0", "id": forwarded["id"], "result": {"ok": True}}
-        await tool.send_message(json.dumps(answer))
+        await tool.send({"jsonrpc": "2.0", "id": forwarded["id"], "result": CHECK_RESULT})
         response = json.loads(await caller.get_message())
     if response.get("id") != 0 or type(response.get("id")) is not int:
         raise _Failed(
@@ -370,7 +561,7 @@ async def _round_trip(
             "the relay does not restore request ids exactly (id 0 is lost by "
             "mcp-endpoint-server 0.0.6 and earlier)",
         )
-    if response.get("result") != {"ok": True}:
+    if response.get("result") != CHECK_RESULT:
         raise _Failed(f"unexpected answer {response!r:.80}")
     return "request id 0 forwarded and answered"
 

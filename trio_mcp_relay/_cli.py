@@ -277,6 +277,14 @@ def serve(
             "No env var. Default: 10."
         ),
     ] = None,
+    init_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds each step of a tool server's initialization by the relay may take "
+            "(initialize, each page of tools/list...); a server that lets one pass is closed "
+            "4003. No env var. Default: 10."
+        ),
+    ] = None,
     tool_request_timeout: Annotated[
         float | None,
         typer.Option(
@@ -450,6 +458,7 @@ def serve(
         "handshake_timeout": handshake_timeout,
         "forward_timeout": forward_timeout,
         "tool_request_timeout": tool_request_timeout,
+        "init_timeout": init_timeout,
         "admin_key": admin_key,
         "request_timeout": request_timeout,
         "ping_interval": ping_interval,

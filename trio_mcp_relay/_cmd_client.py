@@ -436,7 +436,13 @@ def check_command(
     timeout: Annotated[float, typer.Option(help="Seconds each step may take.")] = 10.0,
 ) -> None:
     """Check that an MCP endpoint works: health with the key, a tool and a caller connection,
-    a forwarded round trip, the error for a missing tool, and a bad token refused.
+    a forwarded round trip, the servers and tools a caller sees, the error for a missing
+    tool, and a bad token refused.
+
+    The check's tool is an MCP server with one tool, check: it answers an aggregating relay's
+    own initialize and tools/list, and the round trip is a tools/call of it. The servers
+    step lists the agent's tools through the caller, and its servers when the health
+    endpoint reports servers per agent.
 
     Prints a pass/fail table with a hint for each failure; exits 0 only if none fails. Works
     against trio-mcp-relay, the reference mcp-endpoint-server, and either behind a proxy.

@@ -68,7 +68,8 @@ def pipe(
             help='mcp_pipe.py config file: {"mcpServers": {NAME: {"command": ..., "args": '
             '[...], "env": {...}, "disabled": false}}}, or for a remote server {"type": '
             '"http" (Streamable HTTP) or "sse", "url": ..., "headers": {...}}; one WebSocket '
-            "per enabled server. Env: MCP_CONFIG. Default: ./mcp_config.json.",
+            "per enabled server, with NAME as its server_id, so that the servers join one "
+            "agent side by side. Env: MCP_CONFIG. Default: ./mcp_config.json.",
             dir_okay=False,
             show_default=False,
         ),
@@ -158,6 +159,15 @@ def pipe(
     server that exits is restarted (up to --max-restarts quick exits in a row).
     Each server's stderr is shown on ours, prefixed with [name]. Ctrl-C or SIGTERM closes
     the WebSockets (code 1000) and stops the servers.
+
+    Each server of a config file dials the endpoint URL with &server_id=NAME added (its
+    name in the file, 1 to 64 printable characters), so several servers on one token join
+    the agent instead of replacing each other; the relay lists all their tools. The name is
+    percent-encoded, and the first letter of "key" or "call" in it is written as its escape
+    (keyboard: %6Beyboard; the relay decodes it back), because xiaozhi-server refuses an
+    endpoint URL containing those words. A lone command sends no server_id (the relay names
+    it by its serverInfo); a server_id already in the URL is kept for a single server, and
+    refused for several (they would replace each other).
 
     \b
     Examples:

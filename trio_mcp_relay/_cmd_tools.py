@@ -22,6 +22,7 @@ import typer
 
 from trio_mcp_relay._auth import RedactingFilter
 from trio_mcp_relay._endpoint import describe_connect_failure, tool_side_url
+from trio_mcp_relay._pipe import check_server_id, url_server_id
 from trio_mcp_relay.plugins import (
     EndpointRefused,
     Plugin,
@@ -41,8 +42,18 @@ _HELP = """Serve Python tool plugins to an MCP endpoint.
 Connects to the endpoint's tool URL as an MCP server and serves the tools of every
 plugin given as MODULE:CLASS (a subclass of trio_mcp_relay.plugins.Plugin, created with
 no arguments). When the connection drops it reconnects, waiting 0.5 s doubling up to
-30 s between attempts. A bad token (close code 1008) or another tool connection taking
-over the agent (4001) ends the command with status 1.
+30 s between attempts. A bad token (close code 1008) or another tool connection of the same server
+identity replacing this one (4001) ends the command with status 1.
+
+Several plugin sets on one token: each --set ID=MODULE:CLASS[,MODULE:CLASS...]
+is served on a connection of its own with server_id=ID, so the sets join the
+agent side by side (the relay lists the tools of all of them; a tool name
+another set already has is listed as ID_name). The MODULE:CLASS arguments, if
+any, are one more set, which uses the URL's server_id if it has one (else the
+relay names it by its serverInfo, trio-mcp-relay-tools). Two sets (or two
+commands) with one server_id replace each other. ID is 1 to 64 printable
+characters; in the URL it is percent-encoded, with the first letter of "key"
+or "call" escaped (xiaozhi-server refuses URLs containing those words).
 
 \b
 Example, serving the bundled calculator and world clock:
@@ -53,6 +64,11 @@ Example, serving the bundled calculator and world clock:
 \b
 Your own plugin in ./my_tools.py (the current directory is importable):
   trio-mcp-relay tools --endpoint "$URL" my_tools:MyTools
+
+\b
+Two sets on one token, as servers "math" and "time":
+  trio-mcp-relay tools --set math=trio_mcp_relay.examples.calculator:Calculator \\
+      --set time=trio_mcp_relay.examples.clock:Clock
 """
 
 
@@ -84,18 +100,50 @@ def _load_all(specs: list[str], app_dir: Path) -> list[Plugin]:
     return plugins
 
 
+def _parse_sets(given: list[str]) -> list[tuple[str, list[str]]]:
+    """``--set ID=MODULE:CLASS[,MODULE:CLASS...]`` values as (ID, specs), checked."""
+    sets: list[tuple[str, list[str]]] = []
+    for value in given:
+        server_id, sep, rest = value.partition("=")
+        specs = [spec.strip() for spec in rest.split(",") if spec.strip()]
+        if not sep or not server_id or not specs:
+            _fail(f"--set {value!r}: expected ID=MODULE:CLASS[,MODULE:CLASS...]")
+        try:
+            check_server_id(server_id, f"--set {value!r}: ID")
+        except ValueError as exc:
+            _fail(str(exc))
+        if server_id in [seen for seen, _ in sets]:
+            _fail(f"--set: the ID {server_id!r} is given twice (the sets would replace each other)")
+        sets.append((server_id, specs))
+    return sets
+
+
+#: One connection to make: its server_id (None: the URL's, or none) and its plugins.
+PluginSet = tuple[str | None, list[Plugin]]
+
+
 async def _run_until_signalled(
-    url: str, plugins: list[Plugin], reconnect: bool, page_size: int
+    url: str, sets: list[PluginSet], reconnect: bool, page_size: int
 ) -> None:
-    """Run the tools until they end, or until SIGINT / SIGTERM (then return normally)."""
+    """Run every set until all have ended, or until SIGINT / SIGTERM (then return normally).
+
+    A set that fails (a refused token, or a connection that cannot be made without
+    --reconnect) ends them all."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            running = len(sets)
 
-            async def serve() -> None:
-                await run_tools(url, plugins, reconnect=reconnect, page_size=page_size)
-                nursery.cancel_scope.cancel()
+            async def serve(server_id: str | None, plugins: list[Plugin]) -> None:
+                nonlocal running
+                await run_tools(
+                    url, plugins, reconnect=reconnect, page_size=page_size, server_id=server_id
+                )
+                running -= 1
+                if not running:
+                    nursery.cancel_scope.cancel()
 
-            nursery.start_soon(serve)
+            for server_id, plugins in sets:
+                nursery.start_soon(serve, server_id, plugins)
             async for signum in signals:
                 logging.getLogger("trio_mcp_relay").info(
                     "%s: stopping", signal.Signals(signum).name
@@ -106,13 +154,24 @@ async def _run_until_signalled(
 
 def tools(
     specs: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
-            metavar="MODULE:CLASS...",
-            help="Plugins to serve, e.g. trio_mcp_relay.examples.calculator:Calculator.",
+            metavar="MODULE:CLASS",
+            help="Plugins to serve on one connection, e.g. "
+            "trio_mcp_relay.examples.calculator:Calculator (optional with --set).",
             show_default=False,
         ),
-    ],
+    ] = None,
+    plugin_sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="ID=MODULE:CLASS[,...]",
+            help="A plugin set served on a connection of its own with server_id=ID, beside "
+            "the other sets on the same token; repeat for several sets.",
+            show_default=False,
+        ),
+    ] = None,
     endpoint: Annotated[
         str | None,
         typer.Option(
@@ -153,6 +212,9 @@ def tools(
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         _fail(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {log_level!r}")
+    sets_given = _parse_sets(plugin_sets or [])
+    if not specs and not sets_given:
+        _fail("no plugins: give MODULE:CLASS arguments, or --set ID=MODULE:CLASS")
     if not endpoint:
         _fail("no endpoint: pass --endpoint URL or set MCP_ENDPOINT")
     try:
@@ -162,11 +224,18 @@ def tools(
         _fail(str(exc))
     if note is not None:
         print(f"note: {note}", file=sys.stderr)
-    plugins = _load_all(specs, app_dir)
-    try:
-        PluginHost(plugins, page_size=page_size)  # tool-name clashes, before connecting
-    except ValueError as exc:
-        _fail(str(exc))
+    sets: list[PluginSet] = []
+    if specs:
+        sets.append((None, _load_all(specs, app_dir)))
+    for set_id, named in sets_given:
+        if set_id == url_server_id(endpoint) and specs:
+            _fail(f"--set {set_id}: the URL's server_id is already the MODULE:CLASS set's")
+        sets.append((set_id, _load_all(named, app_dir)))
+    for server_id, plugins in sets:
+        try:
+            PluginHost(plugins, page_size=page_size)  # tool-name clashes, before connecting
+        except ValueError as exc:
+            _fail(str(exc) if server_id is None else f"--set {server_id}: {exc}")
 
     logging.basicConfig(level=level, format=_LOG_FORMAT)
     for handler in logging.getLogger().handlers:
@@ -175,7 +244,7 @@ def tools(
     refused: EndpointRefused | None = None
     failed: BaseException | None = None
     try:
-        trio.run(_run_until_signalled, endpoint, plugins, reconnect, page_size)
+        trio.run(_run_until_signalled, endpoint, sets, reconnect, page_size)
     except* KeyboardInterrupt:
         pass  # Ctrl-C before the signal receiver was in place
     except* EndpointRefused as group:

@@ -52,6 +52,8 @@ from cattrs.errors import ClassValidationError
 
 from trio_mcp_relay._auth import redact
 from trio_mcp_relay._proxies import parse_networks
+from trio_mcp_relay.core.catalog import ToolFilter
+from trio_mcp_relay.core.session import AgentFilters
 
 __all__ = ["CONFIG_FILE_NAME", "ConfigError", "RelayConfig", "load_config", "local_ip"]
 
@@ -165,6 +167,11 @@ class RelayConfig:
         forward_timeout: Seconds a request may wait in a tool's queue before it is answered
             ``-32002``.
         tool_request_timeout: Seconds a tool-initiated request waits for a caller's answer.
+        init_timeout: Seconds each step of a tool server's initialization by the relay
+            (``initialize``, each page of each list) may take; a server that lets one pass
+            is closed 4003. Also bounds how long a caller request waits for it.
+        tool_filters: Tools to hide, by agent (``"*"``: every agent) and server, from the
+            config file's ``[tools]`` sections (see :func:`parse_tool_filters`).
         outbox_size: Frames queued per connection at most (a caller over it is closed 1013, a
             frame to a tool over it refused with ``-32002``).
         outbox_bytes: Bytes queued per connection at most, with the same consequences (an
@@ -242,6 +249,8 @@ class RelayConfig:
     )
     reference_tokens: bool = True
     trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_networks)
+    init_timeout: float = attrs.field(default=10.0, validator=_positive)
+    tool_filters: Mapping[str, AgentFilters] = attrs.field(factory=dict, eq=False)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -310,6 +319,9 @@ _converter.register_structure_hook(float, _structure_float)
 _converter.register_structure_hook(bool, _structure_bool)
 _converter.register_structure_hook_func(lambda type_: type_ == tuple[str, ...], _structure_origins)
 _converter.register_structure_hook(Path, _structure_path)
+_converter.register_structure_hook_func(
+    lambda type_: type_ == Mapping[str, AgentFilters], lambda value, _: dict(value)
+)
 
 
 # --- Sources ---------------------------------------------------------------------------------
@@ -339,6 +351,7 @@ _FILE_NAMES: Final = {
     "admin_key": ("security", "admin_key"),
     "reference_tokens": ("security", "reference_tokens"),
     "trusted_proxies": ("security", "trusted_proxies"),
+    "tool_filters": ("tools", "allow/deny"),
 }
 
 # previous_keys is not a setting of its own: it is what follows the first key in "key".
@@ -390,12 +403,73 @@ def _read_file(path: Path) -> dict[str, str]:
     except configparser.Error as exc:
         first_line = str(exc).splitlines()[0]
         raise ConfigError(f"config file {path}: {first_line}") from None
-    values = {}
+    values: dict[str, Any] = {}
     for field, (section, option) in _FILE_NAMES.items():
+        if field == "tool_filters":
+            continue
         value = parser.get(section, option, fallback=None)
         if value is not None:
             values[field] = value
+    filters = parse_tool_filters(parser)
+    if filters:
+        values["tool_filters"] = filters
     return values
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    return tuple(p for p in text.replace(",", " ").split() if p)
+
+
+def parse_tool_filters(parser: configparser.ConfigParser) -> dict[str, AgentFilters]:
+    """The tool filters of a config file, by agent (``"*"``: the default for every agent).
+
+    Sections, each with ``allow`` and/or ``deny`` (``fnmatch`` patterns on the tools' own
+    names, separated by commas or spaces; deny wins; no ``allow``: everything):
+
+    ``[tools]``
+        every agent's tools.
+    ``[tools:AGENT]``
+        that agent's tools, instead of ``[tools]``.
+    ``[tools:AGENT:SERVER]``
+        the tools of the server of that identity, for that agent (``*``: every agent), on
+        top of the agent's filter.
+    """
+    agents: dict[str, ToolFilter] = {}
+    servers: dict[str, dict[str, ToolFilter]] = {}
+    for section in parser.sections():
+        head, _, rest = section.partition(":")
+        if head.strip() != "tools":
+            continue
+        options = set(parser.options(section)) - set(parser.defaults())
+        unknown = options - {"allow", "deny"}
+        if unknown:
+            raise ConfigError(
+                f"[{section}]: unknown option {sorted(unknown)[0]!r} (use allow and deny)"
+            )
+        found = ToolFilter(
+            allow=_patterns(parser.get(section, "allow", fallback="")),
+            deny=_patterns(parser.get(section, "deny", fallback="")),
+        )
+        agent, _, server = rest.partition(":")
+        agent, server = agent.strip() or "*", server.strip()
+        if not rest.strip():
+            agents["*"] = found
+        elif server:
+            servers.setdefault(agent, {})[server] = found
+        elif agent == "*":
+            raise ConfigError(f"[{section}]: write [tools] for every agent")
+        else:
+            agents[agent] = found
+    if not agents and not servers:
+        return {}
+    every = agents.get("*", ToolFilter())
+    every_server = servers.get("*", {})
+    out = {"*": AgentFilters(every, every_server)}
+    for agent in (set(agents) | set(servers)) - {"*"}:
+        out[agent] = AgentFilters(
+            agents.get(agent, every), {**every_server, **servers.get(agent, {})}
+        )
+    return out
 
 
 def _resolve_data_dir(

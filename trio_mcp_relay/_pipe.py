@@ -71,7 +71,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import attrs
 import trio
@@ -102,6 +102,8 @@ __all__ = [
     "read_dotenv",
     "redact_url",
     "run_pipe",
+    "server_url",
+    "server_urls",
     "shown_endpoint",
 ]
 
@@ -214,6 +216,10 @@ class ServerSpec:
         transport: ``stdio``, ``http`` (Streamable HTTP) or ``sse`` (the older HTTP+SSE).
         url: The remote server's URL (``http`` and ``sse``).
         headers: HTTP headers sent with every request to it (``http`` and ``sse``).
+        server_id: Sent as ``&server_id=`` in the tool URL, so that several servers of one
+            token join the agent instead of replacing each other (see :func:`server_url`);
+            None sends none (the endpoint then names the server by its ``serverInfo``).
+            Config entries have their name here; a lone command has None.
     """
 
     name: str
@@ -222,6 +228,7 @@ class ServerSpec:
     transport: str = "stdio"
     url: str | None = None
     headers: Mapping[str, str] = attrs.field(factory=dict, repr=False, hash=False)
+    server_id: str | None = None
 
 
 @attrs.define
@@ -299,6 +306,101 @@ def shown_endpoint(url: str) -> str:
     shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
     token = parse_qs(parts.query).get("token", [""])[0]
     return f"{shown} (token {redact(token)})" if token else shown
+
+
+#: The longest ``server_id`` trio-mcp-relay accepts (``server/handshake.py``'s MAX_SERVER_ID).
+MAX_SERVER_ID: Final = 64
+#: Substrings xiaozhi-server's ``validate_mcp_endpoint`` refuses anywhere in an endpoint URL.
+_FORBIDDEN_IN_URL: Final = ("key", "call")
+
+
+def check_server_id(server_id: str, what: str = "server_id") -> None:
+    """Refuse what trio-mcp-relay's handshake would close with 1008: it must be 1 to 64
+    printable characters.
+
+    Raises:
+        ValueError: the message names ``what``.
+    """
+    if not server_id or len(server_id) > MAX_SERVER_ID or not server_id.isprintable():
+        raise ValueError(
+            f"{what} {server_id!r} cannot be a server_id: 1 to {MAX_SERVER_ID} printable characters"
+        )
+
+
+def quote_server_id(server_id: str) -> str:
+    """``server_id`` percent-encoded for a query, never spelling ``key`` or ``call``.
+
+    xiaozhi-server refuses an endpoint URL containing ``key`` or ``call`` in any letter case,
+    so in a name such as ``keyboard`` or ``Callback`` the first letter of each such word is
+    written as its escape (``%6Beyboard``, ``%43allback``); the endpoint decodes it back, so
+    the server's identity is the name as written. Escapes are made only of ``%``, digits and
+    ``A``-``F``, and ``k``/``y``/``l`` are not hex digits, so an escape never completes
+    another forbidden word and every forbidden word keeps a literal letter to escape.
+    """
+    text = quote(server_id, safe="")
+    while True:
+        lowered = text.lower()
+        hits = [i for word in _FORBIDDEN_IN_URL if (i := lowered.find(word)) >= 0]
+        if not hits:
+            return text
+        start = min(hits)
+        word = next(w for w in _FORBIDDEN_IN_URL if lowered.startswith(w, start))
+        # The first letter of the word that is not itself inside an escape.
+        escapes = {j for j, c in enumerate(text) if c == "%" for j in (j, j + 1, j + 2)}
+        index = next(j for j in range(start, start + len(word)) if j not in escapes)
+        text = f"{text[:index]}%{ord(text[index]):02X}{text[index + 1 :]}"
+
+
+def url_server_id(url: str) -> str | None:
+    """The ``server_id`` query parameter of ``url``, unquoted (None when absent or empty)."""
+    values = parse_qs(urlsplit(url).query).get("server_id")
+    return values[0] if values and values[0] else None
+
+
+def server_url(endpoint: str, server_id: str | None) -> str:
+    """``endpoint`` with ``&server_id=`` for ``server_id`` (see :func:`quote_server_id`).
+
+    A URL that already carries a ``server_id`` gets it replaced. None returns ``endpoint``.
+    """
+    if server_id is None:
+        return endpoint
+    parts = urlsplit(endpoint)
+    kept = [p for p in parts.query.split("&") if p and p.partition("=")[0] != "server_id"]
+    kept.append(f"server_id={quote_server_id(server_id)}")
+    return parts._replace(query="&".join(kept)).geturl()
+
+
+def server_urls(endpoint: str, servers: Sequence[ServerSpec]) -> list[str]:
+    """The tool URL each server dials: ``endpoint`` plus its ``server_id``.
+
+    A single server dialling a URL that already has a ``server_id`` keeps that one (a token
+    may be bound to it).
+
+    Raises:
+        PipeConfigError: a server's ``server_id`` is not one the endpoint accepts, two
+            servers share one, or several servers are given a URL with a ``server_id`` (they
+            would replace each other).
+    """
+    given = url_server_id(endpoint)
+    if given is not None and len(servers) == 1:
+        return [endpoint]
+    if given is not None:
+        raise PipeConfigError(
+            f"the endpoint URL has server_id={given!r}: each of the {len(servers)} servers "
+            "needs its own (the names of the config entries); remove server_id from the URL"
+        )
+    seen: set[str] = set()
+    for spec in servers:
+        if spec.server_id is None:
+            continue
+        try:
+            check_server_id(spec.server_id, f"server {spec.name!r}: its name")
+        except ValueError as exc:
+            raise PipeConfigError(str(exc)) from None
+        if spec.server_id in seen:
+            raise PipeConfigError(f"two servers have the server_id {spec.server_id!r}")
+        seen.add(spec.server_id)
+    return [server_url(endpoint, spec.server_id) for spec in servers]
 
 
 def _check_endpoint(url: str) -> str:
@@ -418,7 +520,7 @@ def parse_config(
         check_commands: Check that each command can be found on the child's PATH.
 
     Returns:
-        The enabled stdio servers, in file order.
+        The enabled servers, in file order, each with its entry's name as ``server_id``.
 
     Raises:
         PipeConfigError: The structure is wrong, or no enabled stdio server is left.
@@ -462,7 +564,7 @@ def parse_config(
         if not isinstance(extra, dict):
             raise PipeConfigError(f'{where}: "env" must be an object')
         env = _child_environ(environ, {str(k): str(v) for k, v in extra.items()})
-        spec = ServerSpec(name=str(name), command=(command, *args), env=env)
+        spec = ServerSpec(name=str(name), command=(command, *args), env=env, server_id=str(name))
         if check_commands:
             _check_command(spec.name, spec.command, env)
         specs.append(spec)
@@ -480,7 +582,9 @@ def _remote_server(name: str, entry: dict[str, Any], transport: str, where: str)
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise PipeConfigError(f'{where}: "headers" must be an object of strings')
-    return ServerSpec(name=name, transport=transport, url=url, headers=dict(headers))
+    return ServerSpec(
+        name=name, transport=transport, url=url, headers=dict(headers), server_id=name
+    )
 
 
 def load_config_file(
@@ -553,10 +657,14 @@ def prepare(
         config = Path(merged[CONFIG_ENV])
     if config is not None:
         path = config if config.is_absolute() else cwd / config
-        return url, load_config_file(path, environ=merged)
+        servers = load_config_file(path, environ=merged)
+        server_urls(url, servers)  # refuse unusable server_ids before starting anything
+        return url, servers
     default = cwd / DEFAULT_CONFIG
     if default.is_file():
-        return url, load_config_file(default, environ=merged)
+        servers = load_config_file(default, environ=merged)
+        server_urls(url, servers)
+        return url, servers
     raise PipeConfigError(
         "no server to run: give a command (trio-mcp-relay pipe -- python server.py) or a "
         f"config file (--config, {CONFIG_ENV}, or ./{DEFAULT_CONFIG})"
@@ -1222,7 +1330,13 @@ class _Bridge:
 
     async def _connect_once(self) -> float | None:
         """One connection, from dialling to closed; how long it was up (None: never)."""
-        log.info("[%s] connecting to %s", self.name, self.shown)
+        server_id = url_server_id(self.endpoint)
+        log.info(
+            "[%s] connecting to %s%s",
+            self.name,
+            self.shown,
+            f" as server_id {server_id!r}" if server_id is not None else "",
+        )
         connected_at: float | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -1396,7 +1510,8 @@ async def run_pipe(
 
     Args:
         endpoint: The ``ws://`` or ``wss://`` URL, token included.
-        servers: The stdio MCP servers; each gets its own child process and WebSocket.
+        servers: The stdio MCP servers; each gets its own child process and WebSocket, and
+            dials ``endpoint`` with its ``server_id`` added (:func:`server_urls`).
         options: Timings and sizes; the defaults suit a real deployment.
         task_status: For ``nursery.start``.
 
@@ -1411,10 +1526,14 @@ async def run_pipe(
         logged and redialled with backoff. A child that exits is logged with its exit code
         and restarted with backoff, up to ``options.max_restarts`` quick exits in a row; then
         its bridge stops. When every bridge has stopped, :class:`PipeFailed` is raised.
+        :class:`PipeConfigError` (before anything starts): see :func:`server_urls`.
     """
     options = options or PipeOptions()
+    urls = server_urls(endpoint, servers)
     statuses = [BridgeStatus(spec.name) for spec in servers]
-    bridges = [_Bridge(endpoint, s, options, st) for s, st in zip(servers, statuses, strict=True)]
+    bridges = [
+        _Bridge(url, s, options, st) for url, s, st in zip(urls, servers, statuses, strict=True)
+    ]
     async with trio.open_nursery() as nursery:
         for bridge in bridges:
             nursery.start_soon(bridge.run)

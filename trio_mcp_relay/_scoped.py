@@ -189,10 +189,7 @@ def _encode_claims(claims: Claims) -> bytes:
     if claims.expires is not None and not 0 < claims.expires < 2**63:
         raise ValueError("expires must be a positive Unix time")
     return (
-        _HEAD.pack(claims.role.value, expires, len(agent))
-        + agent
-        + _LEN.pack(len(server))
-        + server
+        _HEAD.pack(claims.role.value, expires, len(agent)) + agent + _LEN.pack(len(server)) + server
     )
 
 

@@ -751,6 +751,12 @@ def _params(request: Request) -> dict[str, Any]:
 class PluginHost:
     """Speaks MCP on the tool side for a list of plugins.
 
+    It answers ``initialize``, ``ping``, ``tools/list`` and ``tools/call``: an aggregating
+    relay's own ``initialize`` and ``tools/list`` on connect as much as a caller's. Its tools
+    never change while it runs, so it declares ``tools.listChanged: false`` and sends no
+    ``notifications/tools/list_changed``; several hosts on one token (``run_tools`` with
+    distinct ``server_id``) join the agent, and the relay tells callers when one comes or goes.
+
     Args:
         plugins: the plugins; tool names must be unique across them.
         page_size: tools per ``tools/list`` page.
@@ -1126,6 +1132,7 @@ async def run_tools(
     keepalive: float = 20.0,
     initial_backoff: float = 0.5,
     max_backoff: float = 30.0,
+    server_id: str | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Connect to an MCP endpoint as a tool and serve ``plugins`` there.
@@ -1145,10 +1152,17 @@ async def run_tools(
             comes within as long; 0 disables.
         initial_backoff: first reconnection delay, in seconds.
         max_backoff: longest reconnection delay, in seconds.
+        server_id: connect with ``&server_id=`` this (replacing one the URL has), so that
+            several plugin sets on one token join the agent side by side instead of
+            replacing each other; None uses the URL as is (the relay then names the
+            connection by its ``server_id``, else by ``serverInfo.name``). It is
+            percent-encoded, never spelling ``key`` or ``call`` (see
+            :func:`trio_mcp_relay._pipe.quote_server_id`).
         task_status: for ``nursery.start``; started once the first connection is up.
 
     Raises:
-        ValueError: the URL is not ws:// or wss://, or tool names collide.
+        ValueError: the URL is not ws:// or wss://, tool names collide, or ``server_id``
+            is not 1 to 64 printable characters.
         EndpointRefused: the endpoint refused for good (bad token: 1008; replaced by another
             tool connection for the agent: 4001; HTTP 4xx), whatever ``reconnect`` says.
         trio_websocket.HandshakeError: the connection failed and ``reconnect`` is False.
@@ -1158,8 +1172,15 @@ async def run_tools(
         is never logged: URLs appear without their query.
     """
     _check_endpoint_url(endpoint_url)
+    if server_id is not None:
+        from ._pipe import check_server_id, server_url
+
+        check_server_id(server_id)
+        endpoint_url = server_url(endpoint_url, server_id)
     host = PluginHost(plugins, page_size=page_size)
     where = _redact_url(endpoint_url)
+    if server_id is not None:
+        where += f" (server_id {server_id!r})"
     failures = 0
     started = False
 

@@ -199,9 +199,10 @@ def hostile_frames() -> st.SearchStrategy[str | bytes]:
 def tool_notifications() -> st.SearchStrategy[dict[str, Any]]:
     """Notifications a tool (an MCP server) sends to the caller side, as dicts.
 
-    ``notifications/message`` (logging), the ``list_changed`` family and
-    ``resources/updated``: a relay must deliver them to the agent's callers. (Progress is
-    per request: see the ``progress`` step of :func:`caller_steps`.)
+    ``notifications/message`` (logging), which a relay must deliver to every caller of the
+    agent, the ``list_changed`` family (an aggregating relay lists the tool again instead and
+    tells only callers that initialized) and ``resources/updated`` (for subscribers only).
+    (Progress is per request: see the ``progress`` step of :func:`caller_steps`.)
     """
     message = st.builds(
         lambda level, data: {"level": level, "data": data},
@@ -617,7 +618,9 @@ async def run_session(
 ) -> SessionResult:
     """Play ``session`` against a live endpoint; return the violations and the frames.
 
-    A tool and ``session.callers`` callers connect for one agent. Before the script, each
+    A tool and ``session.callers`` callers connect for one agent. The tool is an MCP server
+    listing the tools the checker calls: when the endpoint initializes it (as an aggregating
+    relay does), it answers ``initialize`` and the lists, at any time. Before the script, each
     caller sends requests until one comes back answered by the tool, which proves that both
     are registered (answers to requests are the only thing any relay must deliver, so
     nothing the script tests is relied on to synchronise). After it, the tool answers every
@@ -724,10 +727,12 @@ async def _sync(run: _Run, patience: float) -> bool:
             # An error answer (the tool is not registered yet) means: ask again, soon.
             with trio.move_on_after(min(0.05 * attempts, 0.5)):
                 await run.until(
-                    lambda: all(c.synced or c.sync_error is not None for c in run.callers)
-                    or run.refused is not None
-                    or run.tool_closed is not None
-                    or any(c.closed for c in run.callers)
+                    lambda: (
+                        all(c.synced or c.sync_error is not None for c in run.callers)
+                        or run.refused is not None
+                        or run.tool_closed is not None
+                        or any(c.closed for c in run.callers)
+                    )
                 )
             if not all(c.synced for c in run.callers):
                 await trio.sleep(min(0.005 * attempts, 0.1))
@@ -831,7 +836,7 @@ async def _tool_step(step: Step, run: _Run, patience: float, grace: float) -> bo
         marker = len(run.note_methods)
         run.note_methods.append(step.value["method"])
         for caller in run.callers:
-            if caller.live:
+            if caller.live and _broadcast(step.value["method"]):
                 caller.expected_notes.append(marker)
         params = dict(step.value.get("params") or {})
         params["_meta"] = {**(params.get("_meta") or {}), "fuzz": marker}
@@ -963,6 +968,14 @@ async def _tool_reader(run: _Run) -> None:
         run.poke()
 
 
+def _broadcast(method: str) -> bool:
+    """Whether every caller must receive a tool notification of ``method``. Not the
+    ``list_changed`` family, which an aggregating endpoint answers by listing the tool
+    again (telling only callers that initialized), nor ``resources/updated``, which goes to
+    callers subscribed to the URI: callers in a script do neither."""
+    return not method.endswith("/list_changed") and method != "notifications/resources/updated"
+
+
 def _garbage_family(run: _Run) -> str:
     return "invalid-frames" if run.hostile_from_callers else "isolation"
 
@@ -987,10 +1000,50 @@ async def _on_tool_frame(run: _Run, message: str | bytes) -> None:
         _tool_got_response(run, frame)
 
 
+#: The tool's ``serverInfo.name``, for an endpoint that initializes its tools.
+_TOOL_NAME = "fuzz-tool"
+#: The tools the tool lists: every ``tools/call`` the checker sends names one of them.
+_TOOLS: Final = tuple(
+    {
+        "name": name,
+        "description": f"{name} (trio-mcp-relay fuzz)",
+        "inputSchema": {"type": "object"},
+    }
+    for name in ("fuzz", _SYNC, _BARRIER)
+)
+#: Answers to an aggregating endpoint's own list requests (its MCP client's), by method.
+_LISTS: Final = {
+    "tools/list": {"tools": list(_TOOLS)},
+    "resources/list": {"resources": []},
+    "resources/templates/list": {"resourceTemplates": []},
+    "prompts/list": {"prompts": []},
+}
+
+
+def _server_answer(frame: dict[str, Any]) -> Any:
+    """The tool's answer to a request the endpoint itself sends it as its MCP client
+    (``initialize`` and the lists: no caller in a script sends those), else ``_NONE``."""
+    method = frame["method"]
+    if method == "initialize":
+        params = frame.get("params")
+        version = params.get("protocolVersion") if isinstance(params, dict) else None
+        return {
+            "protocolVersion": version if isinstance(version, str) else "2025-06-18",
+            "capabilities": {"tools": {"listChanged": True}},
+            "serverInfo": {"name": _TOOL_NAME, "version": "1.0"},
+        }
+    return _LISTS.get(method, _NONE)
+
+
 async def _tool_got_request(run: _Run, frame: dict[str, Any]) -> None:
     params = frame.get("params")
     params = params if isinstance(params, dict) else {}
     name = params.get("name")
+    answer_value = _server_answer(frame)
+    if answer_value is not _NONE:
+        answer = {"jsonrpc": "2.0", "id": frame["id"], "result": answer_value}
+        await _send(run, "tool", run.tool, _dumps(answer))
+        return
     if frame["method"] == "tools/call" and name in (_SYNC, _BARRIER):
         answer = {"jsonrpc": "2.0", "id": frame["id"], "result": {}}
         await _send(run, "tool", run.tool, _dumps(answer))

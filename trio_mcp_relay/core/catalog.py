@@ -738,7 +738,8 @@ class Catalog:
 
         ``protocolVersion`` per :func:`negotiate_version`; ``capabilities`` per
         :func:`merge_capabilities` (plus each kind that has listed items); ``serverInfo`` of
-        the only server when there is exactly one (and it gave one), else ``relay_info``;
+        the only server when there is exactly one (and it gave a valid one, with ``name`` and
+        ``version``), else ``relay_info``;
         ``instructions`` per :func:`merge_instructions`, left out when there are none.
         """
         ready = [s.live for s in self._order if s.live is not None]
@@ -750,8 +751,9 @@ class Catalog:
             ),
             "serverInfo": dict(relay_info),
         }
-        if len(ready) == 1 and ready[0].server_info is not None:
-            result["serverInfo"] = _copy(ready[0].server_info)
+        info = ready[0].server_info if len(ready) == 1 else None
+        if info is not None and all(isinstance(info.get(k), str) for k in ("name", "version")):
+            result["serverInfo"] = _copy(info)  # only a valid Implementation (both required)
         instructions = merge_instructions(snapshot.instructions for snapshot in ready)
         if instructions is not None:
             result["instructions"] = instructions

@@ -29,12 +29,14 @@ connection id is all the router knows of a peer, and a session knows nothing of 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .._frames import FrameError, dumps, parse_frame
 from .actions import Action, Role, Send
-from .session import Caller, Deadlines, Policy, Server, Session
+from .catalog import Kind
+from .middleware import Middleware
+from .session import AgentFilters, Caller, Deadlines, Policy, Server, Session
 
 __all__ = ["Router"]
 
@@ -52,6 +54,12 @@ class Router:
             (0: no limit).
         max_tool_requests: tool-initiated requests awaiting a caller per agent; more get
             ``-32007`` (0: no limit).
+        init_timeout: seconds each step of a server's initialization may take before it is
+            closed ``4003``.
+        list_changed_delay: catalog changes within this many seconds reach callers as one
+            ``list_changed``.
+        filters: tool filters per agent; ``default_filters`` for the agents not named.
+        middleware: see :mod:`trio_mcp_relay.core.middleware`.
     """
 
     def __init__(
@@ -61,12 +69,22 @@ class Router:
         request_timeout: float = 0.0,
         max_inflight_per_caller: int = 0,
         max_tool_requests: int = 0,
+        init_timeout: float = 10.0,
+        list_changed_delay: float = 0.2,
+        filters: Mapping[str, AgentFilters] | None = None,
+        default_filters: AgentFilters | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self._policy = Policy(
             tool_request_timeout=tool_request_timeout,
             request_timeout=request_timeout,
             max_inflight_per_caller=max_inflight_per_caller,
             max_tool_requests=max_tool_requests,
+            init_timeout=init_timeout,
+            list_changed_delay=list_changed_delay,
+            filters=dict(filters or {}),
+            default_filters=default_filters or AgentFilters(),
+            middleware=tuple(middleware),
         )
         self._deadlines = Deadlines()
         self._sessions: dict[str, Session] = {}
@@ -127,16 +145,16 @@ class Router:
         return Role.CALLER if isinstance(link, Caller) else Role.TOOL
 
     def tool_of(self, agent: str) -> int | None:
-        """The tool connection currently serving ``agent``."""
+        """A tool connection serving ``agent`` (its default server), or None."""
         session = self._sessions.get(agent)
-        server = session.server if session else None
+        server = session.default_server() if session else None
         return server.conn if server else None
 
     def stats(self) -> dict[str, Any]:
         """Connection counts in the reference server's health-check shape."""
         sessions = self._sessions.values()
         by_agent = {s.name: len(s.callers) for s in sessions if s.callers}
-        tools = sum(s.server is not None for s in sessions)
+        tools = sum(len(s.servers) for s in sessions)
         callers = len(self._connections) - tools
         return {
             "tool_connections": tools,
@@ -145,9 +163,35 @@ class Router:
             "robot_connections_by_agent": by_agent,
         }
 
+    def servers(self) -> dict[str, list[dict[str, Any]]]:
+        """Per agent, its servers: identity (None while unknown), ready, tool count, and the
+        time (on the router's clock) it connected."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for session in self._sessions.values():
+            if not session.servers:
+                continue
+            rows = out[session.name] = []
+            for server in session.servers.values():
+                view = session.catalog.server(server.identity) if server.identity else None
+                rows.append(
+                    {
+                        "identity": server.identity,
+                        "ready": server.ready,
+                        "tools": len(view.items[Kind.TOOLS]) if view and server.ready else 0,
+                        "connected_at": server.connected_at,
+                    }
+                )
+        return out
+
+    def session(self, agent: str) -> Session | None:
+        """The session of ``agent``, if it has one (for status pages and tests)."""
+        return self._sessions.get(agent)
+
     def pending_count(self) -> int:
         """Requests in flight in either direction, over all agents."""
-        return sum(len(s.pending) + len(s.tool_requests) for s in self._sessions.values())
+        return sum(
+            len(s.pending) + len(s.tool_requests) + len(s.parked) for s in self._sessions.values()
+        )
 
     def caller_count(self, agent: str) -> int:
         """How many callers ``agent`` has connected."""
@@ -162,7 +206,9 @@ class Router:
 
     def next_deadline(self) -> float | None:
         """The earliest deadline :meth:`expire` acts on, or None if there is none."""
-        requests, tool_requests = self._deadlines.requests, self._deadlines.tool_requests
+        deadlines = self._deadlines
+        requests, tool_requests = deadlines.requests, deadlines.tool_requests
+        relay, notify = deadlines.relay, deadlines.notify
         # Drop entries of requests answered in time (amortized O(1): each goes once).
         while requests and not requests[0][1].awaits_request(requests[0][2], requests[0][3]):
             requests.popleft()
@@ -170,7 +216,9 @@ class Router:
             tool_requests[0][1].awaits_tool_request(tool_requests[0][2], tool_requests[0][3])
         ):
             tool_requests.popleft()
-        fronts = [q[0][0] for q in (requests, tool_requests) if q]
+        while relay and not relay[0][1].awaits_relay(relay[0][2], relay[0][3]):
+            relay.popleft()
+        fronts = [q[0][0] for q in (requests, tool_requests, relay, notify) if q]
         return min(fronts, default=None)
 
     # ------------------------------------------------------------------ connections
@@ -185,27 +233,36 @@ class Router:
         if session.idle and self._sessions.get(session.name) is session:
             del self._sessions[session.name]
 
-    def tool_connected(self, conn: int, agent: str) -> list[Action]:
-        """A tool connection for ``agent`` is up. It replaces (and closes) any previous one."""
+    def tool_connected(
+        self, conn: int, agent: str, server_id: str | None = None, now: float = 0.0
+    ) -> list[Action]:
+        """A tool connection for ``agent`` is up: a server of the agent, initialized by the
+        relay. With the ``server_id`` of a connected server, it replaces (and closes) it."""
         session = self._session(agent)
-        old = session.server
-        server = Server(conn, session)
-        actions = session.server_connected(server)
-        if old is not None:
-            del self._connections[old.conn]
+        server = Server(conn, session, server_id)
         self._connections[conn] = server
+        actions = session.server_connected(server, now)
+        self._drop(session)
         return actions
 
-    def tool_disconnected(self, conn: int) -> list[Action]:
+    def tool_disconnected(self, conn: int, now: float = 0.0) -> list[Action]:
         """A tool connection went away. Unknown or already replaced connections are a no-op."""
         server = self._connections.get(conn)
         if not isinstance(server, Server):
             return []
         del self._connections[conn]
         session = server.session
-        actions = session.server_disconnected(server)
+        actions = session.server_disconnected(server, now)
+        self._drop(session)
         self._maybe_forget(session)
         return actions
+
+    def _drop(self, session: Session) -> None:
+        """Unregister the server connections the session closed or replaced."""
+        if session.dropped:
+            for conn in session.dropped:
+                self._connections.pop(conn, None)
+            session.dropped.clear()
 
     def caller_connected(self, conn: int, agent: str) -> list[Action]:
         """A caller connection for ``agent`` is up."""
@@ -243,9 +300,15 @@ class Router:
         link = self._connections.get(conn)
         if link is None:
             return []
+        session = link.session
         if isinstance(link, Caller):
-            return link.session.from_caller(link, frame, now)
-        return link.session.from_server(link, frame, now)
+            actions = session.from_caller(link, frame, now)
+        else:
+            actions = session.from_server(link, frame, now)
+        if session.dropped:
+            self._drop(session)
+            self._maybe_forget(session)
+        return actions
 
     # ------------------------------------------------------------------ failures and time
 
@@ -276,6 +339,17 @@ class Router:
         while requests and requests[0][0] <= now:
             _, session, tool_id, entry = requests.popleft()
             actions.extend(session.expire_request(tool_id, entry))
+        relay = self._deadlines.relay
+        while relay and relay[0][0] <= now:
+            _, session, rid, step = relay.popleft()
+            if session.awaits_relay(rid, step):
+                actions.extend(session.expire_relay(rid, step, now))
+                self._drop(session)
+                self._maybe_forget(session)
+        notify = self._deadlines.notify
+        while notify and notify[0][0] <= now:
+            _, session = notify.popleft()
+            actions.extend(session.flush_changes())
         return actions
 
     def check_invariants(self) -> Iterator[str]:
@@ -285,9 +359,9 @@ class Router:
                 yield f"agent {name}: session of {session.name} registered under it"
             if session.idle:
                 yield f"agent {name}: kept with nothing connected and nothing in flight"
-            server = session.server
-            if server is not None and self._connections.get(server.conn) is not server:
-                yield f"agent {name}: tool {server.conn} not registered"
+            for conn, server in session.servers.items():
+                if self._connections.get(conn) is not server:
+                    yield f"agent {name}: tool {conn} not registered"
             for conn, caller in session.callers.items():
                 if self._connections.get(conn) is not caller:
                     yield f"agent {name}: caller {conn} not registered"

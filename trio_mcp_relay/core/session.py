@@ -1,18 +1,40 @@
-"""One agent's session: its server, its callers, and every request in flight between them.
+"""One agent's session: its servers, its callers, its catalog, and every request in flight.
 
 Theory of operation
 -------------------
 A :class:`Session` holds all the routing state of one agent (the id inside the token) and makes
-every forwarding decision about it, with no I/O and no Trio. The
+every decision about it, with no I/O and no Trio. The
 :class:`~trio_mcp_relay.core.registry.Router` finds the session of a connection and tells it
 what happened (a frame arrived, a connection came or went, a deadline passed); the session
 answers with actions (:class:`~trio_mcp_relay.core.actions.Send`,
 :class:`~trio_mcp_relay.core.actions.Close`). A session refers to no other session and to
 no registry: it is the unit later work can place on any node.
 
-Its connections are its *server* (the agent's tool connection: one at most for now, and a
-newer one replaces it) and any number of *callers*. Three tables, all keyed by values the
-session chose itself, never parsed back from the wire:
+The relay is the MCP *client* of each of the agent's servers (every tool connection is one;
+:mod:`trio_mcp_relay.core.upstream` initializes and lists them) and the MCP *server* of each
+caller, answering from the agent's :class:`~trio_mcp_relay.core.catalog.Catalog`:
+
+* ``initialize`` (protocol version negotiated, capabilities merged), ``ping``, the four list
+  methods (one page of the merged list) and ``logging/setLevel`` (forwarded to every server
+  that declared logging) are answered by the relay; ``notifications/initialized`` absorbed.
+* ``tools/call`` and ``prompts/get`` are routed by name, ``resources/read``,
+  ``resources/subscribe`` and ``resources/unsubscribe`` by URI, ``completion/complete`` by its
+  ref, each to the server that owns it, with the server's own name. An unknown name is
+  ``-32602``.
+* Any other method (custom JSON-RPC) goes to the *default server*: the first connected with
+  ``server_id=default`` or no ``server_id``, else the longest-connected. Other caller
+  notifications go there too; ``notifications/roots/list_changed`` goes to every server.
+* While a server is initializing, a request whose answer it could change (``initialize``, a
+  list, a name nobody has yet, a name of a server being replaced, a custom method meant for
+  it) is *parked*, and run again when that initialization ends (ready or failed; each step of
+  it has a deadline), so a caller never sees a partial catalog.
+* With no server at all, requests get ``-32001``; ``ping`` is always answered.
+
+Servers have an identity (``server_id``, else ``serverInfo.name``; one namespace). A server of
+the identity of a connected one replaces it: the old connection is closed ``4001`` and its
+requests in flight answered ``-32003``. Other identities join.
+
+Tables, all keyed by values the session chose itself, never parsed back from the wire:
 
 ``pending``
     caller requests in flight to a server, keyed by the id the server saw. Those ids are
@@ -22,38 +44,46 @@ session chose itself, never parsed back from the wire:
     response), its original progress token, the server connection it went to and the method.
     The rewritten progress token is the server-side id itself. A response, progress or a
     failed forward counts only from (or for) the server the entry names, and a server that
-    leaves fails only the entries that name it: that is what lets an agent have several
-    servers next.
+    leaves fails only the entries that name it.
+``relay_requests``
+    the relay's own requests to servers (initialization, lists), ids from the same counter.
 ``tool_requests``
     requests a server sent to the caller side (``sampling/createMessage``, ``roots/list``,
     ``elicitation/create``...), keyed by the id the chosen caller saw (another per-session
     counter), remembering the server, its own id, the method and a deadline.
 ``callers``
     per caller: its in-flight server-side ids (to cancel them when it leaves), the tool
-    requests it owes an answer to, and when it was last active.
+    requests it owes an answer to, when it was last active, what it declared at
+    ``initialize`` and the resource URIs it subscribed to.
 
 Every request gets exactly one answer: the server's response, or an error from the relay when
 the request cannot complete (no tool ``-32001``, forward failed ``-32002``, tool gone
 ``-32003``, timeout ``-32006``, over a limit ``-32007``). A request the caller cancelled, or
 whose caller left, is forgotten, and the server's late answer to it is dropped.
 
-Rule for tool-initiated requests: they go to the most recently active caller among those with
-requests in flight (the tool is most likely asking on behalf of one of those), and when no
-caller has any in flight, to the most recently active caller. ``ping`` from the tool is
-answered by the session itself.
+Server notifications: progress goes to the caller of the request, ``resources/updated`` to the
+callers subscribed to that URI, ``notifications/*/list_changed`` makes the relay list that
+server again (callers get the relay's own ``list_changed`` when what they would see changed,
+changes within ``list_changed_delay`` coalescing into one), anything else to every caller.
+
+Rule for tool-initiated requests: they go to a caller that has a request in flight to *that*
+server and declared the capability the method needs (``sampling``, ``roots``,
+``elicitation``; a caller that never sent ``initialize`` is taken at its word for none and
+accepted), the most recently active when several do; with none, the server gets ``-32005``.
+``ping`` from a server is answered by the session itself.
 
 Deadlines: the shell has one timer for all agents, so a session appends each deadline it sets
-to the :class:`Deadlines` it shares with the other sessions of its router. The router pops them
-in order and hands each back to its session (:meth:`Session.expire_request`,
-:meth:`Session.expire_tool_request`), which acts only if that request is still waiting.
+to the :class:`Deadlines` it shares with the other sessions of its router. Each kind of
+deadline has a constant timeout, so each queue is sorted. The router pops them in order and
+hands each back to its session, which acts only if it still applies.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
 
 import attrs
 
@@ -73,13 +103,51 @@ from .._frames import (
     dumps,
     error_frame,
 )
+from . import resolve, upstream
 from .actions import CLOSE_REPLACED, Action, Close, Send
+from .catalog import Catalog, Change, CursorError, Kind, ToolFilter
+from .middleware import Call, Middleware, Refused, Reply, run_answer_hooks, run_request_hooks
+from .upstream import (
+    CLOSE_INIT_FAILED,
+    RELAY_INFO,
+    Purpose,
+    RelayRequest,
+    Server,
+)
 
-__all__ = ["Caller", "Deadlines", "Pending", "Policy", "Server", "Session", "ToolRequest"]
+__all__ = [
+    "AgentFilters",
+    "Caller",
+    "Deadlines",
+    "Pending",
+    "Policy",
+    "Server",
+    "Session",
+    "ToolRequest",
+]
 
 log = logging.getLogger("trio_mcp_relay.routing")
 
-CANCELLED = "notifications/cancelled"
+CANCELLED: Final = "notifications/cancelled"
+_LISTS: Final = {kind.list_method: kind for kind in Kind}
+_LIST_CHANGED: Final = {kind.list_changed: kind for kind in Kind if kind is not Kind.RESOURCES}
+#: What a caller must have declared to be sent a server's request of this method.
+_NEEDS: Final = {
+    "sampling/createMessage": "sampling",
+    "roots/list": "roots",
+    "elicitation/create": "elicitation",
+}
+_ROUTED_BY_URI: Final = frozenset(
+    {"resources/read", "resources/subscribe", "resources/unsubscribe"}
+)
+
+
+@attrs.frozen
+class AgentFilters:
+    """The tool filters of one agent: its own, and per server identity."""
+
+    tools: ToolFilter = attrs.field(factory=ToolFilter)
+    servers: Mapping[str, ToolFilter] = attrs.field(factory=dict)
 
 
 @attrs.define(slots=True)
@@ -90,6 +158,14 @@ class Policy:
     request_timeout: float = 0.0
     max_inflight_per_caller: int = 0
     max_tool_requests: int = 0
+    #: Seconds each step of a server's initialization (and of a re-list) may take.
+    init_timeout: float = 10.0
+    #: Catalog changes within this many seconds reach callers as one list_changed.
+    list_changed_delay: float = 0.2
+    #: Tool filters by agent (agents not named: ``default_filters``).
+    filters: Mapping[str, AgentFilters] = attrs.field(factory=dict)
+    default_filters: AgentFilters = attrs.field(factory=AgentFilters)
+    middleware: Sequence[Middleware] = ()
     #: Set during a graceful shutdown: new caller requests are refused with -32003.
     draining: bool = False
 
@@ -104,16 +180,15 @@ class Deadlines:
 
     requests: deque[tuple[float, Session, int, Pending]] = attrs.Factory(deque)
     tool_requests: deque[tuple[float, Session, int, ToolRequest]] = attrs.Factory(deque)
+    relay: deque[tuple[float, Session, int, RelayRequest]] = attrs.Factory(deque)
+    notify: deque[tuple[float, Session]] = attrs.Factory(deque)
     #: A queue went from empty to not empty since the timer last looked.
     added: bool = False
 
-
-@attrs.define(slots=True, eq=False)
-class Server:
-    """A tool connection serving a session."""
-
-    conn: int
-    session: Session
+    def push(self, queue: deque[Any], entry: Any) -> None:
+        queue.append(entry)
+        if len(queue) == 1:
+            self.added = True
 
 
 @attrs.define(slots=True, eq=False)
@@ -125,6 +200,13 @@ class Caller:
     last_active: int = 0
     inflight: dict[int, None] = attrs.Factory(dict)  # server-side ids, insertion ordered
     owes: set[int] = attrs.Factory(set)  # tool_requests keys this caller must answer
+    #: Its ``initialize`` capabilities; None until it sent ``initialize``.
+    capabilities: dict[str, Any] | None = None
+    subscriptions: set[str] = attrs.Factory(set)
+    #: Per kind, the merged list as this caller last saw it (answered or notified).
+    seen: dict[Kind, tuple[dict[str, Any], ...]] = attrs.Factory(dict)
+    #: How many of its requests are parked (waiting for an initialization).
+    parked: int = 0
 
 
 @attrs.define(slots=True, eq=False)
@@ -137,6 +219,7 @@ class Pending:
     server: int  # the server connection it went to
     method: str
     deadline: float | None = None
+    call: Call | None = None  # for the answer middleware
 
 
 @attrs.define(slots=True, eq=False)
@@ -154,8 +237,11 @@ def _same_id(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _notification(method: str, params: dict[str, Any]) -> bytes:
-    return dumps({"jsonrpc": "2.0", "method": method, "params": params})
+def _notification(method: str, params: dict[str, Any] | None = None) -> bytes:
+    frame: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        frame["params"] = params
+    return dumps(frame)
 
 
 def _progress_token(params: Any) -> Any:
@@ -170,6 +256,10 @@ def _with_progress_token(params: dict[str, Any], token: Any) -> dict[str, Any]:
     return {**params, "_meta": {**params["_meta"], "progressToken": token}}
 
 
+def _result_frame(rid: Id, result: Any) -> bytes:
+    return dumps({"jsonrpc": "2.0", "id": rid, "result": result})
+
+
 class Session:
     """One agent's routing state, and the decisions that change it.
 
@@ -181,14 +271,22 @@ class Session:
 
     __slots__ = (
         "activity",
+        "by_identity",
         "callers",
+        "catalog",
+        "changed",
         "deadlines",
+        "dropped",
         "name",
         "next_id",
+        "next_since",
         "next_tool_request",
+        "notify_at",
+        "parked",
         "pending",
         "policy",
-        "server",
+        "relay_requests",
+        "servers",
         "tool_requests",
     )
 
@@ -198,56 +296,163 @@ class Session:
         self.name = name
         self.policy = Policy() if policy is None else policy
         self.deadlines = Deadlines() if deadlines is None else deadlines
-        self.server: Server | None = None
+        filters = self.policy.filters.get(name, self.policy.default_filters)
+        self.catalog = Catalog(tool_filter=filters.tools, server_filters=filters.servers)
+        self.servers: dict[int, Server] = {}  # by connection, in connection order
+        self.by_identity: dict[str, Server] = {}
         self.callers: dict[int, Caller] = {}
         self.pending: dict[int, Pending] = {}
+        self.relay_requests: dict[int, RelayRequest] = {}
         self.tool_requests: dict[int, ToolRequest] = {}
+        self.parked: list[tuple[Caller, Request]] = []
         self.next_id = 1
         self.next_tool_request = 1
+        self.next_since = 0
         self.activity = 0  # a clock that ticks on each caller event, for the choose-caller rule
+        #: Server connections this session closed or replaced (the router unregisters them).
+        self.dropped: list[int] = []
+        self.changed: set[Kind] = set()
+        self.notify_at: float | None = None
 
     @property
     def idle(self) -> bool:
         """Nothing connected and nothing in flight: its router may forget it."""
-        return self.server is None and not (self.callers or self.pending or self.tool_requests)
+        return not (self.servers or self.callers or self.pending or self.tool_requests)
 
-    # ------------------------------------------------------------------ connections
+    @property
+    def initializing(self) -> bool:
+        """Whether a server of this agent is still initializing."""
+        return any(not s.ready for s in self.servers.values())
 
-    def server_connected(self, server: Server) -> list[Action]:
-        """``server`` serves this agent now. It replaces (and closes) the previous one."""
-        old = self.server
+    def new_id(self) -> int:
+        rid = self.next_id
+        self.next_id += 1
+        return rid
+
+    # ------------------------------------------------------------------ servers come and go
+
+    def server_connected(self, server: Server, now: float) -> list[Action]:
+        """``server`` connected: start its initialization. One with the ``server_id`` of a
+        connected server replaces it."""
+        server.session = self
+        server.since = self.next_since
+        server.connected_at = now
+        self.next_since += 1
         actions: list[Action] = []
-        if old is not None:
-            log.info("agent %s: tool connection %d replaces %d", self.name, server.conn, old.conn)
-            actions = self._server_gone(old, "tool connection was replaced")
-            actions.append(Close(old.conn, CLOSE_REPLACED, "replaced by a newer tool connection"))
-        self.server = server
+        self.servers[server.conn] = server
+        if server.server_id is not None:
+            actions += self.take_identity(server, server.server_id, now)
+        actions.append(
+            upstream.relay_request(self, server, Purpose.INITIALIZE, "initialize", None, now)
+        )
         return actions
 
-    def server_disconnected(self, server: Server) -> list[Action]:
-        """``server`` went away. A server this session no longer has is a no-op."""
-        if self.server is not server:
-            return []
-        return self._server_gone(server, "tool disconnected")
+    def take_identity(self, server: Server, identity: str, now: float) -> list[Action]:
+        server.identity = identity
+        actions: list[Action] = []
+        old = self.by_identity.get(identity)
+        if old is not None:
+            log.info(
+                "agent %s: server %r: connection %d replaces %d",
+                self.name,
+                identity,
+                server.conn,
+                old.conn,
+            )
+            actions += self._server_gone(old, "tool connection was replaced", now, keep=True)
+            reason = f"replaced by a newer connection of server {identity}"[:120]
+            actions.append(Close(old.conn, CLOSE_REPLACED, reason))
+            self.dropped.append(old.conn)
+        self.by_identity[identity] = server
+        self.catalog.add_server(identity, since=server.since)
+        return actions
 
-    def _server_gone(self, server: Server, why: str) -> list[Action]:
-        """Fail what is in flight on ``server``: ``-32003`` to callers, cancel its requests."""
-        self.server = None
+    def server_disconnected(self, server: Server, now: float) -> list[Action]:
+        """``server`` went away. A server this session no longer has is a no-op."""
+        if server.gone or self.servers.get(server.conn) is not server:
+            return []
+        return self._server_gone(server, "tool disconnected", now)
+
+    def _server_gone(
+        self, server: Server, why: str, now: float, keep: bool = False
+    ) -> list[Action]:
+        """Forget ``server``: ``-32003`` to callers for what it had in flight, cancel its
+        requests at their callers. With ``keep``, its identity stays in the catalog (it is
+        being replaced)."""
+        server.gone = True
+        del self.servers[server.conn]
         conn = server.conn
         actions: list[Action] = []
+        for rid in server.relay_requests:
+            del self.relay_requests[rid]
+        server.relay_requests.clear()
+        if server.identity is not None and self.by_identity.get(server.identity) is server:
+            del self.by_identity[server.identity]
+            if not keep:
+                self.note(self.catalog.remove_server(server.identity), now)
         gone = [(k, e) for k, e in self.pending.items() if e.server == conn]
         for tool_id, entry in gone:
             del self.pending[tool_id]
             del entry.caller.inflight[tool_id]
-            error = error_frame(entry.caller_id, CONNECTION_ERROR, "Connection error", why)
-            actions.append(Send(entry.caller.conn, error))
+            actions.append(
+                self._error(
+                    entry.caller,
+                    entry.caller_id,
+                    entry.call,
+                    CONNECTION_ERROR,
+                    "Connection error",
+                    why,
+                )
+            )
         asked = [(k, r) for k, r in self.tool_requests.items() if r.server == conn]
         for key, req in asked:
             del self.tool_requests[key]
             req.caller.owes.discard(key)
             params = {"requestId": key, "reason": why}
             actions.append(Send(req.caller.conn, _notification(CANCELLED, params)))
+        if not server.ready:
+            actions += self.unpark(now)
         return actions
+
+    def fail_server(self, server: Server, why: str, now: float) -> list[Action]:
+        """``server`` failed its initialization: close it 4003; it leaves the catalog."""
+        log.warning("agent %s: tool connection %d: %s", self.name, server.conn, why)
+        actions = self._server_gone(server, why, now)
+        self.dropped.append(server.conn)
+        actions.append(Close(server.conn, CLOSE_INIT_FAILED, why[:120]))
+        return actions
+
+    # ------------------------------------------------------------------ list_changed to callers
+
+    def note(self, change: Change, now: float) -> None:
+        if not change.kinds:
+            return
+        self.changed |= change.kinds
+        if self.notify_at is None:
+            self.notify_at = now + self.policy.list_changed_delay
+            self.deadlines.push(self.deadlines.notify, (self.notify_at, self))
+
+    def flush_changes(self) -> list[Action]:
+        """The coalescing delay passed: tell each initialized caller of each list that now
+        differs from what it last saw."""
+        self.notify_at = None
+        kinds = [kind for kind in Kind if kind in self.changed]
+        self.changed.clear()
+        actions: list[Action] = []
+        for caller in self.callers.values():
+            if caller.capabilities is None:
+                continue
+            methods: list[str] = []
+            for kind in kinds:
+                items = self.catalog.items(kind)
+                if caller.seen.get(kind, ()) != items:
+                    caller.seen[kind] = items
+                    if kind.list_changed not in methods:
+                        methods.append(kind.list_changed)
+            actions += [Send(caller.conn, _notification(method)) for method in methods]
+        return actions
+
+    # ------------------------------------------------------------------ callers come and go
 
     def caller_connected(self, caller: Caller) -> list[Action]:
         """``caller`` joins this agent."""
@@ -261,6 +466,8 @@ class Session:
         if self.callers.get(caller.conn) is not caller:
             return []
         del self.callers[caller.conn]
+        if self.parked:
+            self.parked = [(c, f) for c, f in self.parked if c is not caller]
         actions: list[Action] = []
         for tool_id in caller.inflight:
             entry = self.pending.pop(tool_id)
@@ -273,6 +480,18 @@ class Session:
             actions.append(Send(req.server, error))
         return actions
 
+    def unpark(self, now: float) -> list[Action]:
+        """Run the parked requests again (an initialization ended)."""
+        if not self.parked:
+            return []
+        parked, self.parked = self.parked, []
+        for caller, _ in parked:
+            caller.parked -= 1
+        actions: list[Action] = []
+        for caller, frame in parked:
+            actions += self._request(caller, frame, now)
+        return actions
+
     # ------------------------------------------------------------------ caller to server
 
     def from_caller(
@@ -281,47 +500,202 @@ class Session:
         """A caller of this agent sent ``frame`` (parsed) at time ``now``."""
         self.activity += 1
         caller.last_active = self.activity
-        server = self.server
         if isinstance(frame, Request):
-            if server is None:
-                error = error_frame(frame.id, TOOL_NOT_CONNECTED, "Tool not connected")
-                return [Send(caller.conn, error)]
-            policy = self.policy
-            if policy.draining:
-                why = "the relay is shutting down"
-                error = error_frame(frame.id, CONNECTION_ERROR, "Connection error", why)
-                return [Send(caller.conn, error)]
-            limit = policy.max_inflight_per_caller
-            if limit and len(caller.inflight) >= limit:
-                why = f"max_inflight_per_caller: at most {limit} requests in flight per caller"
-                error = error_frame(frame.id, LIMIT_EXCEEDED, "Limit exceeded", why)
-                return [Send(caller.conn, error)]
-            tool_id = self.next_id
-            self.next_id += 1
-            token = _progress_token(frame.params)
-            params = frame.params
-            if token is not MISSING:
-                params = _with_progress_token(params, tool_id)
-            conn = server.conn
-            entry = Pending(caller, frame.id, token, conn, frame.method)
-            self.pending[tool_id] = entry
-            if policy.request_timeout:
-                entry.deadline = now + policy.request_timeout
-                queue = self.deadlines.requests
-                queue.append((entry.deadline, self, tool_id, entry))
-                if len(queue) == 1:
-                    self.deadlines.added = True
-            caller.inflight[tool_id] = None
-            out = Request(id=tool_id, method=frame.method, params=params, extra=frame.extra)
-            return [Send(conn, dumps(out.to_json()), request=tool_id)]
+            return self._request(caller, frame, now)
         if isinstance(frame, Notification):
-            if server is None:
-                log.debug("agent %s: no tool; dropped %s", self.name, frame.method)
-                return []
-            if frame.method == CANCELLED:
-                return self._cancel_from_caller(caller, frame)
-            return [Send(server.conn, dumps(frame.to_json()))]
+            return self._caller_notification(caller, frame)
         return self._response_from_caller(caller, frame)
+
+    def _request(self, caller: Caller, frame: Request, now: float) -> list[Action]:
+        method = frame.method
+        if method == "ping":
+            return [Send(caller.conn, _result_frame(frame.id, {}))]
+        if not self.servers:
+            return [
+                Send(caller.conn, error_frame(frame.id, TOOL_NOT_CONNECTED, "Tool not connected"))
+            ]
+        policy = self.policy
+        if policy.draining:
+            why = "the relay is shutting down"
+            return [
+                Send(caller.conn, error_frame(frame.id, CONNECTION_ERROR, "Connection error", why))
+            ]
+        refused: Refused | None = None
+        try:
+            target = resolve.target(self, frame.method, frame.params)
+        except resolve.Park:
+            return self._park(caller, frame)
+        except Refused as refusal:
+            if not policy.middleware:
+                error = {"jsonrpc": "2.0", "id": frame.id, "error": refusal.to_error()}
+                return [Send(caller.conn, dumps(error))]
+            refused, target = refusal, resolve.Target(None)
+        call: Call | None = None
+        if policy.middleware:
+            identity = None if target.server is None else target.server.identity
+            call = Call(self.name, caller.conn, frame.id, method, frame.params, identity)
+            failed = self._run_request_middleware(call)
+            if failed is not None:
+                return [Send(caller.conn, failed)]
+            if call.params is not frame.params and (target.server is not None or refused):
+                # Rewritten: route what the middleware wrote, in the caller's names.
+                try:
+                    target, refused = resolve.target(self, method, call.params), None
+                except resolve.Park:
+                    return self._park(caller, frame)  # the middleware runs again then
+                except Refused as refusal:
+                    refused = refusal
+            if refused is not None:
+                code, message, data = refused.code, refused.message, refused.data
+                return [self._error(caller, frame.id, call, code, message, data)]
+        if target.server is None:
+            return self._answer_here(caller, frame, call, now)
+        limit = policy.max_inflight_per_caller
+        if limit and len(caller.inflight) >= limit:
+            why = f"max_inflight_per_caller: at most {limit} requests in flight per caller"
+            return [self._error(caller, frame.id, call, LIMIT_EXCEEDED, "Limit exceeded", why)]
+        return self._forward(caller, frame, target.server, target.params, call, now)
+
+    def default_server(self) -> Server | None:
+        """The agent's default server (see the module docstring), ready or not."""
+        first: Server | None = None
+        for server in self.servers.values():
+            if server.is_default:
+                return server
+            if first is None:
+                first = server
+        return first
+
+    def _answer_here(
+        self, caller: Caller, frame: Request, call: Call | None, now: float
+    ) -> list[Action]:
+        """The requests the relay answers itself, from the catalog."""
+        method, params = frame.method, frame.params if call is None else call.params
+        result: Any
+        if method == "initialize":
+            capabilities = params.get("capabilities") if isinstance(params, dict) else None
+            caller.capabilities = capabilities if isinstance(capabilities, dict) else {}
+            version = params.get("protocolVersion") if isinstance(params, dict) else None
+            result = self.catalog.initialize_result(version, RELAY_INFO)
+            caller.seen = {kind: self.catalog.items(kind) for kind in Kind}
+        elif method == "logging/setLevel":
+            actions: list[Action] = []
+            for server in self.servers.values():
+                if server.ready and server.declares("logging"):
+                    rid = self.new_id()
+                    deadline = self.policy.init_timeout + now
+                    req = RelayRequest(server, Purpose.FIRE, method, None, deadline)
+                    self.relay_requests[rid] = req
+                    server.relay_requests.add(rid)
+                    self.deadlines.push(self.deadlines.relay, (deadline, self, rid, req))
+                    out = Request(id=rid, method=method, params=params)
+                    actions.append(Send(server.conn, dumps(out.to_json())))
+            actions += self._reply(caller, frame.id, call, Reply(result={}))
+            return actions
+        else:
+            cursor = params.get("cursor") if isinstance(params, dict) else None
+            kind = _LISTS[method]
+            caller.seen[kind] = self.catalog.items(kind)
+            try:
+                result = self.catalog.list_result(kind, cursor)
+            except CursorError as exc:
+                return [self._error(caller, frame.id, call, exc.code, "Invalid params", str(exc))]
+        return self._reply(caller, frame.id, call, Reply(result=result))
+
+    def _park(self, caller: Caller, frame: Request) -> list[Action]:
+        """Keep ``frame`` until an initialization ends; parked requests count towards the
+        caller's in-flight limit."""
+        limit = self.policy.max_inflight_per_caller
+        if limit and len(caller.inflight) + caller.parked >= limit:
+            why = f"max_inflight_per_caller: at most {limit} requests in flight per caller"
+            return [Send(caller.conn, error_frame(frame.id, LIMIT_EXCEEDED, "Limit exceeded", why))]
+        caller.parked += 1
+        self.parked.append((caller, frame))
+        return []
+
+    def _forward(
+        self,
+        caller: Caller,
+        frame: Request,
+        server: Server,
+        params: Any,
+        call: Call | None,
+        now: float,
+    ) -> list[Action]:
+        tool_id = self.new_id()
+        token = _progress_token(params)
+        if token is not MISSING:
+            params = _with_progress_token(params, tool_id)
+        conn = server.conn
+        entry = Pending(caller, frame.id, token, conn, frame.method, None, call)
+        self.pending[tool_id] = entry
+        policy = self.policy
+        if policy.request_timeout:
+            entry.deadline = now + policy.request_timeout
+            self.deadlines.push(self.deadlines.requests, (entry.deadline, self, tool_id, entry))
+        caller.inflight[tool_id] = None
+        method = frame.method
+        if method == "resources/subscribe":
+            caller.subscriptions.add(params["uri"])
+        elif method == "resources/unsubscribe":
+            caller.subscriptions.discard(params["uri"])
+        out = Request(id=tool_id, method=method, params=params, extra=frame.extra)
+        return [Send(conn, dumps(out.to_json()), request=tool_id)]
+
+    # ------------------------------------------------------------------ middleware
+
+    def _run_request_middleware(self, call: Call) -> bytes | None:
+        """Run the request hooks; the error frame to answer with when one refused."""
+        error = run_request_hooks(self.policy.middleware, call)
+        if error is None:
+            return None
+        return dumps({"jsonrpc": "2.0", "id": call.id, "error": error})
+
+    def _reply(self, caller: Caller, rid: Id, call: Call | None, reply: Reply) -> list[Action]:
+        """Answer ``caller`` with ``reply`` after the answer hooks."""
+        if call is not None:
+            run_answer_hooks(self.policy.middleware, call, reply)
+        frame: dict[str, Any] = {"jsonrpc": "2.0", "id": rid}
+        if reply.error is not None:
+            frame["error"] = reply.error
+        else:
+            frame["result"] = reply.result
+        return [Send(caller.conn, dumps(frame))]
+
+    def _error(
+        self,
+        caller: Caller,
+        rid: Id,
+        call: Call | None,
+        code: int,
+        message: str,
+        data: Any = MISSING,
+    ) -> Send:
+        if call is None:
+            return Send(caller.conn, error_frame(rid, code, message, data))
+        error: dict[str, Any] = {"code": code, "message": message}
+        if data is not MISSING:
+            error["data"] = data
+        action = self._reply(caller, rid, call, Reply(error=error))[0]
+        assert isinstance(action, Send)
+        return action
+
+    # ------------------------------------------------------------------ caller notifications
+
+    def _caller_notification(self, caller: Caller, frame: Notification) -> list[Action]:
+        method = frame.method
+        if method == CANCELLED:
+            return self._cancel_from_caller(caller, frame)
+        if method == "notifications/initialized":
+            return []
+        data = dumps(frame.to_json())
+        if method == "notifications/roots/list_changed":
+            return [Send(s.conn, data) for s in self.servers.values() if s.ready]
+        server = self.default_server()
+        if server is None or not server.ready:
+            log.debug("agent %s: no ready tool; dropped %s", self.name, method)
+            return []
+        return [Send(server.conn, data)]
 
     def _cancel_from_caller(self, caller: Caller, frame: Notification) -> list[Action]:
         params = frame.params
@@ -332,6 +706,11 @@ class Session:
             if _same_id(self.pending[tool_id].caller_id, wanted):
                 break
         else:
+            for index, (who, parked) in enumerate(self.parked):
+                if who is caller and _same_id(parked.id, wanted):
+                    del self.parked[index]
+                    caller.parked -= 1
+                    return []
             log.debug("agent %s: cancellation of unknown request %r dropped", self.name, wanted)
             return []
         entry = self.pending.pop(tool_id)
@@ -359,44 +738,58 @@ class Session:
         self, server: Server, frame: Request | Notification | Result | ErrorResponse, now: float
     ) -> list[Action]:
         """A server of this agent sent ``frame`` (parsed) at time ``now``."""
+        if server.gone:
+            return []
         if isinstance(frame, Result | ErrorResponse):
+            rid = frame.id
+            if type(rid) is int and server.relay_requests and rid in server.relay_requests:
+                return upstream.relay_answer(self, rid, self.relay_requests[rid], frame, now)
             return self._response_from_server(server, frame)
         if isinstance(frame, Notification):
-            return self._notification_from_server(server, frame)
+            return self._notification_from_server(server, frame, now)
         conn = server.conn
         if frame.method == "ping":
-            return [Send(conn, dumps(Result(id=frame.id, result={}).to_json()))]
+            return [Send(conn, _result_frame(frame.id, {}))]
         limit = self.policy.max_tool_requests
         if limit and len(self.tool_requests) >= limit:
             why = f"max_tool_requests: at most {limit} tool requests await callers per agent"
             return [Send(conn, error_frame(frame.id, LIMIT_EXCEEDED, "Limit exceeded", why))]
-        caller = self.choose_caller()
+        caller = self.choose_caller(server, frame.method)
         if caller is None:
-            why = f"cannot route {frame.method}"
+            why = f"cannot route {frame.method}: no caller with a request in flight to this server"
+            if frame.method in _NEEDS:
+                why += f" that declared {_NEEDS[frame.method]}"
             return [Send(conn, error_frame(frame.id, NO_CALLER, "No caller connected", why))]
         key = self.next_tool_request
         self.next_tool_request += 1
         deadline = now + self.policy.tool_request_timeout
         req = ToolRequest(caller, conn, frame.id, frame.method, deadline)
         self.tool_requests[key] = req
-        queue = self.deadlines.tool_requests
-        queue.append((deadline, self, key, req))
-        if len(queue) == 1:
-            self.deadlines.added = True
+        self.deadlines.push(self.deadlines.tool_requests, (deadline, self, key, req))
         caller.owes.add(key)
         return [Send(caller.conn, dumps(attrs.evolve(frame, id=key).to_json()))]
 
-    def choose_caller(self) -> Caller | None:
+    def choose_caller(self, server: Server, method: str) -> Caller | None:
         """The caller a tool-initiated request goes to (see the rule above), or None."""
-        busy = [c for c in self.callers.values() if c.inflight]
-        candidates = busy or list(self.callers.values())
-        return max(candidates, key=lambda c: c.last_active, default=None)
+        needs = _NEEDS.get(method)
+        conn = server.conn
+        pending = self.pending
+        best: Caller | None = None
+        for caller in self.callers.values():
+            if best is not None and caller.last_active < best.last_active:
+                continue
+            declared = caller.capabilities
+            if needs is not None and declared is not None and needs not in declared:
+                continue
+            if any(pending[t].server == conn for t in caller.inflight):
+                best = caller
+        return best
 
     def _response_from_server(self, server: Server, frame: Result | ErrorResponse) -> list[Action]:
         tool_id = frame.id
         entry = self.pending.pop(tool_id, None) if type(tool_id) is int else None
         if entry is not None and entry.server != server.conn:
-            # Another server's request: not this one's to answer (never with one server).
+            # Another server's request: not this one's to answer.
             assert type(tool_id) is int
             self.pending[tool_id] = entry
             entry = None
@@ -406,12 +799,21 @@ class Session:
         assert type(tool_id) is int
         caller = entry.caller
         del caller.inflight[tool_id]
+        if entry.call is not None:
+            if isinstance(frame, Result):
+                reply = Reply(result=frame.result)
+            else:
+                reply = Reply(error=frame.error.to_json())
+            return self._reply(caller, entry.caller_id, entry.call, reply)
         out = attrs.evolve(frame, id=entry.caller_id)
         return [Send(caller.conn, dumps(out.to_json()))]
 
-    def _notification_from_server(self, server: Server, frame: Notification) -> list[Action]:
+    def _notification_from_server(
+        self, server: Server, frame: Notification, now: float
+    ) -> list[Action]:
         params = frame.params
-        if frame.method == "notifications/progress" and isinstance(params, dict):
+        method = frame.method
+        if method == "notifications/progress" and isinstance(params, dict):
             token = params.get("progressToken", MISSING)
             if type(token) is int and 0 < token < self.next_id:
                 entry = self.pending.get(token)
@@ -420,12 +822,24 @@ class Session:
                     return []
                 out = attrs.evolve(frame, params={**params, "progressToken": entry.token})
                 return [Send(entry.caller.conn, dumps(out.to_json()))]
-        if frame.method == CANCELLED and isinstance(params, dict):
+        if method == CANCELLED and isinstance(params, dict):
             return self._cancel_from_server(server, frame, params)
-        if not self.callers:
-            log.debug("agent %s: no caller for %s, dropped", self.name, frame.method)
-            return []
+        kind = _LIST_CHANGED.get(method)
+        if kind is not None:
+            if not server.ready and not server.fetches:
+                return []  # not initialized yet: its lists are fetched anyway
+            if kind is Kind.RESOURCE_TEMPLATES:  # notifications/resources/list_changed
+                return upstream.list_kind(self, server, Kind.RESOURCES, now) + upstream.list_kind(
+                    self, server, Kind.RESOURCE_TEMPLATES, now
+                )
+            return upstream.list_kind(self, server, kind, now)
         data = dumps(frame.to_json())
+        if method == "notifications/resources/updated":
+            uri = params.get("uri") if isinstance(params, dict) else None
+            return [Send(c.conn, data) for c in self.callers.values() if uri in c.subscriptions]
+        if not self.callers:
+            log.debug("agent %s: no caller for %s, dropped", self.name, method)
+            return []
         return [Send(c, data) for c in self.callers]
 
     def _cancel_from_server(
@@ -459,8 +873,11 @@ class Session:
             return []
         del self.pending[tool_id]
         del entry.caller.inflight[tool_id]
-        error = error_frame(entry.caller_id, FORWARD_FAILED, "Forward failed", why)
-        return [Send(entry.caller.conn, error)]
+        return [
+            self._error(
+                entry.caller, entry.caller_id, entry.call, FORWARD_FAILED, "Forward failed", why
+            )
+        ]
 
     def awaits_request(self, tool_id: int, entry: Pending) -> bool:
         """Whether the caller request ``entry`` is still in flight as ``tool_id``."""
@@ -469,6 +886,14 @@ class Session:
     def awaits_tool_request(self, key: int, req: ToolRequest) -> bool:
         """Whether the tool request ``req`` still awaits its caller's answer as ``key``."""
         return self.tool_requests.get(key) is req
+
+    def expire_relay(self, rid: int, req: RelayRequest, now: float) -> list[Action]:
+        """A relay request reached its deadline. One answered in the meantime is a no-op."""
+        return upstream.expire(self, rid, req, now)
+
+    def awaits_relay(self, rid: int, req: RelayRequest) -> bool:
+        """Whether the relay request ``req`` still awaits its server's answer as ``rid``."""
+        return self.relay_requests.get(rid) is req
 
     def expire_request(self, tool_id: int, entry: Pending) -> list[Action]:
         """``entry`` reached its deadline: ``-32006`` to its caller, cancel it at its server.
@@ -480,10 +905,9 @@ class Session:
         del self.pending[tool_id]
         del entry.caller.inflight[tool_id]
         why = f"the tool did not answer within {self.policy.request_timeout:g} s"
-        error = error_frame(entry.caller_id, REQUEST_TIMEOUT, "Timeout", why)
         params = {"requestId": tool_id, "reason": "request timed out at the relay"}
         return [
-            Send(entry.caller.conn, error),
+            self._error(entry.caller, entry.caller_id, entry.call, REQUEST_TIMEOUT, "Timeout", why),
             Send(entry.server, _notification(CANCELLED, params)),
         ]
 
@@ -502,22 +926,37 @@ class Session:
         error = error_frame(req.tool_id, REQUEST_TIMEOUT, "Timeout", why)
         return [Send(req.caller.conn, _notification(CANCELLED, params)), Send(req.server, error)]
 
+    # ------------------------------------------------------------------ checks
+
     def check_invariants(self) -> Iterator[str]:
         """Yield a description of every broken invariant of this session (for tests)."""
-        name, server = self.name, self.server
-        servers = set() if server is None else {server.conn}
-        if server is not None and server.session is not self:
-            yield f"agent {name}: tool {server.conn} belongs to another session"
-        if server is None and self.pending:
-            yield f"agent {name}: pending requests without a tool"
+        name = self.name
+        servers = {conn for conn, s in self.servers.items() if s.ready}
+        for conn, server in self.servers.items():
+            if server.conn != conn or server.session is not self or server.gone:
+                yield f"agent {name}: server {conn} registered wrongly"
+            if server.identity is not None and self.by_identity.get(server.identity) is not server:
+                yield f"agent {name}: server {conn} not known by its identity {server.identity}"
+            if server.identity is not None and server.identity not in self.catalog:
+                yield f"agent {name}: server {server.identity} missing from the catalog"
+        for identity, server in self.by_identity.items():
+            if self.servers.get(server.conn) is not server:
+                yield f"agent {name}: identity {identity} names a server that left"
+        if len(self.catalog) != len(self.by_identity):
+            yield f"agent {name}: catalog and session disagree on the servers"
         for tool_id, entry in self.pending.items():
             caller = self.callers.get(entry.caller.conn)
             if caller is not entry.caller or tool_id not in caller.inflight:
                 yield f"agent {name}: pending {tool_id} has no live caller"
             if entry.server not in servers:
-                yield f"agent {name}: pending {tool_id} went to {entry.server}, not its tool"
+                yield f"agent {name}: pending {tool_id} went to {entry.server}, not a ready server"
             if not 0 < tool_id < self.next_id:
                 yield f"agent {name}: pending {tool_id} was never allocated"
+        for rid, req in self.relay_requests.items():
+            if rid in self.pending or rid not in req.server.relay_requests:
+                yield f"agent {name}: relay request {rid} badly recorded"
+            if self.servers.get(req.server.conn) is not req.server:
+                yield f"agent {name}: relay request {rid} to a server that left"
         for conn, caller in self.callers.items():
             if caller.conn != conn or caller.session is not self:
                 yield f"caller {conn}: registered under another connection or session"
@@ -527,9 +966,19 @@ class Session:
             for key in caller.owes:
                 if self.tool_requests.get(key) is None:
                     yield f"caller {conn}: owes unknown {key}"
-        for key, req in self.tool_requests.items():
-            caller = self.callers.get(req.caller.conn)
-            if caller is not req.caller or key not in caller.owes:
+        counts: dict[int, int] = {}
+        for caller, _ in self.parked:
+            counts[caller.conn] = counts.get(caller.conn, 0) + 1
+            if self.callers.get(caller.conn) is not caller:
+                yield f"agent {name}: parked request of a caller that left"
+        for conn, caller in self.callers.items():
+            if caller.parked != counts.get(conn, 0):
+                yield f"caller {conn}: parked count {caller.parked} is wrong"
+        if self.parked and not self.initializing:
+            yield f"agent {name}: requests parked with no server initializing"
+        for key, asked in self.tool_requests.items():
+            caller = self.callers.get(asked.caller.conn)
+            if caller is not asked.caller or key not in caller.owes:
                 yield f"agent {name}: tool request {key} has no live caller"
-            if req.server not in servers:
-                yield f"agent {name}: tool request {key} came from {req.server}, not its tool"
+            if asked.server not in self.servers:
+                yield f"agent {name}: tool request {key} came from {asked.server}, not its tool"

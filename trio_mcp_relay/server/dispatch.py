@@ -75,7 +75,10 @@ class Dispatcher:
     # ---------------------------------------------------------------- actions
 
     def dispatch(self, actions: list[Action]) -> None:
-        """Carry out the router's actions, never waiting."""
+        """Carry out the router's actions, never waiting (and wake the timer if the router
+        set an earlier deadline meanwhile)."""
+        if self.router.take_deadline_change():
+            self._wake_timer()
         peers = self.peers
         for action in actions:
             if type(action) is not Send:
@@ -206,7 +209,7 @@ class Dispatcher:
             return
         del self.peers[peer.conn]
         if peer.role is Role.TOOL:
-            self.dispatch(self.router.tool_disconnected(peer.conn))
+            self.dispatch(self.router.tool_disconnected(peer.conn, trio.current_time()))
         else:
             self.dispatch(self.router.caller_disconnected(peer.conn))
 
@@ -226,6 +229,7 @@ class Dispatcher:
         agent: str,
         *,
         accept: Callable[[], Awaitable[None]] | None = None,
+        server_id: str | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Register the connection, send its handshake answer, then read until it ends.
@@ -236,6 +240,7 @@ class Dispatcher:
             agent: its agent.
             accept: writes the handshake answer (the 101); the peer is known to the router
                 before it is called.
+            server_id: a tool connection's ``server_id``, if it has one.
             task_status: ``started()`` once the router knows the connection and it is open.
         """
         conn = next(self._ids)
@@ -247,7 +252,8 @@ class Dispatcher:
             self.peers[conn] = peer
             try:
                 if role is Role.TOOL:
-                    self.dispatch(self.router.tool_connected(conn, agent))
+                    now = trio.current_time()
+                    self.dispatch(self.router.tool_connected(conn, agent, server_id, now))
                 else:
                     self.dispatch(self.router.caller_connected(conn, agent))
                 if accept is not None:
@@ -274,7 +280,7 @@ class Dispatcher:
                 log.debug("connection %d closed: %d %s", conn, exc.code, exc.reason)
                 return
             actions = router.received(conn, message, trio.current_time())
-            if router.take_deadline_change():
-                self._wake_timer()
             if actions:
                 self.dispatch(actions)
+            elif router.take_deadline_change():
+                self._wake_timer()

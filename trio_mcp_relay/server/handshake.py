@@ -94,6 +94,8 @@ class Opened:
     agent: str
     stream: trio.abc.Stream
     answer: bytes
+    #: A tool connection's ``server_id`` (from its URL or its token), or None.
+    server_id: str | None = None
 
     async def accept(self) -> None:
         """Write the handshake answer (once; nothing of it is kept afterwards)."""
@@ -147,8 +149,10 @@ async def open_websocket(
     refusal: tuple[int, str] | None = None
     penalty: Penalty | None = None
     agent = ""
+    server_id: str | None = None
     try:
-        agent = (await authenticate(authenticator, request.query.get("token", ""), endpoint)).agent
+        grant = await authenticate(authenticator, request.query.get("token", ""), endpoint)
+        agent = grant.agent
     except AuthError as exc:
         log.info("%s: %s connection refused: %s", remote, endpoint.value, exc.reason)
         penalty = limiter.penalize(client, trio.current_time())
@@ -158,7 +162,13 @@ async def open_websocket(
         refusal = (CLOSE_POLICY_VIOLATION, exc.reason)
     else:
         limit = config.max_callers_per_agent
-        if role is Role.CALLER and caller_count(agent) >= limit:
+        if role is Role.TOOL:
+            try:
+                server_id = _server_id(request.query.get("server_id", ""), grant.server_id)
+            except ValueError as exc:
+                log.info("%s: tool connection refused: %s", remote, exc)
+                refusal = (CLOSE_POLICY_VIOLATION, str(exc))
+        elif caller_count(agent) >= limit:
             log.warning("%s: agent %s already has %d callers", remote, agent, limit)
             refusal = (CLOSE_TOO_MANY_CALLERS, f"too many callers for this agent (limit {limit})")
     if refusal is not None:
@@ -174,7 +184,28 @@ async def open_websocket(
             if penalty is not None:
                 limiter.release(client)  # however this ends: the slot must come back
         return None
-    return Opened(ws, role, agent, stream, answer)
+    return Opened(ws, role, agent, stream, answer, server_id)
+
+
+#: The longest ``server_id`` accepted (it becomes part of derived tool names).
+MAX_SERVER_ID: Final = 64
+
+
+def _server_id(given: str, bound: str | None) -> str | None:
+    """The ``server_id`` of a tool connection: the URL's, which must agree with the one its
+    token is bound to (if any); empty means none.
+
+    Raises:
+        ValueError: a bad ``server_id``, or not the one the token is for (the message is a
+            close reason).
+    """
+    if given and (len(given) > MAX_SERVER_ID or not given.isprintable()):
+        raise ValueError(f"server_id must be 1 to {MAX_SERVER_ID} printable characters")
+    if bound is not None:
+        if given and given != bound:
+            raise ValueError("this token is for another server_id")
+        return bound
+    return given or None
 
 
 async def _refuse(ws: ServerWebSocket, code: int, reason: str) -> None:

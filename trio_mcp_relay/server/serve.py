@@ -19,7 +19,9 @@ and ``config.port``) or, for tests and embedding, in-memory ones.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -31,6 +33,7 @@ from .._guard import FailureLimiter
 from .._http import BadRequest, read_request_head, respond
 from .._proxies import TrustedProxies
 from .._routing import Router
+from ..core.middleware import Middleware
 from .dispatch import Dispatcher
 from .handshake import Opened, PendingByAddress, open_websocket
 from .lifecycle import EmbeddedTool, Lifecycle
@@ -71,6 +74,7 @@ class _Relay:
         config: RelayConfig,
         authenticator: Authenticator | None,
         embedded_tools: Mapping[str, EmbeddedTool] | None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         if authenticator is None:
             if not config.key:
@@ -86,6 +90,10 @@ class _Relay:
             request_timeout=config.request_timeout,
             max_inflight_per_caller=config.max_inflight_per_caller,
             max_tool_requests=config.max_tool_requests,
+            init_timeout=config.init_timeout,
+            filters={a: f for a, f in config.tool_filters.items() if a != "*"},
+            default_filters=config.tool_filters.get("*"),
+            middleware=middleware,
         )
         self.router = router
         self.accept_scope = trio.CancelScope()
@@ -102,8 +110,29 @@ class _Relay:
         self.pending = PendingByAddress(config.max_pending_per_address)
         self.admin_key = config.admin_key or config.key or ""
         health_keys = (config.admin_key,) if config.admin_key else config.keys
-        self.routes = HttpRoutes(config, health_keys, router.stats, self.limiter)
+        self.routes = HttpRoutes(config, health_keys, self._connections, self.limiter)
         self._open_streams = 0
+
+    def _connections(self) -> dict[str, Any]:
+        """The health check's ``connections``: the reference's counts, plus each agent's
+        servers (identity, ready, tool count, connected since, as UTC ISO 8601)."""
+        stats = self.router.stats()
+        offset = time.time() - trio.current_time()
+        stats["servers_by_agent"] = {
+            agent: [
+                {
+                    "server": row["identity"],
+                    "ready": row["ready"],
+                    "tools": row["tools"],
+                    "connected_since": datetime.datetime.fromtimestamp(
+                        row["connected_at"] + offset, datetime.UTC
+                    ).isoformat(timespec="seconds"),
+                }
+                for row in rows
+            ]
+            for agent, rows in self.router.servers().items()
+        }
+        return stats
 
     def _wake_timer(self) -> None:
         self.lifecycle.wake_timer()
@@ -196,7 +225,9 @@ class _Relay:
         role, agent = opened.role, opened.agent
         log.info("%s: %s connected for agent %s", remote, role.value, agent)
         try:
-            await self.dispatcher.run_peer(opened.ws, role, agent, accept=opened.accept)
+            await self.dispatcher.run_peer(
+                opened.ws, role, agent, accept=opened.accept, server_id=opened.server_id
+            )
         finally:
             log.info("%s: %s for agent %s disconnected", remote, role.value, agent)
 
@@ -222,6 +253,7 @@ async def serve_relay(
     shutdown: trio.Event | None = None,
     embedded_tools: Mapping[str, EmbeddedTool] | None = None,
     listeners: Sequence[trio.abc.Listener[Any]] | None = None,
+    middleware: Sequence[Middleware] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the relay until cancelled, or until ``shutdown`` is set.
@@ -246,6 +278,9 @@ async def serve_relay(
         listeners: serve these (any ``trio.abc.Listener``, for example in-memory listeners
             in tests) instead of binding ``config.host``/``config.port``. The port reported
             is then that of the first socket listener, or 0.
+        middleware: objects that see every caller request and its answer, with its agent,
+            caller and server, and may pass, rewrite or refuse it (see
+            :mod:`trio_mcp_relay.core.middleware`; :class:`~trio_mcp_relay.Middleware`).
         task_status: for ``nursery.start``.
 
     Resource handling:
@@ -262,7 +297,7 @@ async def serve_relay(
         and is logged; an unexpected exception in one connection is logged and closes only
         that connection. Failing to bind the port raises ``OSError``.
     """
-    relay = _Relay(config, authenticator, embedded_tools)
+    relay = _Relay(config, authenticator, embedded_tools, middleware)
     if listeners is None:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
     port = 0

@@ -160,3 +160,39 @@ async def test_a_failing_embedded_connection_does_not_take_the_relay_down(
             await send(tool, {"jsonrpc": "2.0", "id": forwarded["id"], "result": {}})
             assert (await recv(caller))["id"] == 1
     assert "embedded tool connection failed" in caplog.text
+
+
+async def test_a_network_server_of_another_identity_joins_the_embedded_one(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(10):
+        relay = await start_relay(nursery, embedded_tools={"kitchen": echo_tool})
+        await wait_for_counts(relay, tools=1, callers=0)
+        async with (
+            tool_peer(relay.tool_url("kitchen"), name="weather", tools=["forecast"]),
+            peer(relay.caller_url("kitchen")) as caller,
+        ):
+            await wait_for_counts(relay, tools=2, callers=1)
+            await send(caller, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+            names = [t["name"] for t in (await recv(caller))["result"]["tools"]]
+            assert sorted(names) == ["echo", "forecast"]
+
+
+async def test_an_embedded_tool_that_crashes_comes_back_beside_other_servers(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trio_mcp_relay.server.lifecycle.EMBEDDED_RESTART_DELAY", 0.05)
+    runs: list[int] = []
+
+    async def crashes_once(ws: WebSocket) -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("embedded tool bug")
+        await echo_tool(ws)
+
+    with trio.fail_after(10):
+        relay = await start_relay(nursery, embedded_tools={"kitchen": crashes_once})
+        async with tool_peer(relay.tool_url("kitchen"), name="weather", tools=["forecast"]):
+            while len(runs) < 2:  # noqa: ASYNC110 (the restart delay is real time)
+                await trio.sleep(0.02)
+            await wait_for_counts(relay, tools=2, callers=0)

@@ -380,6 +380,11 @@ class MemoryWebSocket:
         self.last_pong: float | None = None
         self._closed: ConnectionClosed | None = None
 
+    @property
+    def close_code(self) -> int | None:
+        """The close code this end received (or gave), once closed."""
+        return None if self._closed is None else self._closed.code
+
     async def receive(self) -> str | bytes:
         """The next message; ConnectionClosed once either end has closed."""
         if self._closed is not None:

@@ -183,6 +183,16 @@ class Router:
                 )
         return out
 
+    def identity_of(self, conn: int) -> str | None:
+        """The identity of a tool connection (None until it is known, or for no tool)."""
+        link = self._connections.get(conn)
+        return link.identity if isinstance(link, Server) else None
+
+    def has_server(self, agent: str, identity: str) -> bool:
+        """Whether ``agent`` has a server of this identity connected."""
+        session = self._sessions.get(agent)
+        return session is not None and identity in session.by_identity
+
     def session(self, agent: str) -> Session | None:
         """The session of ``agent``, if it has one (for status pages and tests)."""
         return self._sessions.get(agent)

@@ -230,7 +230,7 @@ class Dispatcher:
         *,
         accept: Callable[[], Awaitable[None]] | None = None,
         server_id: str | None = None,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Register the connection, send its handshake answer, then read until it ends.
 
@@ -241,7 +241,8 @@ class Dispatcher:
             accept: writes the handshake answer (the 101); the peer is known to the router
                 before it is called.
             server_id: a tool connection's ``server_id``, if it has one.
-            task_status: ``started()`` once the router knows the connection and it is open.
+            task_status: ``started(conn)`` with its connection number, once the router knows
+                the connection and it is open.
         """
         conn = next(self._ids)
         config = self.config
@@ -260,7 +261,7 @@ class Dispatcher:
                     await accept()
                     accept = None  # an open connection keeps nothing of its handshake
                 peer.opened()
-                task_status.started()
+                task_status.started(conn)
                 await self._read(peer)
             finally:
                 self.unregister(peer)

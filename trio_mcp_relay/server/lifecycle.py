@@ -20,7 +20,7 @@ from typing import Final, NoReturn, TypeAlias
 
 import trio
 
-from .._routing import Role
+from .._routing import CLOSE_REPLACED, Role
 from .._transport import WebSocket, memory_websocket_pair
 from .dispatch import CLOSE_INTERNAL_ERROR, CLOSE_TIMEOUT, Dispatcher
 from .peer import Peer, PeerState
@@ -31,6 +31,8 @@ log = logging.getLogger("trio_mcp_relay.server")
 
 #: Seconds before an embedded tool that ended is started again.
 EMBEDDED_RESTART_DELAY = 1.0
+#: How often an embedded connection is asked for its identity until it has one.
+EMBEDDED_IDENTITY_POLL = 0.05
 CLOSE_GOING_AWAY: Final = 1001  # the relay is shutting down
 
 #: Serves the tool side of one agent in-process: MCP requests arrive on the WebSocket given.
@@ -114,18 +116,22 @@ class Lifecycle:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Connect an in-process tool for ``agent`` over a memory WebSocket.
+        """Connect an in-process tool for ``agent`` over a memory WebSocket: a server of the
+        agent like any other, named by the ``serverInfo`` it reports.
 
-        If it ends (a crash, or a network tool for the agent replaced it), it is started again
-        once the agent has no tool, checked every ``EMBEDDED_RESTART_DELAY`` seconds.
+        If it ends, it is started again after ``EMBEDDED_RESTART_DELAY`` seconds; if it ended
+        because a network server of the same identity replaced it, once no server of that
+        identity is connected (checked every ``EMBEDDED_RESTART_DELAY`` seconds).
         """
         while True:
             relay_end, tool_end = memory_websocket_pair(
                 self.config.outbox_size, names=(f"embedded:{agent}", "relay")
             )
             log.info("agent %s: embedded tool started", agent)
+            identity: list[str] = []
             async with trio.open_nursery() as nursery:
-                await nursery.start(self._run_embedded_peer, relay_end, agent)
+                conn = await nursery.start(self._run_embedded_peer, relay_end, agent)
+                nursery.start_soon(self._learn_identity, conn, identity)
                 task_status.started()  # the first time only: the relay may start accepting
                 task_status = trio.TASK_STATUS_IGNORED
                 try:
@@ -135,20 +141,31 @@ class Lifecycle:
                 finally:
                     with trio.CancelScope(shield=True):
                         await tool_end.close(1000, "embedded tool ended")
+                    nursery.cancel_scope.cancel()
             if self.accept_scope.cancel_called:
                 return  # the relay is shutting down
             log.warning("agent %s: embedded tool ended", agent)
             await trio.sleep(EMBEDDED_RESTART_DELAY)
-            # Replaced by a tool connected over the network: stand by until it is gone.
-            while self.router.tool_of(agent) is not None:  # noqa: ASYNC110 (rare, coarse)
-                await trio.sleep(EMBEDDED_RESTART_DELAY)
+            if tool_end.close_code == CLOSE_REPLACED and identity:
+                # Replaced by a server connected over the network: stand by until it is gone.
+                while self.router.has_server(agent, identity[0]):  # noqa: ASYNC110 (coarse)
+                    await trio.sleep(EMBEDDED_RESTART_DELAY)
+
+    async def _learn_identity(self, conn: int, identity: list[str]) -> None:
+        """Note the identity the embedded connection ``conn`` gets once initialized."""
+        while self.router.role(conn) is not None:
+            found = self.router.identity_of(conn)
+            if found is not None:
+                identity.append(found)
+                return
+            await trio.sleep(EMBEDDED_IDENTITY_POLL)
 
     async def _run_embedded_peer(
         self,
         ws: WebSocket,
         agent: str,
         *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """The relay side of an embedded tool; a failure ends this connection only."""
         try:

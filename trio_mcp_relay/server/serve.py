@@ -273,8 +273,10 @@ async def serve_relay(
             (requests still in flight are answered ``-32003`` first), then return.
         embedded_tools: agent id -> a coroutine function serving that agent's tool side
             in-process (for example ``PluginHost([...]).serve``), with no socket hop. It is
-            connected as the agent's tool when the relay starts. A tool connecting over the
-            network for that agent replaces it; it comes back when the agent has no tool.
+            connected as a server of the agent when the relay starts, initialized and named
+            by its ``serverInfo`` like any other. Network servers of other identities join
+            it; one of the same identity replaces it, and it comes back once that one is
+            gone. If it ends otherwise (a crash), it is started again after a second.
         listeners: serve these (any ``trio.abc.Listener``, for example in-memory listeners
             in tests) instead of binding ``config.host``/``config.port``. The port reported
             is then that of the first socket listener, or 0.

@@ -203,9 +203,10 @@ async def test_a_stale_client_every_half_second_for_40_s_does_not_keep_the_tool_
     """The relay runs with the default policy (10 s delays, 429 after 10 failures a minute).
 
     From 127.0.0.1, a stale client dials the tool endpoint every 0.5 s; the legitimate tool
-    bridge of the same agent, from the same address, drops its connection and dials again
-    every 4 s (a flaky link), retrying every 0.5 s when refused. A caller asks the tool every
-    0.1 s; a half-second slot counts as answered when any request in it was answered.
+    bridge of the same agent, from the same address, dials again every 4 s (its new
+    connection replaces the previous one), retrying every 0.5 s when refused. A caller asks the
+    tool every 0.1 s; a half-second slot counts as answered when any request in it was
+    answered.
     """
     relay = await start_relay(nursery, auth_delay=10.0, ping_interval=0)
     tool_url = tool(relay, scoped_token(KEY, "victim", TokenRole.TOOL))
@@ -221,18 +222,40 @@ async def test_a_stale_client_every_half_second_for_40_s_does_not_keep_the_tool_
                 attempts.start_soon(_record, refusals, stale_url)
                 await trio.sleep(0.5)
 
-    async def tool_bridge() -> None:
-        while True:
+    async def connection(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        """One connection of the bridge: up once initialized, serving until cancelled."""
+        up = False
+        with trio.CancelScope() as scope:
             try:
                 async with tool_peer(tool_url) as ws:
-                    with trio.move_on_after(4.0):
-                        while True:
-                            frame = await recv(ws)
-                            if "id" in frame:
-                                await send(ws, result(frame["id"], "pong"))
+                    up = True
+                    task_status.started(scope)
+                    while True:
+                        frame = await recv(ws)
+                        if "id" in frame:
+                            await send(ws, result(frame["id"], "pong"))
             except (ConnectionRejected, ConnectionClosed) as exc:
+                if up and isinstance(exc, ConnectionClosed) and exc.reason.code == 4001:
+                    return  # replaced by the bridge's next connection, as it should be
                 tool_refused.append(("refused", 0, repr(exc)))
-                await trio.sleep(0.5)
+                if not up:
+                    raise
+
+    async def tool_bridge() -> None:
+        # Every 4 s the bridge dials again and then drops its previous connection (the new
+        # one, of the same identity, replaces it at the relay): each dial must get through.
+        async with trio.open_nursery() as connections:
+            previous: trio.CancelScope | None = None
+            while True:
+                try:
+                    current = await connections.start(connection)
+                except (ConnectionRejected, ConnectionClosed):
+                    await trio.sleep(0.5)
+                    continue
+                if previous is not None:
+                    previous.cancel()
+                previous = current
+                await trio.sleep(4.0)
 
     with trio.fail_after(duration + 20):
         async with trio.open_nursery() as scenario:

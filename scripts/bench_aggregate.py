@@ -5,8 +5,8 @@ subprocess of its own, so its CPU is not shared with the load generator's event 
 generator is asyncio with the raw WebSocket client of ``loadgen.py`` (uvloop when installed).
 For each N (default 1, 5, 20) it connects N minimal tool servers to one fresh agent, each
 answering ``initialize`` (``serverInfo.name`` = ``srvI``, so they join rather than replace one
-another), ``tools/list`` (3 tools ``srvI_t0..t2``) and ``tools/call`` at once, then measures with
-one caller:
+another), ``tools/list`` (``--tools-per-server`` tools ``srvI_t0``..., default 3) and
+``tools/call`` at once, then measures with one caller:
 
 * merged ``tools/list``: median and p99 latency of ``--requests`` sequential requests;
 * the manager-api sequence: a new caller WebSocket, ``initialize``,
@@ -23,6 +23,7 @@ aggregator of its own): N=1 is the baseline, and the last table gives N=5 and N=
 
     python scripts/bench_aggregate.py
     python scripts/bench_aggregate.py --servers 1,5,20,50 --seconds 10 --concurrency 32 --runs 5
+    python scripts/bench_aggregate.py --servers 3 --tools-per-server 20   # manager-api: 60 tools
 """
 
 from __future__ import annotations
@@ -369,7 +370,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="tools/call phase length")
     parser.add_argument("--concurrency", type=int, default=16, help="tools/call in flight")
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds per N")
+    parser.add_argument(
+        "--tools-per-server", type=int, default=3, help="tools each server lists (3 x 20 = 60)"
+    )
     args = parser.parse_args()
+    global TOOLS_PER_SERVER
+    TOOLS_PER_SERVER = args.tools_per_server
     key = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="bench-aggregate-") as data_dir:
         process, port = start_relay(key, data_dir)

@@ -8,9 +8,7 @@ relay answers with an error itself (unknown name, bad params).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
-
-import attrs
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from .._frames import INVALID_PARAMS, MISSING
 from .catalog import Kind, Route
@@ -33,9 +31,10 @@ class Park(Exception):
     """The request must wait for a server's initialization to end."""
 
 
-@attrs.frozen
-class Target:
-    """Where a caller request goes: a server (with the params it gets), or the relay (None)."""
+class Target(NamedTuple):
+    """Where a caller request goes: a server (with the params it gets), or the relay (None).
+
+    A named tuple: one is made for every request, on the hot path."""
 
     server: Server | None
     params: Any = MISSING
@@ -43,12 +42,12 @@ class Target:
 
 def target(session: Session, method: str, params: Any) -> Target:
     """Where a request goes; raises Park to wait, Refused for a bad or unknown name."""
+    if method == "tools/call":  # the hot path first
+        return by_name(session, Kind.TOOLS, params, "tool")
     if method in LISTS or method in ("initialize", "logging/setLevel"):
         if session.initializing:
             raise Park
         return Target(None)
-    if method == "tools/call":
-        return by_name(session, Kind.TOOLS, params, "tool")
     if method == "prompts/get":
         return by_name(session, Kind.PROMPTS, params, "prompt")
     if method in _ROUTED_BY_URI:

@@ -622,7 +622,8 @@ class Session:
         call: Call | None,
         now: float,
     ) -> list[Action]:
-        tool_id = self.new_id()
+        tool_id = self.next_id
+        self.next_id = tool_id + 1
         token = _progress_token(params)
         if token is not MISSING:
             params = _with_progress_token(params, tool_id)

@@ -116,8 +116,8 @@ class StatusPage:
 
     def snapshot(self, request: HttpRequest) -> dict[str, Any]:
         """The page's data (what ``?format=json`` answers)."""
-        now = time.time()
-        offset = now - trio.current_time()  # router times are on Trio's clock
+        now, clock = time.time(), trio.current_time()
+        offset = now - clock  # router times are on Trio's clock
         reveal = request.query.get("reveal") == "1"
         base = _base_url(request, self.fallback_host)
         agents = []
@@ -130,7 +130,7 @@ class StatusPage:
                     "tools": len(server["tools"]),
                     "tool_names": server["tools"],
                     "connected_since": _iso(server["connected_at"] + offset),
-                    "connected_seconds": round(trio.current_time() - server["connected_at"], 1),
+                    "connected_seconds": round(clock - server["connected_at"], 1),
                 }
                 for server in row["servers"]
             ]
@@ -186,8 +186,9 @@ class StatusPage:
                 "tool": f"{base}/mcp_endpoint/mcp/?token={token}",
                 "caller": f"{base}/mcp_endpoint/call/?token={token}",
             }
-        tool = endpoint_url(base, Endpoint.TOOL, self.token_for(agent))
-        caller = endpoint_url(base, Endpoint.CALLER, self.token_for(agent))
+        token = self.token_for(agent)
+        tool = endpoint_url(base, Endpoint.TOOL, token)
+        caller = endpoint_url(base, Endpoint.CALLER, token)
         if not reveal:
             tool, caller = _mask(tool), _mask(caller)
         return {"tool": tool, "caller": caller}

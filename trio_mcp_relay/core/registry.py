@@ -183,6 +183,40 @@ class Router:
                 )
         return out
 
+    def agents(self) -> dict[str, dict[str, Any]]:
+        """Per agent, what a status page shows (read-only; nothing here changes state).
+
+        Each agent maps to ``callers`` (connected), ``in_flight`` (caller requests at a
+        server), ``tool_requests`` (server requests awaiting a caller), ``parked`` (caller
+        requests waiting for an initialization) and ``servers``: per server in connection
+        order its ``identity`` (None while unknown), ``server_id`` (from its URL or token),
+        ``ready``, ``tools`` (the names it listed, as it spelled them; empty until ready) and
+        ``connected_at`` (on the router's clock).
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for session in self._sessions.values():
+            servers = []
+            for server in session.servers.values():
+                view = session.catalog.server(server.identity) if server.identity else None
+                tools = view.items[Kind.TOOLS] if view is not None and server.ready else ()
+                servers.append(
+                    {
+                        "identity": server.identity,
+                        "server_id": server.server_id,
+                        "ready": server.ready,
+                        "tools": [str(tool.get("name", "")) for tool in tools],
+                        "connected_at": server.connected_at,
+                    }
+                )
+            out[session.name] = {
+                "callers": len(session.callers),
+                "in_flight": len(session.pending),
+                "tool_requests": len(session.tool_requests),
+                "parked": len(session.parked),
+                "servers": servers,
+            }
+        return out
+
     def identity_of(self, conn: int) -> str | None:
         """The identity of a tool connection (None until it is known, or for no tool)."""
         link = self._connections.get(conn)

@@ -8,7 +8,8 @@ Where each piece lives:
 * :mod:`.peer`: one connection's outbox, writer, fast path and close state.
 * :mod:`.outbox`: the bounded (frames and bytes) queue a peer's writer drains.
 * :mod:`.lifecycle`: deadline timer, keepalive, embedded tools, shutdown.
-* :mod:`.routes`: the plain HTTP endpoints (info, health) and CORS.
+* :mod:`.routes`: the plain HTTP endpoints (info, health, status) and CORS.
+* :mod:`.status`: the status page (HTML and JSON); :mod:`.recent`: its ring of recent errors.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from .._routing import Action, Close, Role, Router, Send
 from .._transport import ConnectionClosed, WebSocket
 from .outbox import ByteBudget, Outbox
 from .peer import Peer, PeerState
+from .recent import RecentErrors
 
 __all__ = ["CLOSE_TIMEOUT", "Dispatcher"]
 
@@ -67,6 +68,8 @@ class Dispatcher:
         self._ids = itertools.count(1)
         self._wake_timer = wake_timer
         self._nursery: trio.Nursery | None = None
+        #: Recent closes and relay error frames, for the status page.
+        self.recent = RecentErrors()
 
     def bind(self, nursery: trio.Nursery) -> None:
         """The nursery that runs closing handshakes (it outlives any one connection)."""
@@ -90,6 +93,7 @@ class Dispatcher:
             peer = peers.get(action.conn)
             if peer is None:
                 continue
+            self.recent.sent(peer.agent, peer.role.value, action.data)
             if peer.role is Role.TOOL:
                 self._to_tool(peer, action)
             else:
@@ -185,6 +189,7 @@ class Dispatcher:
         if peer.state is PeerState.CLOSING or peer.state is PeerState.CLOSED:
             return
         dropped = peer.close(code, reason, abandon=abandon)
+        self.recent.closed(peer.agent, peer.role.value, code, reason)
         if dropped and peer.role is Role.TOOL:
             why = f"the tool connection was closed ({reason}) before this request left"
             for tag in dropped:

@@ -1,4 +1,4 @@
-"""Plain HTTP on the relay's port: a small route table, CORS, and the health endpoint.
+"""Plain HTTP on the relay's port: a small route table, CORS, the health and status endpoints.
 
 Each route is a function of the request that answers it and returns; the connection is
 closed afterwards (the endpoints are probes, not an API).
@@ -19,6 +19,8 @@ from .._config import RelayConfig
 from .._frames import AUTHENTICATION_ERROR
 from .._guard import FailureLimiter
 from .._http import HttpRequest, respond
+from .status import HEADERS as STATUS_HEADERS
+from .status import StatusPage
 
 __all__ = ["HttpRoutes", "too_many_failures"]
 
@@ -36,6 +38,7 @@ class HttpRoutes:
         health_keys: the keys the health endpoint accepts (any of them).
         stats: the connection counts the health endpoint reports.
         limiter: the failed-authentication policy a wrong key is answered by.
+        status: the status page (``/mcp_endpoint/status``, guarded by ``health_keys``).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class HttpRoutes:
         health_keys: Sequence[str],
         stats: Callable[[], dict[str, Any]],
         limiter: FailureLimiter,
+        status: StatusPage | None = None,
     ) -> None:
         self.config = config
         self.health_keys = health_keys
@@ -56,6 +60,10 @@ class HttpRoutes:
             "/mcp_endpoint/health": self._health,
             "/mcp_endpoint/health/": self._health,
         }
+        self._status_page = status
+        if status is not None:
+            self._routes["/mcp_endpoint/status"] = self._status
+            self._routes["/mcp_endpoint/status/"] = self._status
 
     def cors_headers(self, request: HttpRequest) -> list[tuple[str, str]]:
         """The CORS headers for an answer to ``request`` (none when CORS is off)."""
@@ -134,6 +142,38 @@ class HttpRoutes:
             }
             await respond(stream, 200, body, headers=cors, head_only=head_only)
             return
+        await self._refuse(stream, cors, client, head_only)
+
+    async def _status(
+        self,
+        stream: trio.abc.Stream,
+        request: HttpRequest,
+        cors: list[tuple[str, str]],
+        client: str,
+    ) -> None:
+        head_only = request.method == "HEAD"
+        assert self._status_page is not None
+        given = request.query.get("key", "")
+        authorization = request.headers.get("authorization", "")
+        if not given and authorization[:7].lower() == "bearer ":
+            given = authorization[7:].strip()
+        if not key_matches(given, self.health_keys):
+            await self._refuse(stream, cors, client, head_only)
+            return
+        payload, content_type = self._status_page.render(request)
+        await respond(
+            stream,
+            200,
+            payload,
+            headers=[*STATUS_HEADERS, *cors],
+            head_only=head_only,
+            content_type=content_type,
+        )
+
+    async def _refuse(
+        self, stream: trio.abc.Stream, cors: list[tuple[str, str]], client: str, head_only: bool
+    ) -> None:
+        """A wrong or missing admin key: 403 after the penalty delay, or 429."""
         body = {
             "jsonrpc": "2.0",
             "error": {

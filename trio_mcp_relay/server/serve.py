@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import trio
 
-from .._auth import Authenticator, TokenAuthenticator, redact
+from .._auth import Authenticator, TokenAuthenticator, encrypt_token, redact
 from .._config import RelayConfig
 from .._guard import FailureLimiter
 from .._http import BadRequest, read_request_head, respond
@@ -38,6 +38,7 @@ from .dispatch import Dispatcher
 from .handshake import Opened, PendingByAddress, open_websocket
 from .lifecycle import EmbeddedTool, Lifecycle
 from .routes import HttpRoutes
+from .status import StatusPage
 
 __all__ = ["serve_relay"]
 
@@ -76,6 +77,7 @@ class _Relay:
         embedded_tools: Mapping[str, EmbeddedTool] | None,
         middleware: Sequence[Middleware] = (),
     ) -> None:
+        derive_tokens = authenticator is None and config.reference_tokens
         if authenticator is None:
             if not config.key:
                 raise ValueError("RelayConfig.key is required when no authenticator is given")
@@ -110,7 +112,16 @@ class _Relay:
         self.pending = PendingByAddress(config.max_pending_per_address)
         self.admin_key = config.admin_key or config.key or ""
         health_keys = (config.admin_key,) if config.admin_key else config.keys
-        self.routes = HttpRoutes(config, health_keys, self._connections, self.limiter)
+        signing_key = config.key or ""
+        self.status = StatusPage(
+            router,
+            self.dispatcher.recent,
+            (lambda agent: encrypt_token(signing_key, agent)) if derive_tokens else None,
+            f"{config.host}:{config.port}",
+        )
+        self.routes = HttpRoutes(
+            config, health_keys, self._connections, self.limiter, status=self.status
+        )
         self._open_streams = 0
 
     def _connections(self) -> dict[str, Any]:
@@ -313,6 +324,7 @@ async def serve_relay(
         await outer.start(relay.run_connections, listeners, connections_scope)
         log.info("listening on %s:%d", config.host, port)
         log.info("health check at /mcp_endpoint/health?key=%s", redact(relay.admin_key))
+        log.info("status page at /mcp_endpoint/status?key=%s", redact(relay.admin_key))
         task_status.started(port)
         try:
             if shutdown is None:

@@ -9,11 +9,13 @@ Where each piece lives:
 * :mod:`.outbox`: the bounded (frames and bytes) queue a peer's writer drains.
 * :mod:`.lifecycle`: deadline timer, keepalive, embedded tools, shutdown.
 * :mod:`.routes`: the plain HTTP endpoints (info, health) and CORS.
+* :mod:`.reload`: reloading the configuration of a running relay (``SIGHUP``).
 """
 
 from __future__ import annotations
 
 from .lifecycle import EmbeddedTool
+from .reload import RelayHandle, ReloadReport
 from .serve import serve_relay
 
-__all__ = ["EmbeddedTool", "serve_relay"]
+__all__ = ["EmbeddedTool", "RelayHandle", "ReloadReport", "serve_relay"]

@@ -37,6 +37,7 @@ from ..core.middleware import Middleware
 from .dispatch import Dispatcher
 from .handshake import Opened, PendingByAddress, open_websocket
 from .lifecycle import EmbeddedTool, Lifecycle
+from .reload import RelayHandle
 from .routes import HttpRoutes
 
 __all__ = ["serve_relay"]
@@ -76,6 +77,8 @@ class _Relay:
         embedded_tools: Mapping[str, EmbeddedTool] | None,
         middleware: Sequence[Middleware] = (),
     ) -> None:
+        #: Whether the authenticator is the relay's own (a reload then gives it the new keys).
+        self.own_authenticator = authenticator is None
         if authenticator is None:
             if not config.key:
                 raise ValueError("RelayConfig.key is required when no authenticator is given")
@@ -254,6 +257,7 @@ async def serve_relay(
     embedded_tools: Mapping[str, EmbeddedTool] | None = None,
     listeners: Sequence[trio.abc.Listener[Any]] | None = None,
     middleware: Sequence[Middleware] = (),
+    handle: RelayHandle | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the relay until cancelled, or until ``shutdown`` is set.
@@ -283,6 +287,8 @@ async def serve_relay(
         middleware: objects that see every caller request and its answer, with its agent,
             caller and server, and may pass, rewrite or refuse it (see
             :mod:`trio_mcp_relay.core.middleware`; :class:`~trio_mcp_relay.Middleware`).
+        handle: a :class:`~trio_mcp_relay.RelayHandle` to reload this relay's configuration
+            through while it runs (see :mod:`trio_mcp_relay.server.reload`).
         task_status: for ``nursery.start``.
 
     Resource handling:
@@ -313,17 +319,22 @@ async def serve_relay(
         await outer.start(relay.run_connections, listeners, connections_scope)
         log.info("listening on %s:%d", config.host, port)
         log.info("health check at /mcp_endpoint/health?key=%s", redact(relay.admin_key))
+        if handle is not None:
+            handle._attach(relay)
         task_status.started(port)
         try:
             if shutdown is None:
                 await trio.sleep_forever()
             await shutdown.wait()
-            log.info("shutting down: in-flight requests get %g s", config.shutdown_grace)
-            await relay.lifecycle.shutdown(config.shutdown_grace)
+            grace = relay.config.shutdown_grace  # a reload may have changed it
+            log.info("shutting down: in-flight requests get %g s", grace)
+            await relay.lifecycle.shutdown(grace)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
                 relay.lifecycle.close_all()
                 await relay.lifecycle.wait_closed()
             raise
         finally:
+            if handle is not None:
+                handle._detach()
             connections_scope.cancel()

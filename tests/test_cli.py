@@ -210,6 +210,7 @@ def test_serve_prints_banner_and_exits_0_on_keyboard_interrupt(
         *,
         shutdown: trio.Event | None = None,
         embedded_tools: Any = None,
+        handle: Any = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         seen.append(config)
@@ -232,6 +233,7 @@ def test_serve_reports_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyP
         *,
         shutdown: trio.Event | None = None,
         embedded_tools: Any = None,
+        handle: Any = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         raise OSError(errno.EADDRINUSE, "Address already in use")

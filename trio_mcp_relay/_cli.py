@@ -60,6 +60,7 @@ class _ServeRelay(Protocol):
         *,
         shutdown: trio.Event | None = ...,
         embedded_tools: Mapping[str, Callable[[Any], Awaitable[None]]] | None = ...,
+        handle: Any = ...,
         task_status: trio.TaskStatus[int] = ...,
     ) -> Awaitable[Any]: ...
 
@@ -137,20 +138,33 @@ async def run_with_banner(
     config: RelayConfig,
     serve_relay: _ServeRelay,
     embedded_tools: Mapping[str, Callable[[Any], Awaitable[None]]] | None = None,
+    reload_config: Callable[[], RelayConfig] | None = None,
 ) -> None:
     """Run ``serve_relay`` and print the banner once it is listening.
 
     The first SIGINT (Ctrl-C) or SIGTERM (``docker stop``) starts a graceful shutdown: stop
     accepting, give in-flight requests ``shutdown_grace`` seconds, close every peer with 1001.
-    A second signal cuts the grace period short.
+    A second signal cuts the grace period short. With ``reload_config``, SIGHUP reloads the
+    configuration: what it returns is handed to the relay (see ``server/reload.py``), and
+    when it raises :class:`ConfigError` the error is logged and nothing changes.
 
     Args:
         config: The loaded configuration.
         serve_relay: The server entry point; it reports its port via ``task_status``.
+        embedded_tools: For ``serve_relay``.
+        reload_config: Loads the configuration again, from the sources it came from.
     """
     shutdown = trio.Event()
     log = logging.getLogger("trio_mcp_relay")
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    hangup = getattr(signal, "SIGHUP", None) if reload_config is not None else None
+    handle: Any = None
+    extra: dict[str, Any] = {}
+    if hangup is not None:
+        from trio_mcp_relay.server import RelayHandle
+
+        handle = extra["handle"] = RelayHandle()
+    watched = [signal.SIGINT, signal.SIGTERM] + ([hangup] if hangup is not None else [])
+    with trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
 
             async def serve(*, task_status: trio.TaskStatus[int]) -> None:
@@ -159,6 +173,7 @@ async def run_with_banner(
                     shutdown=shutdown,
                     embedded_tools=embedded_tools,
                     task_status=task_status,
+                    **extra,
                 )
                 nursery.cancel_scope.cancel()  # the graceful shutdown is complete
 
@@ -166,12 +181,28 @@ async def run_with_banner(
             for line in banner(config, port):
                 print(line, flush=True)
             async for signum in signals:
+                if signum == hangup:
+                    assert reload_config is not None
+                    _reload(handle, reload_config, log)
+                    continue
                 if shutdown.is_set():
                     log.warning("second signal: stopping now")
                     nursery.cancel_scope.cancel()
                     break
                 log.info("%s: shutting down gracefully", signal.Signals(signum).name)
                 shutdown.set()
+
+
+def _reload(handle: Any, reload_config: Callable[[], RelayConfig], log: logging.Logger) -> None:
+    """SIGHUP: load the configuration again and hand it to the running relay."""
+    log.info("SIGHUP: reloading the configuration")
+    try:
+        loaded = reload_config()
+    except ConfigError as exc:
+        log.error("reload failed, nothing changed: %s", exc)
+        return
+    if handle.running:
+        handle.reload(loaded)
 
 
 def _embedded_tools(specs: list[str], app_dir: Path) -> dict[str, Callable[[Any], Awaitable[None]]]:
@@ -448,6 +479,9 @@ def serve(
     Prints the health URL and scoped tool, caller and xiaozhi-server URLs (for agent
     single_module) once listening. Flags
     beat environment variables, which beat the config file, which beats the defaults.
+    SIGHUP reads the config file again and applies what can change live (keys, [tools]
+    filters, [limits], log level) without dropping a connection; the log says what changed
+    and what needs a restart.
     """
     flags: dict[str, object | None] = {
         "host": host,
@@ -481,9 +515,16 @@ def serve(
         "reference_tokens": reference_tokens,
         "trusted_proxies": ",".join(trusted_proxies) if trusted_proxies else None,
     }
+    environ = dict(os.environ)  # a reload reads the environment as it was at start
+
+    def reload_config() -> RelayConfig:
+        return load_config(
+            flags=flags, environ=environ, config_file=config, data_dir=data_dir, generate_key=False
+        )
+
     try:
         relay_config = load_config(
-            flags=flags, environ=os.environ, config_file=config, data_dir=data_dir
+            flags=flags, environ=environ, config_file=config, data_dir=data_dir
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -498,7 +539,7 @@ def serve(
 
     failed: BaseExceptionGroup[OSError] | None = None
     try:
-        trio.run(run_with_banner, relay_config, serve_relay, embedded)
+        trio.run(run_with_banner, relay_config, serve_relay, embedded, reload_config)
     except* KeyboardInterrupt:
         pass
     except* OSError as group:

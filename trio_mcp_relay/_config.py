@@ -18,7 +18,9 @@ reference server in place and keep its key (and so every token already handed ou
     enable_cors = true
 
 Settings only this relay has live in the same file (``[security] reference_tokens``,
-``[security] trusted_proxies``); the reference ignores what it does not know.
+``[security] trusted_proxies``, ``[tools]`` filters, and the limits and timeouts under
+``[limits]`` by their field names, e.g. ``max_inflight_per_caller = 20``); the reference
+ignores what it does not know.
 
 Key rotation: ``[server] key``, ``SERVER_KEY`` and ``--key`` (repeatable) take several keys,
 comma-separated. The first becomes :attr:`RelayConfig.key` (it makes new tokens and is the
@@ -353,6 +355,34 @@ _FILE_NAMES: Final = {
     "trusted_proxies": ("security", "trusted_proxies"),
     "tool_filters": ("tools", "allow/deny"),
 }
+# Limits and timeouts only this relay has, under their own names, so that a reload (SIGHUP)
+# can change them: flags stay as they were given at start, the file is read again.
+_LIMITS: Final = (
+    "max_message_size",
+    "handshake_timeout",
+    "forward_timeout",
+    "tool_request_timeout",
+    "init_timeout",
+    "request_timeout",
+    "outbox_size",
+    "outbox_bytes",
+    "max_queued_bytes",
+    "max_pending_per_address",
+    "ping_interval",
+    "ping_timeout",
+    "max_connections",
+    "max_callers_per_agent",
+    "max_inflight_per_caller",
+    "max_tool_requests",
+    "slow_caller_grace",
+    "shutdown_grace",
+    "auth_failures",
+    "auth_window",
+    "auth_ban",
+    "auth_delay",
+    "auth_concurrency",
+)
+_FILE_NAMES.update({name: ("limits", name) for name in _LIMITS})
 
 # previous_keys is not a setting of its own: it is what follows the first key in "key".
 _SETTING_OF: Final = {"previous_keys": "key"}
@@ -500,6 +530,7 @@ def load_config(
     environ: Mapping[str, str],
     config_file: Path | None,
     data_dir: Path | None,
+    generate_key: bool = True,
 ) -> RelayConfig:
     """Merge flags, environment, config file and defaults into a :class:`RelayConfig`.
 
@@ -514,6 +545,8 @@ def load_config(
             ``<data dir>/.mcp-endpoint-server.cfg`` if it exists.
         data_dir: The data directory given on the command line, if any; it beats
             ``flags["data_dir"]`` and ``DATA_DIR``.
+        generate_key: With no key anywhere, make one and save it (below). False makes that
+            a :class:`ConfigError` instead: a reload must not replace every key in use.
 
     Returns:
         The configuration, always with a key. When no source gives one, a fresh 32-hex-digit
@@ -553,6 +586,8 @@ def load_config(
     if "key" in merged:
         _split_keys(merged)
     generated_key = "key" not in merged
+    if generated_key and not generate_key:
+        raise ConfigError(f"[server] key in {path}: no key in the flags, environment or file")
     if generated_key:
         # The reference's own format: 32 hex characters (it uses uuid4().hex).
         merged["key"] = (secrets.token_hex(16), _GENERATED)

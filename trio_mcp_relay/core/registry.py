@@ -135,6 +135,29 @@ class Router:
     def max_tool_requests(self, value: int) -> None:
         self._policy.max_tool_requests = value
 
+    @property
+    def init_timeout(self) -> float:
+        return self._policy.init_timeout
+
+    @init_timeout.setter
+    def init_timeout(self, value: float) -> None:
+        self._policy.init_timeout = value
+
+    def set_filters(
+        self,
+        filters: Mapping[str, AgentFilters],
+        default_filters: AgentFilters | None = None,
+        now: float = 0.0,
+    ) -> None:
+        """Replace the tool filters (arguments as for the constructor), for the agents
+        connected now and those to come. Callers whose view of the tools changes get
+        ``notifications/tools/list_changed`` after ``list_changed_delay``, from
+        :meth:`expire`, as for any other change to the catalog."""
+        self._policy.filters = dict(filters)
+        self._policy.default_filters = default_filters or AgentFilters()
+        for name, session in self._sessions.items():
+            session.set_filters(self._policy.filters.get(name, self._policy.default_filters), now)
+
     # ------------------------------------------------------------------ introspection
 
     def role(self, conn: int) -> Role | None:

@@ -80,6 +80,7 @@ hands each back to its session, which acts only if it still applies.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -172,10 +173,10 @@ class Policy:
 
 @attrs.define(slots=True)
 class Deadlines:
-    """The deadlines sessions set, each queue in the order they were set.
+    """The deadlines sessions set, each queue sorted by deadline.
 
-    Each timeout is a constant, so each queue is sorted; entries whose request completed
-    first are skipped when they come up.
+    Each timeout is a constant between changes of the settings, so an entry almost always
+    goes at the end; entries whose request completed first are skipped when they come up.
     """
 
     requests: deque[tuple[float, Session, int, Pending]] = attrs.Factory(deque)
@@ -186,9 +187,21 @@ class Deadlines:
     added: bool = False
 
     def push(self, queue: deque[Any], entry: Any) -> None:
+        """Add ``entry`` (its deadline first) to ``queue``, keeping the queue sorted."""
+        if queue and entry[0] < queue[-1][0]:
+            # A timeout was shortened (a configuration reload): this deadline comes before
+            # some set under the old timeout, and must not wait behind them.
+            queue.insert(bisect.bisect_right(queue, entry[0], key=_deadline), entry)
+            if queue[0] is entry:
+                self.added = True
+            return
         queue.append(entry)
         if len(queue) == 1:
             self.added = True
+
+
+def _deadline(entry: tuple[Any, ...]) -> float:
+    return float(entry[0])
 
 
 @attrs.define(slots=True, eq=False)
@@ -423,6 +436,12 @@ class Session:
         return actions
 
     # ------------------------------------------------------------------ list_changed to callers
+
+    def set_filters(self, filters: AgentFilters, now: float) -> None:
+        """Replace this agent's tool filters; callers hear of what that changed for them
+        (``list_changed``) as of any other change to the catalog."""
+        change = self.catalog.set_filters(tool_filter=filters.tools, server_filters=filters.servers)
+        self.note(change, now)
 
     def note(self, change: Change, now: float) -> None:
         if not change.kinds:

@@ -10,11 +10,13 @@ Where each piece lives:
 * :mod:`.lifecycle`: deadline timer, keepalive, embedded tools, shutdown.
 * :mod:`.routes`: the plain HTTP endpoints (info, health, status) and CORS.
 * :mod:`.status`: the status page (HTML and JSON); :mod:`.recent`: its ring of recent errors.
+* :mod:`.reload`: reloading the configuration of a running relay (``SIGHUP``).
 """
 
 from __future__ import annotations
 
 from .lifecycle import EmbeddedTool
+from .reload import RelayHandle, ReloadReport
 from .serve import serve_relay
 
-__all__ = ["EmbeddedTool", "serve_relay"]
+__all__ = ["EmbeddedTool", "RelayHandle", "ReloadReport", "serve_relay"]

@@ -37,6 +37,7 @@ from ..core.middleware import Middleware
 from .dispatch import Dispatcher
 from .handshake import Opened, PendingByAddress, open_websocket
 from .lifecycle import EmbeddedTool, Lifecycle
+from .reload import RelayHandle
 from .routes import HttpRoutes
 from .status import StatusPage
 
@@ -78,6 +79,8 @@ class _Relay:
         middleware: Sequence[Middleware] = (),
     ) -> None:
         derive_tokens = authenticator is None and config.reference_tokens
+        #: Whether the authenticator is the relay's own (a reload then gives it the new keys).
+        self.own_authenticator = authenticator is None
         if authenticator is None:
             if not config.key:
                 raise ValueError("RelayConfig.key is required when no authenticator is given")
@@ -112,17 +115,20 @@ class _Relay:
         self.pending = PendingByAddress(config.max_pending_per_address)
         self.admin_key = config.admin_key or config.key or ""
         health_keys = (config.admin_key,) if config.admin_key else config.keys
-        signing_key = config.key or ""
         self.status = StatusPage(
             router,
             self.dispatcher.recent,
-            (lambda agent: encrypt_token(signing_key, agent)) if derive_tokens else None,
+            self._reference_token if derive_tokens else None,
             f"{config.host}:{config.port}",
         )
         self.routes = HttpRoutes(
             config, health_keys, self._connections, self.limiter, status=self.status
         )
         self._open_streams = 0
+
+    def _reference_token(self, agent: str) -> str:
+        """The agent's reference token under the current signing key (a reload may change it)."""
+        return encrypt_token(self.config.key or "", agent)
 
     def _connections(self) -> dict[str, Any]:
         """The health check's ``connections``: the reference's counts, plus each agent's
@@ -265,6 +271,7 @@ async def serve_relay(
     embedded_tools: Mapping[str, EmbeddedTool] | None = None,
     listeners: Sequence[trio.abc.Listener[Any]] | None = None,
     middleware: Sequence[Middleware] = (),
+    handle: RelayHandle | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the relay until cancelled, or until ``shutdown`` is set.
@@ -294,6 +301,8 @@ async def serve_relay(
         middleware: objects that see every caller request and its answer, with its agent,
             caller and server, and may pass, rewrite or refuse it (see
             :mod:`trio_mcp_relay.core.middleware`; :class:`~trio_mcp_relay.Middleware`).
+        handle: a :class:`~trio_mcp_relay.RelayHandle` to reload this relay's configuration
+            through while it runs (see :mod:`trio_mcp_relay.server.reload`).
         task_status: for ``nursery.start``.
 
     Resource handling:
@@ -325,17 +334,22 @@ async def serve_relay(
         log.info("listening on %s:%d", config.host, port)
         log.info("health check at /mcp_endpoint/health?key=%s", redact(relay.admin_key))
         log.info("status page at /mcp_endpoint/status?key=%s", redact(relay.admin_key))
+        if handle is not None:
+            handle._attach(relay)
         task_status.started(port)
         try:
             if shutdown is None:
                 await trio.sleep_forever()
             await shutdown.wait()
-            log.info("shutting down: in-flight requests get %g s", config.shutdown_grace)
-            await relay.lifecycle.shutdown(config.shutdown_grace)
+            grace = relay.config.shutdown_grace  # a reload may have changed it
+            log.info("shutting down: in-flight requests get %g s", grace)
+            await relay.lifecycle.shutdown(grace)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
                 relay.lifecycle.close_all()
                 await relay.lifecycle.wait_closed()
             raise
         finally:
+            if handle is not None:
+                handle._detach()
             connections_scope.cancel()

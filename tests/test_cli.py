@@ -30,6 +30,10 @@ ENV_NAMES = (
     "ENABLE_CORS",
     "ALLOWED_ORIGINS",
     "DATA_DIR",
+    "LOG_FILE",
+    "LOG_MAX_FILE_SIZE",
+    "LOG_BACKUP_COUNT",
+    "LOG_FORMAT",
 )
 
 runner = CliRunner()
@@ -109,6 +113,15 @@ def test_config_file_error_names_option_and_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert f"error: [server] port in {cfg}: 'eighty' is not an integer" in result.stderr
+
+
+def test_a_log_file_that_cannot_be_created_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["serve", "--data-dir", str(tmp_path), "--key", KEY, "--port", "0"]
+    result = runner.invoke(app, [*args, "--log-file", str(blocker / "relay.log")])
+    assert result.exit_code == 2
+    assert f"error: log file {blocker / 'relay.log'}: " in result.stderr
 
 
 def test_missing_explicit_config_file_exits_2(tmp_path: Path) -> None:

@@ -121,6 +121,10 @@ def test_field_names_and_defaults() -> None:
         "trusted_proxies": (),
         "init_timeout": 10.0,
         "tool_filters": attrs.Factory(dict),
+        "log_file": "",
+        "max_file_size": 10 * 1024 * 1024,
+        "backup_count": 5,
+        "log_format": "text",
     }
 
 

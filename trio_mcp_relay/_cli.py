@@ -9,6 +9,7 @@ carries the key.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -24,13 +25,13 @@ import typer
 from trio_mcp_relay import _cmd_client, _cmd_pipe, _cmd_tools
 from trio_mcp_relay._auth import (
     Endpoint,
-    RedactingFilter,
     TokenRole,
     endpoint_url,
     health_url,
     scoped_token,
 )
 from trio_mcp_relay._config import ConfigError, RelayConfig, load_config, local_ip
+from trio_mcp_relay._logs import configured_logging
 
 __all__ = ["app", "main"]
 
@@ -270,7 +271,8 @@ def serve(
         typer.Option(
             "--config",
             help="Reference-format INI file ([server] host, port, key, log_level; [security] "
-            "allowed_origins, enable_cors); it must exist. No env var. "
+            "allowed_origins, enable_cors; [logging] log_file, max_file_size, backup_count); "
+            "it must exist. No env var. "
             "Default: <data dir>/.mcp-endpoint-server.cfg if it exists.",
             dir_okay=False,
         ),
@@ -453,6 +455,39 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    log_file: Annotated[
+        str | None,
+        typer.Option(
+            help="Also write the log to this file, rotated by size; relative to the working "
+            "directory. Env: LOG_FILE. Config: [logging] log_file. Default: none.",
+            show_default=False,
+        ),
+    ] = None,
+    max_file_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Size at which the log file is rotated: 10MB, 512KB, 100B or bytes. "
+            "Env: LOG_MAX_FILE_SIZE. Config: [logging] max_file_size. Default: 10MB.",
+            show_default=False,
+        ),
+    ] = None,
+    backup_count: Annotated[
+        int | None,
+        typer.Option(
+            help="Rotated log files kept (FILE.1 is the newest). Env: LOG_BACKUP_COUNT. "
+            "Config: [logging] backup_count. Default: 5.",
+            show_default=False,
+        ),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="text, or json: one JSON object per line (time, level, logger, message and "
+            "extras) for log shippers. Env: LOG_FORMAT. Config: [logging] log_format. "
+            "Default: text.",
+            show_default=False,
+        ),
+    ] = None,
     tools: Annotated[
         list[str] | None,
         typer.Option(
@@ -514,6 +549,10 @@ def serve(
         "auth_concurrency": auth_concurrency,
         "reference_tokens": reference_tokens,
         "trusted_proxies": ",".join(trusted_proxies) if trusted_proxies else None,
+        "log_file": log_file,
+        "max_file_size": max_file_size,
+        "backup_count": backup_count,
+        "log_format": log_format,
     }
     environ = dict(os.environ)  # a reload reads the environment as it was at start
 
@@ -531,19 +570,32 @@ def serve(
         raise typer.Exit(2) from None
 
     embedded = _embedded_tools(tools or [], app_dir)
-    logging.basicConfig(level=relay_config.log_level, format=LOG_FORMAT)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
-
     serve_relay = _load_server()
 
     failed: BaseExceptionGroup[OSError] | None = None
-    try:
-        trio.run(run_with_banner, relay_config, serve_relay, embedded, reload_config)
-    except* KeyboardInterrupt:
-        pass
-    except* OSError as group:
-        failed = group
+    with contextlib.ExitStack() as logs:
+        try:
+            logs.enter_context(
+                configured_logging(
+                    level=relay_config.log_level,
+                    log_format=relay_config.log_format,
+                    log_file=relay_config.log_file,
+                    max_file_size=relay_config.max_file_size,
+                    backup_count=relay_config.backup_count,
+                    secrets=(*relay_config.keys, relay_config.admin_key or ""),
+                    text_format=LOG_FORMAT,
+                )
+            )
+        except OSError as exc:
+            detail = exc.strerror or exc
+            print(f"error: log file {relay_config.log_file}: {detail}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        try:
+            trio.run(run_with_banner, relay_config, serve_relay, embedded, reload_config)
+        except* KeyboardInterrupt:
+            pass
+        except* OSError as group:
+            failed = group
     if failed is not None:
         _exit_on_os_error(failed, relay_config)
 

@@ -17,10 +17,16 @@ reference server in place and keep its key (and so every token already handed ou
     allowed_origins = *
     enable_cors = true
 
+    [logging]
+    log_file = logs/mcp_server.log
+    max_file_size = 10MB
+    backup_count = 5
+
 Settings only this relay has live in the same file (``[security] reference_tokens``,
-``[security] trusted_proxies``, ``[tools]`` filters, and the limits and timeouts under
-``[limits]`` by their field names, e.g. ``max_inflight_per_caller = 20``); the reference
-ignores what it does not know.
+``[security] trusted_proxies``, ``[logging] log_format``, ``[tools]`` filters, and the limits
+and timeouts under ``[limits]`` by their field names, e.g. ``max_inflight_per_caller = 20``);
+the reference ignores what it does not know. ``[logging]`` is read as the reference reads it:
+see :mod:`trio_mcp_relay._logs`.
 
 Key rotation: ``[server] key``, ``SERVER_KEY`` and ``--key`` (repeatable) take several keys,
 comma-separated. The first becomes :attr:`RelayConfig.key` (it makes new tokens and is the
@@ -46,13 +52,14 @@ import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, NewType, TypeAlias
 
 import attrs
 import cattrs
 from cattrs.errors import ClassValidationError
 
 from trio_mcp_relay._auth import redact
+from trio_mcp_relay._logs import parse_size
 from trio_mcp_relay._proxies import parse_networks
 from trio_mcp_relay.core.catalog import ToolFilter
 from trio_mcp_relay.core.session import AgentFilters
@@ -63,6 +70,10 @@ CONFIG_FILE_NAME: Final = ".mcp-endpoint-server.cfg"
 """The reference server's config file name, inside the data directory."""
 
 _LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+_LOG_FORMATS: Final = frozenset({"text", "json"})
+
+ByteSize = NewType("ByteSize", int)
+"""A number of bytes, also given as the reference writes sizes (``10MB``, ``512KB``)."""
 _BOOLEANS: Final = configparser.ConfigParser.BOOLEAN_STATES
 
 
@@ -85,6 +96,10 @@ class _InvalidValue(ValueError):
 
 def _upper(value: str) -> str:
     return value.upper()
+
+
+def _lower(value: str) -> str:
+    return value.lower()
 
 
 def _one_of(choices: frozenset[str]) -> Callable[[object, attrs.Attribute[str], str], None]:
@@ -214,6 +229,12 @@ class RelayConfig:
         trusted_proxies: Addresses and networks (``10.0.0.0/8``) of reverse proxies whose
             ``Forwarded``, ``X-Forwarded-For`` or ``X-Real-IP`` header names the client
             address used for limits and logs; from anyone else these headers are ignored.
+        log_file: File the log also goes to, rotated by size; relative to the working
+            directory (as the reference); empty (the default): no file.
+        max_file_size: Bytes a log file may reach before it is rotated (``10MB`` in the
+            file); 0 never rotates.
+        backup_count: Rotated log files kept (``log_file.1`` newest); 0 keeps none.
+        log_format: ``text`` or ``json`` (one JSON object per line), for stderr and the file.
     """
 
     host: str = attrs.field(default="0.0.0.0", validator=_not_empty)
@@ -253,6 +274,12 @@ class RelayConfig:
     trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_networks)
     init_timeout: float = attrs.field(default=10.0, validator=_positive)
     tool_filters: Mapping[str, AgentFilters] = attrs.field(factory=dict, eq=False)
+    log_file: str = ""
+    max_file_size: ByteSize = attrs.field(
+        default=ByteSize(10 * 1024 * 1024), validator=_zero_or_positive
+    )
+    backup_count: int = attrs.field(default=5, validator=_zero_or_positive)
+    log_format: str = attrs.field(default="text", converter=_lower, validator=_one_of(_LOG_FORMATS))
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -306,6 +333,14 @@ def _structure_origins(value: object, _: type) -> tuple[str, ...]:
     raise ValueError(f"{value!r} is not a comma-separated list")
 
 
+def _structure_size(value: object, _: type) -> ByteSize:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ByteSize(value)
+    if isinstance(value, str):
+        return ByteSize(parse_size(value))
+    raise ValueError(f"{value!r} is not a size")
+
+
 def _structure_path(value: object, _: type) -> Path:
     if isinstance(value, Path):
         return value
@@ -321,6 +356,7 @@ _converter.register_structure_hook(float, _structure_float)
 _converter.register_structure_hook(bool, _structure_bool)
 _converter.register_structure_hook_func(lambda type_: type_ == tuple[str, ...], _structure_origins)
 _converter.register_structure_hook(Path, _structure_path)
+_converter.register_structure_hook(ByteSize, _structure_size)
 _converter.register_structure_hook_func(
     lambda type_: type_ == Mapping[str, AgentFilters], lambda value, _: dict(value)
 )
@@ -339,6 +375,10 @@ _ENV_NAMES: Final = {
     "admin_key": "ADMIN_KEY",
     "reference_tokens": "REFERENCE_TOKENS",
     "trusted_proxies": "TRUSTED_PROXIES",
+    "log_file": "LOG_FILE",
+    "max_file_size": "LOG_MAX_FILE_SIZE",
+    "backup_count": "LOG_BACKUP_COUNT",
+    "log_format": "LOG_FORMAT",
 }
 
 # The reference's [server] debug switches uvicorn's auto-reload, which has no counterpart
@@ -354,6 +394,10 @@ _FILE_NAMES: Final = {
     "reference_tokens": ("security", "reference_tokens"),
     "trusted_proxies": ("security", "trusted_proxies"),
     "tool_filters": ("tools", "allow/deny"),
+    "log_file": ("logging", "log_file"),
+    "max_file_size": ("logging", "max_file_size"),
+    "backup_count": ("logging", "backup_count"),
+    "log_format": ("logging", "log_format"),
 }
 # Limits and timeouts only this relay has, under their own names, so that a reload (SIGHUP)
 # can change them: flags stay as they were given at start, the file is read again.
@@ -540,7 +584,8 @@ def load_config(
         environ: The environment, usually ``os.environ``. Read: ``HOST``, ``PORT``,
             ``SERVER_KEY`` (comma-separated keys, the signing key first), ``LOG_LEVEL``,
             ``ENABLE_CORS``, ``ALLOWED_ORIGINS`` (comma separated), ``DATA_DIR``,
-            ``ADMIN_KEY``, ``REFERENCE_TOKENS`` and ``TRUSTED_PROXIES`` (comma separated).
+            ``ADMIN_KEY``, ``REFERENCE_TOKENS``, ``TRUSTED_PROXIES`` (comma separated),
+            ``LOG_FILE``, ``LOG_MAX_FILE_SIZE``, ``LOG_BACKUP_COUNT`` and ``LOG_FORMAT``.
         config_file: A reference-format INI file that must exist; ``None`` reads
             ``<data dir>/.mcp-endpoint-server.cfg`` if it exists.
         data_dir: The data directory given on the command line, if any; it beats

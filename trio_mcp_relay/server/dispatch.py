@@ -34,6 +34,7 @@ import trio
 from .._config import RelayConfig
 from .._routing import Action, Close, Role, Router, Send
 from .._transport import ConnectionClosed, WebSocket
+from .access import log_access
 from .outbox import ByteBudget, Outbox
 from .peer import Peer, PeerState
 from .recent import RecentErrors
@@ -235,6 +236,7 @@ class Dispatcher:
         *,
         accept: Callable[[], Awaitable[None]] | None = None,
         server_id: str | None = None,
+        remote: str = "memory",
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Register the connection, send its handshake answer, then read until it ends.
@@ -246,14 +248,16 @@ class Dispatcher:
             accept: writes the handshake answer (the 101); the peer is known to the router
                 before it is called.
             server_id: a tool connection's ``server_id``, if it has one.
+            remote: the client's address, for the access log line written when it ends.
             task_status: ``started(conn)`` with its connection number, once the router knows
                 the connection and it is open.
         """
         conn = next(self._ids)
         config = self.config
         outbox = Outbox(config.outbox_size, config.outbox_bytes, self.budget)
+        started = trio.current_time()
         async with trio.open_nursery() as nursery:
-            peer = Peer(conn, role, agent, ws, outbox, nursery, trio.current_time())
+            peer = Peer(conn, role, agent, ws, outbox, nursery, started)
             peer.watchdog = self._watch
             self.peers[conn] = peer
             try:
@@ -269,11 +273,13 @@ class Dispatcher:
                 task_status.started(conn)
                 await self._read(peer)
             finally:
+                identity = self.router.identity_of(conn) or server_id
                 self.unregister(peer)
                 outbox.close()
                 outbox.clear()  # give back its bytes to the relay's budget
                 peer.ended()
                 nursery.cancel_scope.cancel()
+                log_access(peer, remote, identity, trio.current_time() - started)
 
     async def _read(self, peer: Peer) -> None:
         router = self.router
@@ -284,7 +290,9 @@ class Dispatcher:
                 message = await ws.receive()
             except ConnectionClosed as exc:
                 log.debug("connection %d closed: %d %s", conn, exc.code, exc.reason)
+                peer.received_close = exc.code
                 return
+            peer.frames_in += 1
             actions = router.received(conn, message, trio.current_time())
             if actions:
                 self.dispatch(actions)

@@ -86,6 +86,11 @@ class Peer:
     #: Started with the writer: watches how long frames stay queued (the dispatcher's policy).
     watchdog: Callable[[Peer], Awaitable[None]] | None = None
     _write_scope: trio.CancelScope | None = None
+    #: JSON frames received from it and sent (or queued) to it, for the access log.
+    frames_in: int = 0
+    frames_out: int = 0
+    #: The close code the peer sent, if it closed (or answered our close).
+    received_close: int | None = None
 
     # ------------------------------------------------------------------ sending
 
@@ -97,8 +102,10 @@ class Peer:
             trio.ClosedResourceError: the peer is closing.
         """
         if self._may_write_now() and self._write_now(encode_text_frame(data)):
+            self.frames_out += 1
             return
         self.outbox.put_nowait(data, request=request)
+        self.frames_out += 1
         self.start_writer()
 
     def ping_nowait(self) -> None:

@@ -93,6 +93,11 @@ RESTART_SETTINGS: Final = frozenset(
         "auth_ban",
         "auth_delay",
         "auth_concurrency",
+        # The log file and format are set up once, before the relay starts.
+        "log_file",
+        "max_file_size",
+        "backup_count",
+        "log_format",
     }
 )
 

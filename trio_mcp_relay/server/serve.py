@@ -243,7 +243,12 @@ class _Relay:
         log.info("%s: %s connected for agent %s", remote, role.value, agent)
         try:
             await self.dispatcher.run_peer(
-                opened.ws, role, agent, accept=opened.accept, server_id=opened.server_id
+                opened.ws,
+                role,
+                agent,
+                accept=opened.accept,
+                server_id=opened.server_id,
+                remote=remote,
             )
         finally:
             log.info("%s: %s for agent %s disconnected", remote, role.value, agent)

@@ -79,8 +79,8 @@ def test_checker_reports_a_planted_id_type_bug(monkeypatch: pytest.MonkeyPatch) 
     (Every integer id is affected, so any script with one answered integer id finds it.)"""
     original = RoutingSession._response_from_server
 
-    def stringly(self: RoutingSession, server: Any, frame: Any) -> Any:
-        actions = original(self, server, frame)
+    def stringly(self: RoutingSession, server: Any, frame: Any, now: float) -> Any:
+        actions = original(self, server, frame, now)
         return [attrs.evolve(a, data=INT_ID.sub(rb'"id":"\1",', a.data)) for a in actions]
 
     monkeypatch.setattr(RoutingSession, "_response_from_server", stringly)

@@ -212,6 +212,11 @@ class RelayConfig:
         trusted_proxies: Addresses and networks (``10.0.0.0/8``) of reverse proxies whose
             ``Forwarded``, ``X-Forwarded-For`` or ``X-Real-IP`` header names the client
             address used for limits and logs; from anyone else these headers are ignored.
+        metrics_token: A token that opens ``/metrics`` besides the admin key (so a
+            Prometheus server need not hold the admin key). Its ``repr`` is redacted.
+        metrics_agents: Agents that always get their own label in ``/metrics``.
+        metrics_top_agents: How many more agents (those with the most connections) get
+            their own label in ``/metrics``; the others are counted as ``other``.
     """
 
     host: str = attrs.field(default="0.0.0.0", validator=_not_empty)
@@ -251,6 +256,9 @@ class RelayConfig:
     trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_networks)
     init_timeout: float = attrs.field(default=10.0, validator=_positive)
     tool_filters: Mapping[str, AgentFilters] = attrs.field(factory=dict, eq=False)
+    metrics_token: str | None = attrs.field(default=None, validator=_key_text, repr=_redact_key)
+    metrics_agents: tuple[str, ...] = ()
+    metrics_top_agents: int = attrs.field(default=10, validator=_zero_or_positive)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -337,6 +345,9 @@ _ENV_NAMES: Final = {
     "admin_key": "ADMIN_KEY",
     "reference_tokens": "REFERENCE_TOKENS",
     "trusted_proxies": "TRUSTED_PROXIES",
+    "metrics_token": "METRICS_TOKEN",
+    "metrics_agents": "METRICS_AGENTS",
+    "metrics_top_agents": "METRICS_TOP_AGENTS",
 }
 
 # The reference's [server] debug switches uvicorn's auto-reload, which has no counterpart
@@ -352,6 +363,9 @@ _FILE_NAMES: Final = {
     "reference_tokens": ("security", "reference_tokens"),
     "trusted_proxies": ("security", "trusted_proxies"),
     "tool_filters": ("tools", "allow/deny"),
+    "metrics_token": ("security", "metrics_token"),
+    "metrics_agents": ("metrics", "agents"),
+    "metrics_top_agents": ("metrics", "top_agents"),
 }
 
 # previous_keys is not a setting of its own: it is what follows the first key in "key".
@@ -509,7 +523,8 @@ def load_config(
         environ: The environment, usually ``os.environ``. Read: ``HOST``, ``PORT``,
             ``SERVER_KEY`` (comma-separated keys, the signing key first), ``LOG_LEVEL``,
             ``ENABLE_CORS``, ``ALLOWED_ORIGINS`` (comma separated), ``DATA_DIR``,
-            ``ADMIN_KEY``, ``REFERENCE_TOKENS`` and ``TRUSTED_PROXIES`` (comma separated).
+            ``ADMIN_KEY``, ``REFERENCE_TOKENS``, ``TRUSTED_PROXIES`` (comma separated),
+            ``METRICS_TOKEN``, ``METRICS_AGENTS`` (comma separated) and ``METRICS_TOP_AGENTS``.
         config_file: A reference-format INI file that must exist; ``None`` reads
             ``<data dir>/.mcp-endpoint-server.cfg`` if it exists.
         data_dir: The data directory given on the command line, if any; it beats

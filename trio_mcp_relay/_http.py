@@ -108,8 +108,10 @@ async def respond(
     *,
     headers: Iterable[tuple[str, str]] = (),
     head_only: bool = False,
+    content_type: str = "application/json",
 ) -> None:
-    """Send one HTTP/1.1 response (JSON body if ``body`` is not None) and end it.
+    """Send one HTTP/1.1 response and end it: a JSON body if ``body`` is not None, or
+    ``body`` as it is if it is ``bytes`` (of ``content_type``).
 
     The caller closes the stream afterwards.
     """
@@ -117,7 +119,7 @@ async def respond(
     # h11 must see a request before it lets us respond: feed it a minimal one.
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     conn.next_event()
-    payload = b"" if body is None else dumps(body)
+    payload = b"" if body is None else body if isinstance(body, bytes) else dumps(body)
     all_headers = [
         ("content-length", str(len(payload))),
         ("connection", "close"),
@@ -125,7 +127,7 @@ async def respond(
         *headers,
     ]
     if body is not None:
-        all_headers.append(("content-type", "application/json"))
+        all_headers.append(("content-type", content_type))
     response = h11.Response(status_code=status, headers=all_headers, reason=_status_reason(status))
     data = conn.send(response)
     assert data is not None

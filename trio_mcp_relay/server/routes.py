@@ -19,8 +19,9 @@ from .._config import RelayConfig
 from .._frames import AUTHENTICATION_ERROR
 from .._guard import FailureLimiter
 from .._http import HttpRequest, respond
+from .counts import ShellCounts
 
-__all__ = ["HttpRoutes", "too_many_failures"]
+__all__ = ["HttpRoutes", "credential", "too_many_failures"]
 
 log = logging.getLogger("trio_mcp_relay.server")
 
@@ -36,6 +37,7 @@ class HttpRoutes:
         health_keys: the keys the health endpoint accepts (any of them).
         stats: the connection counts the health endpoint reports.
         limiter: the failed-authentication policy a wrong key is answered by.
+        counts: where failed authentications are counted, if anywhere.
     """
 
     def __init__(
@@ -44,11 +46,13 @@ class HttpRoutes:
         health_keys: Sequence[str],
         stats: Callable[[], dict[str, Any]],
         limiter: FailureLimiter,
+        counts: ShellCounts | None = None,
     ) -> None:
         self.config = config
         self.health_keys = health_keys
         self._stats = stats
         self._limiter = limiter
+        self._counts = counts
         self._routes: dict[str, _Handler] = {
             "/": self._root,
             "/mcp_endpoint": self._info,
@@ -56,6 +60,10 @@ class HttpRoutes:
             "/mcp_endpoint/health": self._health,
             "/mcp_endpoint/health/": self._health,
         }
+
+    def add_route(self, path: str, handler: _Handler) -> None:
+        """Answer ``path`` with ``handler(stream, request, cors_headers, client)``."""
+        self._routes[path] = handler
 
     def cors_headers(self, request: HttpRequest) -> list[tuple[str, str]]:
         """The CORS headers for an answer to ``request`` (none when CORS is off)."""
@@ -134,6 +142,20 @@ class HttpRoutes:
             }
             await respond(stream, 200, body, headers=cors, head_only=head_only)
             return
+        await self.refuse_key(stream, request, cors, client)
+
+    async def refuse_key(
+        self,
+        stream: trio.abc.Stream,
+        request: HttpRequest,
+        cors: list[tuple[str, str]],
+        client: str,
+    ) -> None:
+        """Answer a request whose key is missing or wrong: 403 after the failed-authentication
+        delay, or 429 for an address that keeps failing."""
+        head_only = request.method == "HEAD"
+        if self._counts is not None:
+            self._counts.auth_failed("admin_key")
         body = {
             "jsonrpc": "2.0",
             "error": {
@@ -153,6 +175,15 @@ class HttpRoutes:
             await respond(stream, 403, body, headers=cors, head_only=head_only)
         finally:
             self._limiter.release(client)
+
+
+def credential(request: HttpRequest) -> str:
+    """The key a request carries: ``?key=``, else ``Authorization: Bearer <key>``."""
+    key = request.query.get("key", "")
+    if key:
+        return key
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
 
 
 async def too_many_failures(stream: trio.abc.Stream, client: str, retry: float) -> None:

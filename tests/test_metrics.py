@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +18,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from trio_mcp_relay import __version__
 from trio_mcp_relay.core.tally import OTHER, Tally
 
 from .helpers import (
@@ -303,3 +311,33 @@ async def test_refused_tokens_are_counted_by_reason(nursery: trio.Nursery) -> No
     assert value(samples, "auth_failures_total", reason="malformed_token") == 1
     assert value(samples, "auth_failures_total", reason="wrong_key") == 1
     assert value(samples, "closes_total", code="1008", why="auth_refused") == 3
+
+
+def test_serve_serves_metrics_to_the_token_from_the_environment(tmp_path: Path) -> None:
+    """The console command, as a subprocess: METRICS_TOKEN opens /metrics by Bearer."""
+    env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "METRICS_TOKEN": TOKEN}
+    for name in ("SERVER_KEY", "DATA_DIR", "ADMIN_KEY", "LOG_LEVEL"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "trio_mcp_relay", "serve", "--metrics-top-agents", "2"]
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as relay:
+        try:
+            assert relay.stdout is not None
+            health_url = [relay.stdout.readline().strip() for _ in range(2)][1].split()[-1]
+            metrics_url = health_url.split("/mcp_endpoint/")[0] + "/metrics"
+            ask = urllib.request.Request(metrics_url, headers={"Authorization": f"Bearer {TOKEN}"})
+            with urllib.request.urlopen(ask, timeout=5) as response:
+                text = response.read().decode()
+            samples = parse(text)
+            assert value(samples, "info", version=__version__) == 1
+            assert value(samples, "connections", role="tool") == 0
+            denied = urllib.request.Request(metrics_url, headers={"Authorization": "Bearer no"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(denied, timeout=5)
+            assert refused.value.code == 403
+            refused.value.close()
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            stderr = relay.communicate(timeout=15)[1]
+    assert TOKEN not in stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -15,11 +16,14 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from trio_mcp_relay import __version__
+from trio_mcp_relay._config import RelayConfig
 from trio_mcp_relay.core.tally import OTHER, Tally
+from trio_mcp_relay.server import serve_relay
 
 from .helpers import (
     KEY,
@@ -31,6 +35,7 @@ from .helpers import (
     result,
     start_relay,
 )
+from .memnet import MemoryNet, PeerClosed
 
 TIMEOUT = 30
 TOKEN = "metrics-token-for-prometheus"
@@ -341,3 +346,49 @@ def test_serve_serves_metrics_to_the_token_from_the_environment(tmp_path: Path) 
             relay.send_signal(signal.SIGTERM)
             stderr = relay.communicate(timeout=15)[1]
     assert TOKEN not in stderr
+
+
+async def memory_scrape(net: MemoryNet) -> Samples:
+    """``/metrics`` over the in-memory network."""
+    stream = net.connect()
+    await stream.send_all(f"GET /metrics?key={KEY} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+    data = b""
+    while chunk := await stream.receive_some():
+        data += chunk
+    await stream.aclose()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return parse(body.decode())
+
+
+async def test_closes_are_counted_by_code(autojump_clock: trio.testing.MockClock) -> None:
+    """A ping timeout (1011), a replaced server (4001), a failed initialization (4003)."""
+    config = RelayConfig(
+        host="memory", port=0, key=KEY, ping_interval=20, ping_timeout=20, init_timeout=5
+    )
+    net = MemoryNet(KEY)
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(serve_relay, config, listeners=[net.listener]))
+            async with net.raw_tool("mute") as mute:
+                mute.pongs = False
+                with pytest.raises(PeerClosed) as closed:
+                    while True:
+                        await mute.receive()
+                assert closed.value.code == 1011
+            async with net.raw_tool("twice") as first, net.raw_tool("twice"):
+                with pytest.raises(PeerClosed) as closed:
+                    while True:
+                        await first.receive()
+                assert closed.value.code == 4001
+            async with net.raw("tool", "silent") as silent:
+                with pytest.raises(PeerClosed) as closed:
+                    while True:
+                        await silent.receive()  # the relay's initialize, never answered
+                assert closed.value.code == 4003
+            samples = await memory_scrape(net)
+            nursery.cancel_scope.cancel()
+    assert value(samples, "closes_total", code="1011", why="ping_timeout") == 1
+    assert value(samples, "closes_total", code="4001", why="replaced") == 1
+    assert value(samples, "closes_total", code="4003", why="init_failed") == 1
+    assert total(samples, "closes_total") == 3

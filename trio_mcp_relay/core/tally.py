@@ -21,7 +21,7 @@ Label cardinality is bounded here, where the keys are made:
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 __all__ = [
@@ -156,19 +156,31 @@ class Tally:
             folded = (OTHER, key[1], key[2])
             requests[folded] = requests.get(folded, 0) + requests.pop(key)
 
-    def answered(self, agent: str, method: str, outcome: str, seconds: float | None) -> None:
+    def answered(
+        self,
+        agent: str,
+        method: str,
+        outcome: str,
+        seconds: float | None,
+        # Bound once: this runs for every request (module globals cost a lookup each).
+        _methods: frozenset[str] = METHODS,
+        _bounds: tuple[float, ...] = LATENCY_BUCKETS,
+        _bisect: Callable[[Sequence[float], float], int] = bisect_left,
+    ) -> None:
         """A caller request of ``agent`` ended with ``outcome``; ``seconds`` after it came in
         when it was answered (None: cancelled, no answer)."""
-        if method not in METHODS:
+        if method not in _methods:
             method = OTHER
-        key = (self.label(agent), method, outcome)
+        if agent not in self.dynamic and agent not in self.named:
+            agent = self.label(agent)
+        key = (agent, method, outcome)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
         if seconds is not None:
             buckets = self.latency.get(method)
             if buckets is None:
-                buckets = self.latency[method] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-            buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+                buckets = self.latency[method] = [0.0] * (len(_bounds) + 2)
+            buckets[_bisect(_bounds, seconds)] += 1
             buckets[-1] += seconds
 
     def tool_request(self, method: str, outcome: str) -> None:

@@ -101,10 +101,10 @@ class Tally:
         slots: how many other agents may have their own label at once.
 
     Attributes:
-        requests: ``(agent label, method label, outcome) -> count`` of caller requests
-            that ended.
-        latency: ``method label -> [count per bucket (the last for +Inf)..., sum]``: seconds
-            from a request's arrival to its answer, for requests that were answered.
+        rows: ``(agent label, method label, outcome) -> [count, count per latency bucket
+            (the last for +Inf)..., sum of seconds]`` of caller requests that ended; the
+            latency only of those that were answered. One row, so one dict lookup, per
+            request.
         tool_requests: ``(method label, outcome) -> count`` of requests servers sent to the
             caller side: ``routed``, or the relay's error code (``-32005``, ``-32007``).
         tool_request_timeouts: ``method label -> count`` of those no caller answered in time.
@@ -112,9 +112,8 @@ class Tally:
 
     __slots__ = (
         "dynamic",
-        "latency",
         "named",
-        "requests",
+        "rows",
         "slots",
         "tool_request_timeouts",
         "tool_requests",
@@ -124,10 +123,27 @@ class Tally:
         self.named = frozenset(named)
         self.slots = slots
         self.dynamic: set[str] = set()
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency: dict[str, list[float]] = {}
+        self.rows: dict[tuple[str, str, str], list[float]] = {}
         self.tool_requests: dict[tuple[str, str], int] = {}
         self.tool_request_timeouts: dict[str, int] = {}
+
+    @property
+    def requests(self) -> dict[tuple[str, str, str], int]:
+        """``(agent label, method label, outcome) -> count`` of caller requests that ended."""
+        return {key: int(row[0]) for key, row in self.rows.items()}
+
+    @property
+    def latency(self) -> dict[str, list[float]]:
+        """``method label -> [count per bucket (the last for +Inf)..., sum]``: seconds from a
+        request's arrival to its answer, over the requests that were answered."""
+        out: dict[str, list[float]] = {}
+        for (_, method, _), row in self.rows.items():
+            if not row[-1] and not any(row[1:-1]):
+                continue  # only cancelled requests: no answer to time
+            total = out.setdefault(method, [0.0] * (len(row) - 1))
+            for index, count in enumerate(row[1:]):
+                total[index] += count
+        return out
 
     def label(self, agent: str) -> str:
         """The agent's label: its name if it has (or can take) one, else ``"other"``."""
@@ -151,10 +167,12 @@ class Tally:
         self.dynamic = wanted
         if not lost:
             return
-        requests = self.requests
-        for key in [k for k in requests if k[0] in lost]:
-            folded = (OTHER, key[1], key[2])
-            requests[folded] = requests.get(folded, 0) + requests.pop(key)
+        rows = self.rows
+        for key in [k for k in rows if k[0] in lost]:
+            row = rows.pop(key)
+            folded = rows.setdefault((OTHER, key[1], key[2]), [0.0] * len(row))
+            for index, count in enumerate(row):
+                folded[index] += count
 
     def answered(
         self,
@@ -166,6 +184,7 @@ class Tally:
         _methods: frozenset[str] = METHODS,
         _bounds: tuple[float, ...] = LATENCY_BUCKETS,
         _bisect: Callable[[Sequence[float], float], int] = bisect_left,
+        _size: int = len(LATENCY_BUCKETS) + 3,
     ) -> None:
         """A caller request of ``agent`` ended with ``outcome``; ``seconds`` after it came in
         when it was answered (None: cancelled, no answer)."""
@@ -174,14 +193,13 @@ class Tally:
         if agent not in self.dynamic and agent not in self.named:
             agent = self.label(agent)
         key = (agent, method, outcome)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = [0.0] * _size
+        row[0] += 1
         if seconds is not None:
-            buckets = self.latency.get(method)
-            if buckets is None:
-                buckets = self.latency[method] = [0.0] * (len(_bounds) + 2)
-            buckets[_bisect(_bounds, seconds)] += 1
-            buckets[-1] += seconds
+            row[1 + _bisect(_bounds, seconds)] += 1
+            row[-1] += seconds
 
     def tool_request(self, method: str, outcome: str) -> None:
         """A server's request to the caller side was routed (or refused with ``outcome``)."""

@@ -362,8 +362,8 @@ def test_fuzz_finds_a_planted_bug_and_prints_the_minimal_script(
 ) -> None:
     original = Session._response_from_server
 
-    def drops_integer_ids(self: Session, server: Any, frame: Any) -> Any:
-        actions = original(self, server, frame)
+    def drops_integer_ids(self: Session, server: Any, frame: Any, now: float) -> Any:
+        actions = original(self, server, frame, now)
         return [a for a in actions if not re.search(rb'"id":-?\d+,', a.data)]
 
     monkeypatch.setattr(Session, "_response_from_server", drops_integer_ids)

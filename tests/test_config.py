@@ -125,6 +125,9 @@ def test_field_names_and_defaults() -> None:
         "max_file_size": 10 * 1024 * 1024,
         "backup_count": 5,
         "log_format": "text",
+        "metrics_token": None,
+        "metrics_agents": (),
+        "metrics_top_agents": 10,
     }
 
 
@@ -627,3 +630,27 @@ def test_trusted_proxies_and_reference_tokens_from_every_source(tmp_path: Path) 
     assert from_env.reference_tokens is True
     from_flags = load(tmp_path, flags={"trusted_proxies": ["192.0.2.0/24", "192.0.2.7"]})
     assert from_flags.trusted_proxies == ("192.0.2.0/24", "192.0.2.7")
+
+
+def test_metrics_settings_from_every_source(tmp_path: Path) -> None:
+    write_cfg(
+        tmp_path,
+        f"[server]\nkey = {KEY}\n[security]\nmetrics_token = from-file\n"
+        "[metrics]\nagents = a, b\ntop_agents = 3\n",
+    )
+    from_file = load(tmp_path)
+    assert from_file.metrics_token == "from-file"
+    assert from_file.metrics_agents == ("a", "b")
+    assert from_file.metrics_top_agents == 3
+    assert "from-file" not in repr(from_file)
+    env = {"METRICS_TOKEN": "from-env", "METRICS_AGENTS": "c", "METRICS_TOP_AGENTS": "0"}
+    from_env = load(tmp_path, environ=env)
+    assert (from_env.metrics_token, from_env.metrics_agents) == ("from-env", ("c",))
+    assert from_env.metrics_top_agents == 0
+    flags = {"metrics_token": "from-flag", "metrics_agents": "d,e", "metrics_top_agents": 5}
+    from_flags = load(tmp_path, environ=env, flags=flags)
+    assert from_flags.metrics_token == "from-flag"
+    assert from_flags.metrics_agents == ("d", "e")
+    assert from_flags.metrics_top_agents == 5
+    error = config_error(tmp_path, environ={"METRICS_TOP_AGENTS": "-1"})
+    assert "METRICS_TOP_AGENTS (environment)" in error

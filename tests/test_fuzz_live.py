@@ -79,8 +79,8 @@ def test_checker_reports_a_planted_id_type_bug(monkeypatch: pytest.MonkeyPatch) 
     (Every integer id is affected, so any script with one answered integer id finds it.)"""
     original = RoutingSession._response_from_server
 
-    def stringly(self: RoutingSession, server: Any, frame: Any) -> Any:
-        actions = original(self, server, frame)
+    def stringly(self: RoutingSession, server: Any, frame: Any, now: float) -> Any:
+        actions = original(self, server, frame, now)
         return [attrs.evolve(a, data=INT_ID.sub(rb'"id":"\1",', a.data)) for a in actions]
 
     monkeypatch.setattr(RoutingSession, "_response_from_server", stringly)
@@ -120,8 +120,8 @@ def test_dropped_tool_notifications_are_their_own_finding(
 def test_a_lost_id_zero_answer_is_an_answers_finding(monkeypatch: pytest.MonkeyPatch) -> None:
     original = RoutingSession._response_from_server
 
-    def drops_zero(self: RoutingSession, server: Any, frame: Any) -> Any:
-        return [a for a in original(self, server, frame) if b'"id":0,' not in a.data]
+    def drops_zero(self: RoutingSession, server: Any, frame: Any, now: float) -> Any:
+        return [a for a in original(self, server, frame, now) if b'"id":0,' not in a.data]
 
     monkeypatch.setattr(RoutingSession, "_response_from_server", drops_zero)
     problems = trio.run(play, Session(1, (Step(0, "request", 0), Step(0, "request", 1))), 0.5)

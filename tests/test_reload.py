@@ -300,3 +300,25 @@ async def test_sighup_after_changing_the_key_list_keeps_connections_up(tmp_path:
     assert "'eighty' is not an integer" in log
     for secret in (KEY, KEY_B):
         assert secret not in log
+
+
+async def test_a_reloaded_metrics_token_opens_metrics() -> None:
+    import functools
+
+    import attrs
+    import trio
+
+    from tests.helpers import KEY, http_get
+    from trio_mcp_relay import RelayConfig, RelayHandle, serve_relay
+
+    config = RelayConfig(host="127.0.0.1", port=0, key=KEY, auth_delay=0.01)
+    handle = RelayHandle()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(functools.partial(serve_relay, config, handle=handle))
+            assert (await http_get(port, "/metrics?key=scrape-token")).status == 403
+            report = handle.reload(attrs.evolve(config, metrics_token="scrape-token"))
+            assert report.changed == ("metrics_token",)
+            assert not any("scrape-token" in line for line in report.lines)
+            assert (await http_get(port, "/metrics?key=scrape-token")).status == 200
+            nursery.cancel_scope.cancel()

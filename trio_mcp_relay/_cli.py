@@ -488,6 +488,29 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    metrics_token: Annotated[
+        str | None,
+        typer.Option(
+            help="A token that opens /metrics besides the admin key (?key= or Authorization: "
+            "Bearer), for a Prometheus server. Env: METRICS_TOKEN. Default: none.",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_agents: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Agents that always get their own label in /metrics (comma-separated or "
+            "repeated). Env: METRICS_AGENTS. Default: none.",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_top_agents: Annotated[
+        int | None,
+        typer.Option(
+            help="How many more agents, those with the most connections, get their own label "
+            "in /metrics; the rest count as 'other'. Env: METRICS_TOP_AGENTS. Default: 10."
+        ),
+    ] = None,
     tools: Annotated[
         list[str] | None,
         typer.Option(
@@ -553,6 +576,9 @@ def serve(
         "max_file_size": max_file_size,
         "backup_count": backup_count,
         "log_format": log_format,
+        "metrics_token": metrics_token,
+        "metrics_agents": ",".join(metrics_agents) if metrics_agents else None,
+        "metrics_top_agents": metrics_top_agents,
     }
     environ = dict(os.environ)  # a reload reads the environment as it was at start
 

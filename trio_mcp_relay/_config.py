@@ -235,6 +235,11 @@ class RelayConfig:
             file); 0 never rotates.
         backup_count: Rotated log files kept (``log_file.1`` newest); 0 keeps none.
         log_format: ``text`` or ``json`` (one JSON object per line), for stderr and the file.
+        metrics_token: A token that opens ``/metrics`` besides the admin key (so a
+            Prometheus server need not hold the admin key). Its ``repr`` is redacted.
+        metrics_agents: Agents that always get their own label in ``/metrics``.
+        metrics_top_agents: How many more agents (those with the most connections) get
+            their own label in ``/metrics``; the others are counted as ``other``.
     """
 
     host: str = attrs.field(default="0.0.0.0", validator=_not_empty)
@@ -280,6 +285,9 @@ class RelayConfig:
     )
     backup_count: int = attrs.field(default=5, validator=_zero_or_positive)
     log_format: str = attrs.field(default="text", converter=_lower, validator=_one_of(_LOG_FORMATS))
+    metrics_token: str | None = attrs.field(default=None, validator=_key_text, repr=_redact_key)
+    metrics_agents: tuple[str, ...] = ()
+    metrics_top_agents: int = attrs.field(default=10, validator=_zero_or_positive)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -379,6 +387,9 @@ _ENV_NAMES: Final = {
     "max_file_size": "LOG_MAX_FILE_SIZE",
     "backup_count": "LOG_BACKUP_COUNT",
     "log_format": "LOG_FORMAT",
+    "metrics_token": "METRICS_TOKEN",
+    "metrics_agents": "METRICS_AGENTS",
+    "metrics_top_agents": "METRICS_TOP_AGENTS",
 }
 
 # The reference's [server] debug switches uvicorn's auto-reload, which has no counterpart
@@ -398,6 +409,9 @@ _FILE_NAMES: Final = {
     "max_file_size": ("logging", "max_file_size"),
     "backup_count": ("logging", "backup_count"),
     "log_format": ("logging", "log_format"),
+    "metrics_token": ("security", "metrics_token"),
+    "metrics_agents": ("metrics", "agents"),
+    "metrics_top_agents": ("metrics", "top_agents"),
 }
 # Limits and timeouts only this relay has, under their own names, so that a reload (SIGHUP)
 # can change them: flags stay as they were given at start, the file is read again.
@@ -585,7 +599,8 @@ def load_config(
             ``SERVER_KEY`` (comma-separated keys, the signing key first), ``LOG_LEVEL``,
             ``ENABLE_CORS``, ``ALLOWED_ORIGINS`` (comma separated), ``DATA_DIR``,
             ``ADMIN_KEY``, ``REFERENCE_TOKENS``, ``TRUSTED_PROXIES`` (comma separated),
-            ``LOG_FILE``, ``LOG_MAX_FILE_SIZE``, ``LOG_BACKUP_COUNT`` and ``LOG_FORMAT``.
+            ``LOG_FILE``, ``LOG_MAX_FILE_SIZE``, ``LOG_BACKUP_COUNT``, ``LOG_FORMAT``,
+            ``METRICS_TOKEN``, ``METRICS_AGENTS`` (comma separated) and ``METRICS_TOP_AGENTS``.
         config_file: A reference-format INI file that must exist; ``None`` reads
             ``<data dir>/.mcp-endpoint-server.cfg`` if it exists.
         data_dir: The data directory given on the command line, if any; it beats

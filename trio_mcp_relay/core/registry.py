@@ -37,6 +37,7 @@ from .actions import Action, Role, Send
 from .catalog import Kind
 from .middleware import Middleware
 from .session import AgentFilters, Caller, Deadlines, Policy, Server, Session
+from .tally import Tally
 
 __all__ = ["Router"]
 
@@ -60,6 +61,7 @@ class Router:
             ``list_changed``.
         filters: tool filters per agent; ``default_filters`` for the agents not named.
         middleware: see :mod:`trio_mcp_relay.core.middleware`.
+        tally: where the sessions count outcomes (see :mod:`trio_mcp_relay.core.tally`).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class Router:
         filters: Mapping[str, AgentFilters] | None = None,
         default_filters: AgentFilters | None = None,
         middleware: Sequence[Middleware] = (),
+        tally: Tally | None = None,
     ) -> None:
         self._policy = Policy(
             tool_request_timeout=tool_request_timeout,
@@ -85,6 +88,7 @@ class Router:
             filters=dict(filters or {}),
             default_filters=default_filters or AgentFilters(),
             middleware=tuple(middleware),
+            tally=Tally() if tally is None else tally,
         )
         self._deadlines = Deadlines()
         self._sessions: dict[str, Session] = {}
@@ -250,6 +254,11 @@ class Router:
         session = self._sessions.get(agent)
         return session is not None and identity in session.by_identity
 
+    @property
+    def tally(self) -> Tally:
+        """What the sessions counted (for the metrics)."""
+        return self._policy.tally
+
     def session(self, agent: str) -> Session | None:
         """The session of ``agent``, if it has one (for status pages and tests)."""
         return self._sessions.get(agent)
@@ -380,13 +389,17 @@ class Router:
     # ------------------------------------------------------------------ failures and time
 
     def forward_failed(
-        self, tool: int, tool_id: int, why: str = "the tool is not reading"
+        self,
+        tool: int,
+        tool_id: int,
+        why: str = "the tool is not reading",
+        now: float | None = None,
     ) -> list[Action]:
         """A forwarded caller request could not be delivered to the tool: answer ``-32002``."""
         server = self._connections.get(tool)
         if not isinstance(server, Server):
             return []
-        return server.session.forward_failed(server, tool_id, why)
+        return server.session.forward_failed(server, tool_id, why, now)
 
     def expire(self, now: float) -> list[Action]:
         """Act on every deadline that has passed.
@@ -405,7 +418,7 @@ class Router:
         requests = self._deadlines.requests
         while requests and requests[0][0] <= now:
             _, session, tool_id, entry = requests.popleft()
-            actions.extend(session.expire_request(tool_id, entry))
+            actions.extend(session.expire_request(tool_id, entry, now))
         relay = self._deadlines.relay
         while relay and relay[0][0] <= now:
             _, session, rid, step = relay.popleft()

@@ -108,6 +108,8 @@ from . import resolve, upstream
 from .actions import CLOSE_REPLACED, Action, Close, Send
 from .catalog import Catalog, Change, CursorError, Kind, ToolFilter
 from .middleware import Call, Middleware, Refused, Reply, run_answer_hooks, run_request_hooks
+from .tally import CANCELLED as CANCELLED_OUTCOME
+from .tally import ERROR, RESULT, Tally, outcome_of_code
 from .upstream import (
     CLOSE_INIT_FAILED,
     RELAY_INFO,
@@ -169,6 +171,8 @@ class Policy:
     middleware: Sequence[Middleware] = ()
     #: Set during a graceful shutdown: new caller requests are refused with -32003.
     draining: bool = False
+    #: Where outcomes are counted (read by the shell's metrics).
+    tally: Tally = attrs.field(factory=Tally)
 
 
 @attrs.define(slots=True)
@@ -233,6 +237,7 @@ class Pending:
     method: str
     deadline: float | None = None
     call: Call | None = None  # for the answer middleware
+    started: float = 0.0  # when the caller's request arrived (for the latency metric)
 
 
 @attrs.define(slots=True, eq=False)
@@ -317,7 +322,8 @@ class Session:
         self.pending: dict[int, Pending] = {}
         self.relay_requests: dict[int, RelayRequest] = {}
         self.tool_requests: dict[int, ToolRequest] = {}
-        self.parked: list[tuple[Caller, Request]] = []
+        #: Requests waiting for an initialization: caller, frame, when it arrived.
+        self.parked: list[tuple[Caller, Request, float]] = []
         self.next_id = 1
         self.next_tool_request = 1
         self.next_since = 0
@@ -404,9 +410,11 @@ class Session:
             if not keep:
                 self.note(self.catalog.remove_server(server.identity), now)
         gone = [(k, e) for k, e in self.pending.items() if e.server == conn]
+        tally = self.policy.tally
         for tool_id, entry in gone:
             del self.pending[tool_id]
             del entry.caller.inflight[tool_id]
+            tally.answered(self.name, entry.method, "-32003", now - entry.started)
             actions.append(
                 self._error(
                     entry.caller,
@@ -485,11 +493,16 @@ class Session:
         if self.callers.get(caller.conn) is not caller:
             return []
         del self.callers[caller.conn]
+        tally = self.policy.tally
         if self.parked:
-            self.parked = [(c, f) for c, f in self.parked if c is not caller]
+            for c, f, _ in self.parked:
+                if c is caller:
+                    tally.answered(self.name, f.method, CANCELLED_OUTCOME, None)
+            self.parked = [p for p in self.parked if p[0] is not caller]
         actions: list[Action] = []
         for tool_id in caller.inflight:
             entry = self.pending.pop(tool_id)
+            tally.answered(self.name, entry.method, CANCELLED_OUTCOME, None)
             params = {"requestId": tool_id, "reason": "caller disconnected"}
             actions.append(Send(entry.server, _notification(CANCELLED, params)))
         for key in caller.owes:
@@ -504,11 +517,11 @@ class Session:
         if not self.parked:
             return []
         parked, self.parked = self.parked, []
-        for caller, _ in parked:
+        for caller, _, _ in parked:
             caller.parked -= 1
         actions: list[Action] = []
-        for caller, frame in parked:
-            actions += self._request(caller, frame, now)
+        for caller, frame, arrived in parked:
+            actions += self._request(caller, frame, now, arrived)
         return actions
 
     # ------------------------------------------------------------------ caller to server
@@ -525,17 +538,27 @@ class Session:
             return self._caller_notification(caller, frame)
         return self._response_from_caller(caller, frame)
 
-    def _request(self, caller: Caller, frame: Request, now: float) -> list[Action]:
+    def _request(
+        self, caller: Caller, frame: Request, now: float, arrived: float | None = None
+    ) -> list[Action]:
+        """Route a caller request that arrived at ``arrived`` (``now`` unless it was parked);
+        an answer given here is counted here, one forwarded when it comes back."""
         method = frame.method
+        if arrived is None:
+            arrived = now
+        tally = self.policy.tally
         if method == "ping":
+            tally.answered(self.name, method, RESULT, now - arrived)
             return [Send(caller.conn, _result_frame(frame.id, {}))]
         if not self.servers:
+            tally.answered(self.name, method, "-32001", now - arrived)
             return [
                 Send(caller.conn, error_frame(frame.id, TOOL_NOT_CONNECTED, "Tool not connected"))
             ]
         policy = self.policy
         if policy.draining:
             why = "the relay is shutting down"
+            tally.answered(self.name, method, "-32003", now - arrived)
             return [
                 Send(caller.conn, error_frame(frame.id, CONNECTION_ERROR, "Connection error", why))
             ]
@@ -543,17 +566,18 @@ class Session:
         try:
             target = resolve.target(self, frame.method, frame.params)
         except resolve.Park:
-            return self._park(caller, frame)
+            return self._park(caller, frame, now, arrived)
         except Refused as refusal:
             if not policy.middleware:
                 error = {"jsonrpc": "2.0", "id": frame.id, "error": refusal.to_error()}
+                tally.answered(self.name, method, outcome_of_code(refusal.code), now - arrived)
                 return [Send(caller.conn, dumps(error))]
             refused, target = refusal, resolve.Target(None)
         call: Call | None = None
         if policy.middleware:
             identity = None if target.server is None else target.server.identity
             call = Call(self.name, caller.conn, frame.id, method, frame.params, identity)
-            failed = self._run_request_middleware(call)
+            failed = self._run_request_middleware(call, now - arrived)
             if failed is not None:
                 return [Send(caller.conn, failed)]
             if call.params is not frame.params and (target.server is not None or refused):
@@ -561,19 +585,21 @@ class Session:
                 try:
                     target, refused = resolve.target(self, method, call.params), None
                 except resolve.Park:
-                    return self._park(caller, frame)  # the middleware runs again then
+                    return self._park(caller, frame, now, arrived)  # the middleware runs again
                 except Refused as refusal:
                     refused = refusal
             if refused is not None:
                 code, message, data = refused.code, refused.message, refused.data
+                tally.answered(self.name, method, outcome_of_code(code), now - arrived)
                 return [self._error(caller, frame.id, call, code, message, data)]
         if target.server is None:
-            return self._answer_here(caller, frame, call, now)
+            return self._answer_here(caller, frame, call, now, arrived)
         limit = policy.max_inflight_per_caller
         if limit and len(caller.inflight) >= limit:
             why = f"max_inflight_per_caller: at most {limit} requests in flight per caller"
+            tally.answered(self.name, method, "-32007", now - arrived)
             return [self._error(caller, frame.id, call, LIMIT_EXCEEDED, "Limit exceeded", why)]
-        return self._forward(caller, frame, target.server, target.params, call, now)
+        return self._forward(caller, frame, target.server, target.params, call, now, arrived)
 
     def default_server(self) -> Server | None:
         """The agent's default server (see the module docstring), ready or not."""
@@ -586,10 +612,11 @@ class Session:
         return first
 
     def _answer_here(
-        self, caller: Caller, frame: Request, call: Call | None, now: float
+        self, caller: Caller, frame: Request, call: Call | None, now: float, arrived: float
     ) -> list[Action]:
         """The requests the relay answers itself, from the catalog."""
         method, params = frame.method, frame.params if call is None else call.params
+        tally = self.policy.tally
         result: Any
         if method == "initialize":
             capabilities = params.get("capabilities") if isinstance(params, dict) else None
@@ -610,6 +637,7 @@ class Session:
                     out = Request(id=rid, method=method, params=params)
                     actions.append(Send(server.conn, dumps(out.to_json())))
             actions += self._reply(caller, frame.id, call, Reply(result={}))
+            tally.answered(self.name, method, RESULT, now - arrived)
             return actions
         else:
             cursor = params.get("cursor") if isinstance(params, dict) else None
@@ -618,18 +646,21 @@ class Session:
             try:
                 result = self.catalog.list_result(kind, cursor)
             except CursorError as exc:
+                tally.answered(self.name, method, outcome_of_code(exc.code), now - arrived)
                 return [self._error(caller, frame.id, call, exc.code, "Invalid params", str(exc))]
+        tally.answered(self.name, method, RESULT, now - arrived)
         return self._reply(caller, frame.id, call, Reply(result=result))
 
-    def _park(self, caller: Caller, frame: Request) -> list[Action]:
+    def _park(self, caller: Caller, frame: Request, now: float, arrived: float) -> list[Action]:
         """Keep ``frame`` until an initialization ends; parked requests count towards the
         caller's in-flight limit."""
         limit = self.policy.max_inflight_per_caller
         if limit and len(caller.inflight) + caller.parked >= limit:
             why = f"max_inflight_per_caller: at most {limit} requests in flight per caller"
+            self.policy.tally.answered(self.name, frame.method, "-32007", now - arrived)
             return [Send(caller.conn, error_frame(frame.id, LIMIT_EXCEEDED, "Limit exceeded", why))]
         caller.parked += 1
-        self.parked.append((caller, frame))
+        self.parked.append((caller, frame, arrived))
         return []
 
     def _forward(
@@ -640,6 +671,7 @@ class Session:
         params: Any,
         call: Call | None,
         now: float,
+        arrived: float,
     ) -> list[Action]:
         tool_id = self.next_id
         self.next_id = tool_id + 1
@@ -647,7 +679,7 @@ class Session:
         if token is not MISSING:
             params = _with_progress_token(params, tool_id)
         conn = server.conn
-        entry = Pending(caller, frame.id, token, conn, frame.method, None, call)
+        entry = Pending(caller, frame.id, token, conn, frame.method, None, call, arrived)
         self.pending[tool_id] = entry
         policy = self.policy
         if policy.request_timeout:
@@ -664,11 +696,15 @@ class Session:
 
     # ------------------------------------------------------------------ middleware
 
-    def _run_request_middleware(self, call: Call) -> bytes | None:
-        """Run the request hooks; the error frame to answer with when one refused."""
+    def _run_request_middleware(self, call: Call, seconds: float) -> bytes | None:
+        """Run the request hooks; the error frame to answer with when one refused (and
+        counted, ``seconds`` after the request arrived)."""
         error = run_request_hooks(self.policy.middleware, call)
         if error is None:
             return None
+        code = error.get("code")
+        outcome = outcome_of_code(code) if type(code) is int else "relay_other"
+        self.policy.tally.answered(self.name, call.method, outcome, seconds)
         return dumps({"jsonrpc": "2.0", "id": call.id, "error": error})
 
     def _reply(self, caller: Caller, rid: Id, call: Call | None, reply: Reply) -> list[Action]:
@@ -726,15 +762,17 @@ class Session:
             if _same_id(self.pending[tool_id].caller_id, wanted):
                 break
         else:
-            for index, (who, parked) in enumerate(self.parked):
+            for index, (who, parked, _) in enumerate(self.parked):
                 if who is caller and _same_id(parked.id, wanted):
                     del self.parked[index]
                     caller.parked -= 1
+                    self.policy.tally.answered(self.name, parked.method, CANCELLED_OUTCOME, None)
                     return []
             log.debug("agent %s: cancellation of unknown request %r dropped", self.name, wanted)
             return []
         entry = self.pending.pop(tool_id)
         del caller.inflight[tool_id]
+        self.policy.tally.answered(self.name, entry.method, CANCELLED_OUTCOME, None)
         out = Notification(
             method=frame.method, params={**params, "requestId": tool_id}, extra=frame.extra
         )
@@ -764,22 +802,26 @@ class Session:
             rid = frame.id
             if type(rid) is int and server.relay_requests and rid in server.relay_requests:
                 return upstream.relay_answer(self, rid, self.relay_requests[rid], frame, now)
-            return self._response_from_server(server, frame)
+            return self._response_from_server(server, frame, now)
         if isinstance(frame, Notification):
             return self._notification_from_server(server, frame, now)
         conn = server.conn
         if frame.method == "ping":
             return [Send(conn, _result_frame(frame.id, {}))]
         limit = self.policy.max_tool_requests
+        tally = self.policy.tally
         if limit and len(self.tool_requests) >= limit:
             why = f"max_tool_requests: at most {limit} tool requests await callers per agent"
+            tally.tool_request(frame.method, "-32007")
             return [Send(conn, error_frame(frame.id, LIMIT_EXCEEDED, "Limit exceeded", why))]
         caller = self.choose_caller(server, frame.method)
         if caller is None:
             why = f"cannot route {frame.method}: no caller with a request in flight to this server"
             if frame.method in _NEEDS:
                 why += f" that declared {_NEEDS[frame.method]}"
+            tally.tool_request(frame.method, "-32005")
             return [Send(conn, error_frame(frame.id, NO_CALLER, "No caller connected", why))]
+        tally.tool_request(frame.method, "routed")
         key = self.next_tool_request
         self.next_tool_request += 1
         deadline = now + self.policy.tool_request_timeout
@@ -805,7 +847,9 @@ class Session:
                 best = caller
         return best
 
-    def _response_from_server(self, server: Server, frame: Result | ErrorResponse) -> list[Action]:
+    def _response_from_server(
+        self, server: Server, frame: Result | ErrorResponse, now: float
+    ) -> list[Action]:
         tool_id = frame.id
         entry = self.pending.pop(tool_id, None) if type(tool_id) is int else None
         if entry is not None and entry.server != server.conn:
@@ -819,6 +863,9 @@ class Session:
         assert type(tool_id) is int
         caller = entry.caller
         del caller.inflight[tool_id]
+        self.policy.tally.answered(
+            self.name, entry.method, RESULT if type(frame) is Result else ERROR, now - entry.started
+        )
         if entry.call is not None:
             if isinstance(frame, Result):
                 reply = Reply(result=frame.result)
@@ -886,13 +933,18 @@ class Session:
 
     # ------------------------------------------------------------------ failures and time
 
-    def forward_failed(self, server: Server, tool_id: int, why: str) -> list[Action]:
-        """Request ``tool_id`` could not be delivered to ``server``: answer ``-32002``."""
+    def forward_failed(
+        self, server: Server, tool_id: int, why: str, now: float | None = None
+    ) -> list[Action]:
+        """Request ``tool_id`` could not be delivered to ``server``: answer ``-32002``
+        (``now``, when given, times the answer for the latency metric)."""
         entry = self.pending.get(tool_id)
         if entry is None or entry.server != server.conn:
             return []
         del self.pending[tool_id]
         del entry.caller.inflight[tool_id]
+        seconds = None if now is None else now - entry.started
+        self.policy.tally.answered(self.name, entry.method, "-32002", seconds)
         return [
             self._error(
                 entry.caller, entry.caller_id, entry.call, FORWARD_FAILED, "Forward failed", why
@@ -915,8 +967,11 @@ class Session:
         """Whether the relay request ``req`` still awaits its server's answer as ``rid``."""
         return self.relay_requests.get(rid) is req
 
-    def expire_request(self, tool_id: int, entry: Pending) -> list[Action]:
-        """``entry`` reached its deadline: ``-32006`` to its caller, cancel it at its server.
+    def expire_request(
+        self, tool_id: int, entry: Pending, now: float | None = None
+    ) -> list[Action]:
+        """``entry`` reached its deadline (at ``now``): ``-32006`` to its caller, cancel it at
+        its server.
 
         A request answered in the meantime is a no-op.
         """
@@ -924,6 +979,8 @@ class Session:
             return []
         del self.pending[tool_id]
         del entry.caller.inflight[tool_id]
+        seconds = None if now is None else now - entry.started
+        self.policy.tally.answered(self.name, entry.method, "-32006", seconds)
         why = f"the tool did not answer within {self.policy.request_timeout:g} s"
         params = {"requestId": tool_id, "reason": "request timed out at the relay"}
         return [
@@ -940,6 +997,7 @@ class Session:
             return []
         del self.tool_requests[key]
         req.caller.owes.discard(key)
+        self.policy.tally.tool_request_timeout(req.method)
         params = {"requestId": key, "reason": "no answer in time"}
         timeout = self.policy.tool_request_timeout
         why = f"no caller answered {req.method} within {timeout:g} s"
@@ -987,7 +1045,7 @@ class Session:
                 if self.tool_requests.get(key) is None:
                     yield f"caller {conn}: owes unknown {key}"
         counts: dict[int, int] = {}
-        for caller, _ in self.parked:
+        for caller, _, _ in self.parked:
             counts[caller.conn] = counts.get(caller.conn, 0) + 1
             if self.callers.get(caller.conn) is not caller:
                 yield f"agent {name}: parked request of a caller that left"

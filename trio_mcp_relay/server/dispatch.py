@@ -35,6 +35,7 @@ from .._config import RelayConfig
 from .._routing import Action, Close, Role, Router, Send
 from .._transport import ConnectionClosed, WebSocket
 from .access import log_access
+from .counts import CALLER, TOOL, ShellCounts
 from .outbox import ByteBudget, Outbox
 from .peer import Peer, PeerState
 from .recent import RecentErrors
@@ -66,6 +67,8 @@ class Dispatcher:
         self.router = router
         self.peers: dict[int, Peer] = {}
         self.budget = ByteBudget(config.max_queued_bytes)
+        #: Traffic and closes, for the metrics.
+        self.counts = ShellCounts()
         self._ids = itertools.count(1)
         self._wake_timer = wake_timer
         self._nursery: trio.Nursery | None = None
@@ -103,12 +106,16 @@ class Dispatcher:
     def _to_tool(self, peer: Peer, action: Send) -> None:
         try:
             peer.send_nowait(action.data, action.request)
+            counts = self.counts
+            counts.frames_out[TOOL] += 1
+            counts.bytes_out[TOOL] += len(action.data)
         except trio.WouldBlock:
             outbox = peer.outbox
             why = f"the tool is not keeping up ({len(outbox)} frames, {outbox.nbytes} bytes queued)"
             if action.request is not None:
                 log.warning("agent %s: %s; request refused", peer.agent, why)
-                self.dispatch(self.router.forward_failed(peer.conn, action.request, why))
+                now = trio.current_time()
+                self.dispatch(self.router.forward_failed(peer.conn, action.request, why, now))
             else:
                 log.warning("agent %s: %s; a notification was dropped", peer.agent, why)
         except trio.ClosedResourceError:
@@ -117,6 +124,9 @@ class Dispatcher:
     def _to_caller(self, peer: Peer, data: bytes) -> None:
         try:
             peer.send_nowait(data)
+            counts = self.counts
+            counts.frames_out[CALLER] += 1
+            counts.bytes_out[CALLER] += len(data)
         except trio.WouldBlock:
             outbox = peer.outbox
             log.warning(
@@ -160,8 +170,9 @@ class Dispatcher:
                     why,
                     len(tags),
                 )
+                now = trio.current_time()
                 for tag in tags:
-                    self.dispatch(self.router.forward_failed(peer.conn, tag, why))
+                    self.dispatch(self.router.forward_failed(peer.conn, tag, why, now))
             else:
                 log.warning(
                     "agent %s: caller %d did not read for %g s; closing it",
@@ -189,12 +200,14 @@ class Dispatcher:
         """
         if peer.state is PeerState.CLOSING or peer.state is PeerState.CLOSED:
             return
+        self.counts.closed(code)
         dropped = peer.close(code, reason, abandon=abandon)
         self.recent.closed(peer.agent, peer.role.value, code, reason)
         if dropped and peer.role is Role.TOOL:
             why = f"the tool connection was closed ({reason}) before this request left"
+            now = trio.current_time()
             for tag in dropped:
-                self.dispatch(self.router.forward_failed(peer.conn, tag, why))
+                self.dispatch(self.router.forward_failed(peer.conn, tag, why, now))
         self.unregister(peer)
         grace = self.config.slow_caller_grace
         write_timeout = max(CLOSE_TIMEOUT, ABANDONED_HOLD_GRACES * grace) if abandon else 0.0
@@ -285,6 +298,8 @@ class Dispatcher:
         router = self.router
         ws = peer.ws
         conn = peer.conn
+        side = TOOL if peer.role is Role.TOOL else CALLER
+        frames_in, bytes_in = self.counts.frames_in, self.counts.bytes_in
         while True:
             try:
                 message = await ws.receive()
@@ -293,6 +308,13 @@ class Dispatcher:
                 peer.received_close = exc.code
                 return
             peer.frames_in += 1
+            frames_in[side] += 1
+            # A str is counted in UTF-8 bytes; isascii() is O(1) on a str, encode() is not.
+            if type(message) is bytes or message.isascii():
+                bytes_in[side] += len(message)
+            else:
+                assert isinstance(message, str)
+                bytes_in[side] += len(message.encode())
             actions = router.received(conn, message, trio.current_time())
             if actions:
                 self.dispatch(actions)

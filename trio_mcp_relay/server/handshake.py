@@ -36,6 +36,7 @@ from .._guard import FailureLimiter, Penalty
 from .._http import HttpRequest, respond
 from .._routing import Role
 from .._transport import ConnectionClosed, ServerWebSocket
+from .counts import ShellCounts, auth_reason
 from .dispatch import CLOSE_TIMEOUT
 from .routes import too_many_failures
 
@@ -113,8 +114,11 @@ async def open_websocket(
     authenticator: Authenticator,
     caller_count: Callable[[str], int],
     limiter: FailureLimiter,
+    counts: ShellCounts | None = None,
 ) -> Opened | None:
     """Check an upgrade request and authenticate it; ``client`` is the host for limits.
+
+    Failed authentications and refusals are counted in ``counts``, if given.
 
     Returns:
         The connection to hand to the dispatcher, or None when it was refused (and
@@ -155,6 +159,8 @@ async def open_websocket(
         agent = grant.agent
     except AuthError as exc:
         log.info("%s: %s connection refused: %s", remote, endpoint.value, exc.reason)
+        if counts is not None:
+            counts.auth_failed(auth_reason(exc.reason))
         penalty = limiter.penalize(client, trio.current_time())
         if penalty.retry_after is not None:
             await too_many_failures(stream, client, penalty.retry_after)
@@ -168,10 +174,14 @@ async def open_websocket(
             except ValueError as exc:
                 log.info("%s: tool connection refused: %s", remote, exc)
                 refusal = (CLOSE_POLICY_VIOLATION, str(exc))
+                if counts is not None:
+                    counts.auth_failed("bad_server_id")
         elif caller_count(agent) >= limit:
             log.warning("%s: agent %s already has %d callers", remote, agent, limit)
             refusal = (CLOSE_TOO_MANY_CALLERS, f"too many callers for this agent (limit {limit})")
     if refusal is not None:
+        if counts is not None:
+            counts.closed(refusal[0])
         try:  # accepted first, so the client reads the reason, not a handshake timeout
             try:
                 await stream.send_all(answer)

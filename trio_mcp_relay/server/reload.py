@@ -73,6 +73,7 @@ LIVE_SETTINGS: Final = frozenset(
         "max_pending_per_address",
         "slow_caller_grace",
         "shutdown_grace",
+        "metrics_token",
     }
 )
 
@@ -98,6 +99,9 @@ RESTART_SETTINGS: Final = frozenset(
         "max_file_size",
         "backup_count",
         "log_format",
+        # Which agents get their own metrics label is fixed with the counters at start.
+        "metrics_agents",
+        "metrics_top_agents",
     }
 )
 
@@ -154,6 +158,9 @@ def _describe(name: str, running: RelayConfig, loaded: RelayConfig) -> str:
         if loaded.admin_key is None:
             return "admin_key: removed (the health endpoint takes the server keys)"
         return "admin_key: changed"
+    if name == "metrics_token":
+        state = "removed" if loaded.metrics_token is None else "set"
+        return f"metrics_token: {state} (/metrics takes it besides the admin key)"
     if name == "tool_filters":
         before, after = _filters(running), _filters(loaded)
         agents = sorted(a for a in set(before) | set(after) if before.get(a) != after.get(a))
@@ -234,6 +241,10 @@ def apply_reload(relay: _Relay, loaded: RelayConfig) -> ReloadReport:
         relay.admin_key = effective.admin_key or effective.key or ""
         keys = (effective.admin_key,) if effective.admin_key else effective.keys
         relay.routes.health_keys = keys
+    if changed & {"key", "admin_key", "metrics_token"}:
+        keys = (effective.admin_key,) if effective.admin_key else effective.keys
+        token = (effective.metrics_token,) if effective.metrics_token else ()
+        relay.metrics.keys = (*keys, *token)
     router = relay.router
     router.tool_request_timeout = effective.tool_request_timeout
     router.request_timeout = effective.request_timeout

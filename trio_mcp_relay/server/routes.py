@@ -19,10 +19,11 @@ from .._config import RelayConfig
 from .._frames import AUTHENTICATION_ERROR
 from .._guard import FailureLimiter
 from .._http import HttpRequest, respond
+from .counts import ShellCounts
 from .status import HEADERS as STATUS_HEADERS
 from .status import StatusPage
 
-__all__ = ["HttpRoutes", "too_many_failures"]
+__all__ = ["HttpRoutes", "credential", "too_many_failures"]
 
 log = logging.getLogger("trio_mcp_relay.server")
 
@@ -39,6 +40,7 @@ class HttpRoutes:
         stats: the connection counts the health endpoint reports.
         limiter: the failed-authentication policy a wrong key is answered by.
         status: the status page (``/mcp_endpoint/status``, guarded by ``health_keys``).
+        counts: where failed authentications are counted, if anywhere.
     """
 
     def __init__(
@@ -48,11 +50,13 @@ class HttpRoutes:
         stats: Callable[[], dict[str, Any]],
         limiter: FailureLimiter,
         status: StatusPage | None = None,
+        counts: ShellCounts | None = None,
     ) -> None:
         self.config = config
         self.health_keys = health_keys
         self._stats = stats
         self._limiter = limiter
+        self._counts = counts
         self._routes: dict[str, _Handler] = {
             "/": self._root,
             "/mcp_endpoint": self._info,
@@ -64,6 +68,10 @@ class HttpRoutes:
         if status is not None:
             self._routes["/mcp_endpoint/status"] = self._status
             self._routes["/mcp_endpoint/status/"] = self._status
+
+    def add_route(self, path: str, handler: _Handler) -> None:
+        """Answer ``path`` with ``handler(stream, request, cors_headers, client)``."""
+        self._routes[path] = handler
 
     def cors_headers(self, request: HttpRequest) -> list[tuple[str, str]]:
         """The CORS headers for an answer to ``request`` (none when CORS is off)."""
@@ -142,7 +150,7 @@ class HttpRoutes:
             }
             await respond(stream, 200, body, headers=cors, head_only=head_only)
             return
-        await self._refuse(stream, cors, client, head_only)
+        await self.refuse_key(stream, request, cors, client)
 
     async def _status(
         self,
@@ -153,12 +161,8 @@ class HttpRoutes:
     ) -> None:
         head_only = request.method == "HEAD"
         assert self._status_page is not None
-        given = request.query.get("key", "")
-        authorization = request.headers.get("authorization", "")
-        if not given and authorization[:7].lower() == "bearer ":
-            given = authorization[7:].strip()
-        if not key_matches(given, self.health_keys):
-            await self._refuse(stream, cors, client, head_only)
+        if not key_matches(credential(request), self.health_keys):
+            await self.refuse_key(stream, request, cors, client)
             return
         payload, content_type = self._status_page.render(request)
         await respond(
@@ -170,10 +174,18 @@ class HttpRoutes:
             content_type=content_type,
         )
 
-    async def _refuse(
-        self, stream: trio.abc.Stream, cors: list[tuple[str, str]], client: str, head_only: bool
+    async def refuse_key(
+        self,
+        stream: trio.abc.Stream,
+        request: HttpRequest,
+        cors: list[tuple[str, str]],
+        client: str,
     ) -> None:
-        """A wrong or missing admin key: 403 after the penalty delay, or 429."""
+        """Answer a request whose key is missing or wrong: 403 after the failed-authentication
+        delay, or 429 for an address that keeps failing."""
+        head_only = request.method == "HEAD"
+        if self._counts is not None:
+            self._counts.auth_failed("admin_key")
         body = {
             "jsonrpc": "2.0",
             "error": {
@@ -193,6 +205,15 @@ class HttpRoutes:
             await respond(stream, 403, body, headers=cors, head_only=head_only)
         finally:
             self._limiter.release(client)
+
+
+def credential(request: HttpRequest) -> str:
+    """The key a request carries: ``?key=``, else ``Authorization: Bearer <key>``."""
+    key = request.query.get("key", "")
+    if key:
+        return key
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
 
 
 async def too_many_failures(stream: trio.abc.Stream, client: str, retry: float) -> None:

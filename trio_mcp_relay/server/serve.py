@@ -34,9 +34,11 @@ from .._http import BadRequest, read_request_head, respond
 from .._proxies import TrustedProxies
 from .._routing import Router
 from ..core.middleware import Middleware
+from ..core.tally import Tally
 from .dispatch import Dispatcher
 from .handshake import Opened, PendingByAddress, open_websocket
 from .lifecycle import EmbeddedTool, Lifecycle
+from .metrics import MetricsRoute, RelayCollector, relay_registry
 from .reload import RelayHandle
 from .routes import HttpRoutes
 from .status import StatusPage
@@ -99,6 +101,7 @@ class _Relay:
             filters={a: f for a, f in config.tool_filters.items() if a != "*"},
             default_filters=config.tool_filters.get("*"),
             middleware=middleware,
+            tally=Tally(config.metrics_agents, config.metrics_top_agents),
         )
         self.router = router
         self.accept_scope = trio.CancelScope()
@@ -121,8 +124,17 @@ class _Relay:
             self._reference_token if derive_tokens else None,
             f"{config.host}:{config.port}",
         )
+        counts = self.dispatcher.counts
         self.routes = HttpRoutes(
-            config, health_keys, self._connections, self.limiter, status=self.status
+            config, health_keys, self._connections, self.limiter, status=self.status, counts=counts
+        )
+        started = trio.current_time()
+        collector = RelayCollector(router, self.dispatcher, lambda: trio.current_time() - started)
+        #: This relay's own Prometheus registry (never the global one).
+        self.metrics_registry = relay_registry(collector)
+        metrics_token = (config.metrics_token,) if config.metrics_token else ()
+        self.metrics = MetricsRoute(
+            self.routes, (*health_keys, *metrics_token), self.metrics_registry
         )
         self._open_streams = 0
 
@@ -218,6 +230,7 @@ class _Relay:
                     authenticator=self.authenticator,
                     caller_count=self.router.caller_count,
                     limiter=self.limiter,
+                    counts=self.dispatcher.counts,
                 )
                 del request  # an idle connection keeps neither its head nor the handshake state
                 self.pending.leave(host)

@@ -12,7 +12,9 @@ no registry: it is the unit later work can place on any node.
 
 The relay is the MCP *client* of each of the agent's servers (every tool connection is one;
 :mod:`trio_mcp_relay.core.upstream` initializes and lists them) and the MCP *server* of each
-caller, answering from the agent's :class:`~trio_mcp_relay.core.catalog.Catalog`:
+caller (:mod:`trio_mcp_relay.core.front` handles a caller's frames, with
+:mod:`trio_mcp_relay.core.resolve` saying where a request goes), answering from the agent's
+:class:`~trio_mcp_relay.core.catalog.Catalog`:
 
 * ``initialize`` (protocol version negotiated, capabilities merged), ``ping``, the four list
   methods (one page of the merged list) and ``logging/setLevel`` (forwarded to every server
@@ -95,7 +97,6 @@ from .._frames import (
     MISSING,
     NO_CALLER,
     REQUEST_TIMEOUT,
-    TOOL_NOT_CONNECTED,
     ErrorResponse,
     Id,
     Notification,
@@ -104,19 +105,22 @@ from .._frames import (
     dumps,
     error_frame,
 )
-from . import resolve, upstream
+from . import front, upstream
 from .actions import CLOSE_REPLACED, Action, Close, Send
-from .catalog import Catalog, Change, CursorError, Kind, ToolFilter
-from .middleware import Call, Middleware, Refused, Reply, run_answer_hooks, run_request_hooks
+from .catalog import Catalog, Change, Kind, ToolFilter
+from .middleware import Call, Middleware, Reply, run_answer_hooks
 from .tally import CANCELLED as CANCELLED_OUTCOME
-from .tally import ERROR, RESULT, Tally, outcome_of_code
+from .tally import ERROR, RESULT, Tally
 from .upstream import (
     CLOSE_INIT_FAILED,
-    RELAY_INFO,
     Purpose,
     RelayRequest,
     Server,
 )
+from .wire import CANCELLED
+from .wire import notification as _notification
+from .wire import result_frame as _result_frame
+from .wire import same_id as _same_id
 
 __all__ = [
     "AgentFilters",
@@ -131,7 +135,6 @@ __all__ = [
 
 log = logging.getLogger("trio_mcp_relay.routing")
 
-CANCELLED: Final = "notifications/cancelled"
 _LISTS: Final = {kind.list_method: kind for kind in Kind}
 _LIST_CHANGED: Final = {kind.list_changed: kind for kind in Kind if kind is not Kind.RESOURCES}
 #: What a caller must have declared to be sent a server's request of this method.
@@ -249,33 +252,6 @@ class ToolRequest:
     tool_id: Id
     method: str
     deadline: float
-
-
-def _same_id(a: object, b: object) -> bool:
-    return type(a) is type(b) and a == b
-
-
-def _notification(method: str, params: dict[str, Any] | None = None) -> bytes:
-    frame: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if params is not None:
-        frame["params"] = params
-    return dumps(frame)
-
-
-def _progress_token(params: Any) -> Any:
-    if isinstance(params, dict):
-        meta = params.get("_meta")
-        if isinstance(meta, dict):
-            return meta.get("progressToken", MISSING)
-    return MISSING
-
-
-def _with_progress_token(params: dict[str, Any], token: Any) -> dict[str, Any]:
-    return {**params, "_meta": {**params["_meta"], "progressToken": token}}
-
-
-def _result_frame(rid: Id, result: Any) -> bytes:
-    return dumps({"jsonrpc": "2.0", "id": rid, "result": result})
 
 
 class Session:
@@ -416,7 +392,7 @@ class Session:
             del entry.caller.inflight[tool_id]
             tally.answered(self.name, entry.method, "-32003", now - entry.started)
             actions.append(
-                self._error(
+                self.error_to(
                     entry.caller,
                     entry.caller_id,
                     entry.call,
@@ -521,7 +497,7 @@ class Session:
             caller.parked -= 1
         actions: list[Action] = []
         for caller, frame, arrived in parked:
-            actions += self._request(caller, frame, now, arrived)
+            actions += front.request(self, caller, frame, now, arrived)
         return actions
 
     # ------------------------------------------------------------------ caller to server
@@ -533,73 +509,10 @@ class Session:
         self.activity += 1
         caller.last_active = self.activity
         if isinstance(frame, Request):
-            return self._request(caller, frame, now)
+            return front.request(self, caller, frame, now)
         if isinstance(frame, Notification):
-            return self._caller_notification(caller, frame)
-        return self._response_from_caller(caller, frame)
-
-    def _request(
-        self, caller: Caller, frame: Request, now: float, arrived: float | None = None
-    ) -> list[Action]:
-        """Route a caller request that arrived at ``arrived`` (``now`` unless it was parked);
-        an answer given here is counted here, one forwarded when it comes back."""
-        method = frame.method
-        if arrived is None:
-            arrived = now
-        tally = self.policy.tally
-        if method == "ping":
-            tally.answered(self.name, method, RESULT, now - arrived)
-            return [Send(caller.conn, _result_frame(frame.id, {}))]
-        if not self.servers:
-            tally.answered(self.name, method, "-32001", now - arrived)
-            return [
-                Send(caller.conn, error_frame(frame.id, TOOL_NOT_CONNECTED, "Tool not connected"))
-            ]
-        policy = self.policy
-        if policy.draining:
-            why = "the relay is shutting down"
-            tally.answered(self.name, method, "-32003", now - arrived)
-            return [
-                Send(caller.conn, error_frame(frame.id, CONNECTION_ERROR, "Connection error", why))
-            ]
-        refused: Refused | None = None
-        try:
-            target = resolve.target(self, frame.method, frame.params)
-        except resolve.Park:
-            return self._park(caller, frame, now, arrived)
-        except Refused as refusal:
-            if not policy.middleware:
-                error = {"jsonrpc": "2.0", "id": frame.id, "error": refusal.to_error()}
-                tally.answered(self.name, method, outcome_of_code(refusal.code), now - arrived)
-                return [Send(caller.conn, dumps(error))]
-            refused, target = refusal, resolve.Target(None)
-        call: Call | None = None
-        if policy.middleware:
-            identity = None if target.server is None else target.server.identity
-            call = Call(self.name, caller.conn, frame.id, method, frame.params, identity)
-            failed = self._run_request_middleware(call, now - arrived)
-            if failed is not None:
-                return [Send(caller.conn, failed)]
-            if call.params is not frame.params and (target.server is not None or refused):
-                # Rewritten: route what the middleware wrote, in the caller's names.
-                try:
-                    target, refused = resolve.target(self, method, call.params), None
-                except resolve.Park:
-                    return self._park(caller, frame, now, arrived)  # the middleware runs again
-                except Refused as refusal:
-                    refused = refusal
-            if refused is not None:
-                code, message, data = refused.code, refused.message, refused.data
-                tally.answered(self.name, method, outcome_of_code(code), now - arrived)
-                return [self._error(caller, frame.id, call, code, message, data)]
-        if target.server is None:
-            return self._answer_here(caller, frame, call, now, arrived)
-        limit = policy.max_inflight_per_caller
-        if limit and len(caller.inflight) >= limit:
-            why = f"max_inflight_per_caller: at most {limit} requests in flight per caller"
-            tally.answered(self.name, method, "-32007", now - arrived)
-            return [self._error(caller, frame.id, call, LIMIT_EXCEEDED, "Limit exceeded", why)]
-        return self._forward(caller, frame, target.server, target.params, call, now, arrived)
+            return front.caller_notification(self, caller, frame)
+        return front.response_from_caller(self, caller, frame)
 
     def default_server(self) -> Server | None:
         """The agent's default server (see the module docstring), ready or not."""
@@ -611,103 +524,9 @@ class Session:
                 first = server
         return first
 
-    def _answer_here(
-        self, caller: Caller, frame: Request, call: Call | None, now: float, arrived: float
-    ) -> list[Action]:
-        """The requests the relay answers itself, from the catalog."""
-        method, params = frame.method, frame.params if call is None else call.params
-        tally = self.policy.tally
-        result: Any
-        if method == "initialize":
-            capabilities = params.get("capabilities") if isinstance(params, dict) else None
-            caller.capabilities = capabilities if isinstance(capabilities, dict) else {}
-            version = params.get("protocolVersion") if isinstance(params, dict) else None
-            result = self.catalog.initialize_result(version, RELAY_INFO)
-            caller.seen = {kind: self.catalog.items(kind) for kind in Kind}
-        elif method == "logging/setLevel":
-            actions: list[Action] = []
-            for server in self.servers.values():
-                if server.ready and server.declares("logging"):
-                    rid = self.new_id()
-                    deadline = self.policy.init_timeout + now
-                    req = RelayRequest(server, Purpose.FIRE, method, None, deadline)
-                    self.relay_requests[rid] = req
-                    server.relay_requests.add(rid)
-                    self.deadlines.push(self.deadlines.relay, (deadline, self, rid, req))
-                    out = Request(id=rid, method=method, params=params)
-                    actions.append(Send(server.conn, dumps(out.to_json())))
-            actions += self._reply(caller, frame.id, call, Reply(result={}))
-            tally.answered(self.name, method, RESULT, now - arrived)
-            return actions
-        else:
-            cursor = params.get("cursor") if isinstance(params, dict) else None
-            kind = _LISTS[method]
-            caller.seen[kind] = self.catalog.items(kind)
-            try:
-                result = self.catalog.list_result(kind, cursor)
-            except CursorError as exc:
-                tally.answered(self.name, method, outcome_of_code(exc.code), now - arrived)
-                return [self._error(caller, frame.id, call, exc.code, "Invalid params", str(exc))]
-        tally.answered(self.name, method, RESULT, now - arrived)
-        return self._reply(caller, frame.id, call, Reply(result=result))
-
-    def _park(self, caller: Caller, frame: Request, now: float, arrived: float) -> list[Action]:
-        """Keep ``frame`` until an initialization ends; parked requests count towards the
-        caller's in-flight limit."""
-        limit = self.policy.max_inflight_per_caller
-        if limit and len(caller.inflight) + caller.parked >= limit:
-            why = f"max_inflight_per_caller: at most {limit} requests in flight per caller"
-            self.policy.tally.answered(self.name, frame.method, "-32007", now - arrived)
-            return [Send(caller.conn, error_frame(frame.id, LIMIT_EXCEEDED, "Limit exceeded", why))]
-        caller.parked += 1
-        self.parked.append((caller, frame, arrived))
-        return []
-
-    def _forward(
-        self,
-        caller: Caller,
-        frame: Request,
-        server: Server,
-        params: Any,
-        call: Call | None,
-        now: float,
-        arrived: float,
-    ) -> list[Action]:
-        tool_id = self.next_id
-        self.next_id = tool_id + 1
-        token = _progress_token(params)
-        if token is not MISSING:
-            params = _with_progress_token(params, tool_id)
-        conn = server.conn
-        entry = Pending(caller, frame.id, token, conn, frame.method, None, call, arrived)
-        self.pending[tool_id] = entry
-        policy = self.policy
-        if policy.request_timeout:
-            entry.deadline = now + policy.request_timeout
-            self.deadlines.push(self.deadlines.requests, (entry.deadline, self, tool_id, entry))
-        caller.inflight[tool_id] = None
-        method = frame.method
-        if method == "resources/subscribe":
-            caller.subscriptions.add(params["uri"])
-        elif method == "resources/unsubscribe":
-            caller.subscriptions.discard(params["uri"])
-        out = Request(id=tool_id, method=method, params=params, extra=frame.extra)
-        return [Send(conn, dumps(out.to_json()), request=tool_id)]
-
     # ------------------------------------------------------------------ middleware
 
-    def _run_request_middleware(self, call: Call, seconds: float) -> bytes | None:
-        """Run the request hooks; the error frame to answer with when one refused (and
-        counted, ``seconds`` after the request arrived)."""
-        error = run_request_hooks(self.policy.middleware, call)
-        if error is None:
-            return None
-        code = error.get("code")
-        outcome = outcome_of_code(code) if type(code) is int else "relay_other"
-        self.policy.tally.answered(self.name, call.method, outcome, seconds)
-        return dumps({"jsonrpc": "2.0", "id": call.id, "error": error})
-
-    def _reply(self, caller: Caller, rid: Id, call: Call | None, reply: Reply) -> list[Action]:
+    def reply(self, caller: Caller, rid: Id, call: Call | None, reply: Reply) -> list[Action]:
         """Answer ``caller`` with ``reply`` after the answer hooks."""
         if call is not None:
             run_answer_hooks(self.policy.middleware, call, reply)
@@ -718,7 +537,7 @@ class Session:
             frame["result"] = reply.result
         return [Send(caller.conn, dumps(frame))]
 
-    def _error(
+    def error_to(
         self,
         caller: Caller,
         rid: Id,
@@ -732,63 +551,11 @@ class Session:
         error: dict[str, Any] = {"code": code, "message": message}
         if data is not MISSING:
             error["data"] = data
-        action = self._reply(caller, rid, call, Reply(error=error))[0]
+        action = self.reply(caller, rid, call, Reply(error=error))[0]
         assert isinstance(action, Send)
         return action
 
     # ------------------------------------------------------------------ caller notifications
-
-    def _caller_notification(self, caller: Caller, frame: Notification) -> list[Action]:
-        method = frame.method
-        if method == CANCELLED:
-            return self._cancel_from_caller(caller, frame)
-        if method == "notifications/initialized":
-            return []
-        data = dumps(frame.to_json())
-        if method == "notifications/roots/list_changed":
-            return [Send(s.conn, data) for s in self.servers.values() if s.ready]
-        server = self.default_server()
-        if server is None or not server.ready:
-            log.debug("agent %s: no ready tool; dropped %s", self.name, method)
-            return []
-        return [Send(server.conn, data)]
-
-    def _cancel_from_caller(self, caller: Caller, frame: Notification) -> list[Action]:
-        params = frame.params
-        wanted = params.get("requestId", MISSING) if isinstance(params, dict) else MISSING
-        # The most recent in-flight request of this caller with that id (a caller that
-        # reuses an id while it is in flight can only mean the latest one).
-        for tool_id in reversed(caller.inflight):
-            if _same_id(self.pending[tool_id].caller_id, wanted):
-                break
-        else:
-            for index, (who, parked, _) in enumerate(self.parked):
-                if who is caller and _same_id(parked.id, wanted):
-                    del self.parked[index]
-                    caller.parked -= 1
-                    self.policy.tally.answered(self.name, parked.method, CANCELLED_OUTCOME, None)
-                    return []
-            log.debug("agent %s: cancellation of unknown request %r dropped", self.name, wanted)
-            return []
-        entry = self.pending.pop(tool_id)
-        del caller.inflight[tool_id]
-        self.policy.tally.answered(self.name, entry.method, CANCELLED_OUTCOME, None)
-        out = Notification(
-            method=frame.method, params={**params, "requestId": tool_id}, extra=frame.extra
-        )
-        return [Send(entry.server, dumps(out.to_json()))]
-
-    def _response_from_caller(self, caller: Caller, frame: Result | ErrorResponse) -> list[Action]:
-        key = frame.id
-        req = self.tool_requests.get(key) if type(key) is int else None
-        if req is None or req.caller is not caller:
-            log.debug("agent %s: caller response to unknown id %r dropped", self.name, key)
-            return []
-        assert type(key) is int
-        del self.tool_requests[key]
-        caller.owes.discard(key)
-        out = attrs.evolve(frame, id=req.tool_id)
-        return [Send(req.server, dumps(out.to_json()))]
 
     # ------------------------------------------------------------------ server to callers
 
@@ -871,7 +638,7 @@ class Session:
                 reply = Reply(result=frame.result)
             else:
                 reply = Reply(error=frame.error.to_json())
-            return self._reply(caller, entry.caller_id, entry.call, reply)
+            return self.reply(caller, entry.caller_id, entry.call, reply)
         out = attrs.evolve(frame, id=entry.caller_id)
         return [Send(caller.conn, dumps(out.to_json()))]
 
@@ -946,7 +713,7 @@ class Session:
         seconds = None if now is None else now - entry.started
         self.policy.tally.answered(self.name, entry.method, "-32002", seconds)
         return [
-            self._error(
+            self.error_to(
                 entry.caller, entry.caller_id, entry.call, FORWARD_FAILED, "Forward failed", why
             )
         ]
@@ -984,7 +751,9 @@ class Session:
         why = f"the tool did not answer within {self.policy.request_timeout:g} s"
         params = {"requestId": tool_id, "reason": "request timed out at the relay"}
         return [
-            self._error(entry.caller, entry.caller_id, entry.call, REQUEST_TIMEOUT, "Timeout", why),
+            self.error_to(
+                entry.caller, entry.caller_id, entry.call, REQUEST_TIMEOUT, "Timeout", why
+            ),
             Send(entry.server, _notification(CANCELLED, params)),
         ]
 

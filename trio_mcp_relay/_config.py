@@ -294,6 +294,17 @@ class RelayConfig:
         """Every accepted server key, the signing key first (empty before a key is set)."""
         return ((self.key,) if self.key is not None else ()) + self.previous_keys
 
+    @property
+    def admin_keys(self) -> tuple[str, ...]:
+        """The keys the health and status endpoints accept: the admin key if one is set,
+        else every server key."""
+        return (self.admin_key,) if self.admin_key else self.keys
+
+    @property
+    def metrics_keys(self) -> tuple[str, ...]:
+        """The keys ``/metrics`` accepts: the admin keys, and the metrics token if set."""
+        return self.admin_keys + ((self.metrics_token,) if self.metrics_token else ())
+
 
 # --- Structuring -----------------------------------------------------------------------------
 # Values arrive as strings (environment, file) or already typed (flags). The hooks accept both

@@ -191,24 +191,22 @@ class Router:
         }
 
     def servers(self) -> dict[str, list[dict[str, Any]]]:
-        """Per agent, its servers: identity (None while unknown), ready, tool count, and the
-        time (on the router's clock) it connected."""
-        out: dict[str, list[dict[str, Any]]] = {}
-        for session in self._sessions.values():
-            if not session.servers:
-                continue
-            rows = out[session.name] = []
-            for server in session.servers.values():
-                view = session.catalog.server(server.identity) if server.identity else None
-                rows.append(
-                    {
-                        "identity": server.identity,
-                        "ready": server.ready,
-                        "tools": len(view.items[Kind.TOOLS]) if view and server.ready else 0,
-                        "connected_at": server.connected_at,
-                    }
-                )
-        return out
+        """Per agent that has servers, each server's identity (None while unknown), ready,
+        tool count, and the time (on the router's clock) it connected: :meth:`agents`,
+        reduced to what the health check and the metrics show."""
+        return {
+            agent: [
+                {
+                    "identity": server["identity"],
+                    "ready": server["ready"],
+                    "tools": len(server["tools"]),
+                    "connected_at": server["connected_at"],
+                }
+                for server in row["servers"]
+            ]
+            for agent, row in self.agents().items()
+            if row["servers"]
+        }
 
     def agents(self) -> dict[str, dict[str, Any]]:
         """Per agent, what a status page shows (read-only; nothing here changes state).

@@ -239,12 +239,9 @@ def apply_reload(relay: _Relay, loaded: RelayConfig) -> ReloadReport:
         relay.status.token_for = relay._reference_token if effective.reference_tokens else None
     if changed & {"key", "admin_key"}:
         relay.admin_key = effective.admin_key or effective.key or ""
-        keys = (effective.admin_key,) if effective.admin_key else effective.keys
-        relay.routes.health_keys = keys
+        relay.routes.health_keys = effective.admin_keys
     if changed & {"key", "admin_key", "metrics_token"}:
-        keys = (effective.admin_key,) if effective.admin_key else effective.keys
-        token = (effective.metrics_token,) if effective.metrics_token else ()
-        relay.metrics.keys = (*keys, *token)
+        relay.metrics.keys = effective.metrics_keys
     router = relay.router
     router.tool_request_timeout = effective.tool_request_timeout
     router.request_timeout = effective.request_timeout

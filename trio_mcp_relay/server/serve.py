@@ -117,7 +117,6 @@ class _Relay:
         self.proxies = TrustedProxies.parse(config.trusted_proxies)
         self.pending = PendingByAddress(config.max_pending_per_address)
         self.admin_key = config.admin_key or config.key or ""
-        health_keys = (config.admin_key,) if config.admin_key else config.keys
         self.status = StatusPage(
             router,
             self.dispatcher.recent,
@@ -126,16 +125,18 @@ class _Relay:
         )
         counts = self.dispatcher.counts
         self.routes = HttpRoutes(
-            config, health_keys, self._connections, self.limiter, status=self.status, counts=counts
+            config,
+            config.admin_keys,
+            self._connections,
+            self.limiter,
+            status=self.status,
+            counts=counts,
         )
         started = trio.current_time()
         collector = RelayCollector(router, self.dispatcher, lambda: trio.current_time() - started)
         #: This relay's own Prometheus registry (never the global one).
         self.metrics_registry = relay_registry(collector)
-        metrics_token = (config.metrics_token,) if config.metrics_token else ()
-        self.metrics = MetricsRoute(
-            self.routes, (*health_keys, *metrics_token), self.metrics_registry
-        )
+        self.metrics = MetricsRoute(self.routes, config.metrics_keys, self.metrics_registry)
         self._open_streams = 0
 
     def _reference_token(self, agent: str) -> str:

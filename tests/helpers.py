@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import queue
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -236,6 +237,31 @@ async def peer(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
     """A trio-websocket client connection (``kwargs`` go to ``open_websocket_url``)."""
     async with connect_websocket(url, **kwargs) as ws:
         yield ws
+
+
+async def start_command(
+    nursery: trio.Nursery,
+    command: list[str],
+    *,
+    env: dict[str, str],
+    cwd: Any = None,
+    stderr: int = subprocess.DEVNULL,
+) -> trio.Process:
+    """Run ``command`` (a CLI under test) in ``nursery``, stdin and stdout closed; its
+    stderr is discarded unless ``stderr=subprocess.PIPE``. Returns the running process."""
+    process: trio.Process = await nursery.start(
+        functools.partial(
+            trio.run_process,
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            check=False,
+            cwd=cwd,
+            env=env,
+        )
+    )
+    return process
 
 
 async def send(ws: WebSocketConnection, obj: Any) -> None:

@@ -12,7 +12,6 @@ it with SIGINT or SIGTERM.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from trio_websocket import (
 )
 from typer.testing import CliRunner
 
-from tests.helpers import peer, recv, send, start_relay, wait_for_counts
+from tests.helpers import peer, recv, send, start_command, start_relay, wait_for_counts
 from trio_mcp_relay import testing
 from trio_mcp_relay._cmd_pipe import register
 from trio_mcp_relay._frames import _loads, dumps
@@ -455,18 +454,7 @@ async def test_the_command_bridges_every_server_of_a_config(tmp_path: Path) -> N
             env = {k: v for k, v in os.environ.items() if k not in PIPE_ENV_NAMES}
             env["MCP_ENDPOINT"] = relay.tool_url("cli")
             command = [*pipe_command(), "pipe", "--config", str(config), "--ping-interval", "0"]
-            process: trio.Process = await nursery.start(
-                functools.partial(
-                    trio.run_process,
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    check=False,
-                    cwd=tmp_path,
-                    env=env,
-                )
-            )
+            process = await start_command(nursery, command, env=env, cwd=tmp_path)
             await wait_for_counts(relay, tools=2, callers=0)
             async with peer(relay.caller_url("cli")) as caller:
                 await initialize(caller)
@@ -665,17 +653,8 @@ async def test_the_command_stops_cleanly_on_a_signal(tmp_path: Path, signum: int
                 sys.executable,
                 str(SERVER),
             ]
-            process: trio.Process = await nursery.start(
-                functools.partial(
-                    trio.run_process,
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    check=False,
-                    cwd=tmp_path,
-                    env=env,
-                )
+            process = await start_command(
+                nursery, command, env=env, cwd=tmp_path, stderr=subprocess.PIPE
             )
             assert process.stderr is not None
             stderr = bytearray()

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import typing
@@ -31,7 +30,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tests.helpers import RunningRelay, peer, recv, send, start_relay, wait_for_counts
+from tests.helpers import (
+    RunningRelay,
+    peer,
+    recv,
+    send,
+    start_command,
+    start_relay,
+    wait_for_counts,
+)
 from trio_mcp_relay import _cmd_tools
 from trio_mcp_relay._frames import dumps
 from trio_mcp_relay._transport import memory_websocket_pair
@@ -1225,17 +1232,7 @@ async def test_the_command_serves_two_sets_on_one_token(relay: RunningRelay) -> 
     ]
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            process: trio.Process = await nursery.start(
-                functools.partial(
-                    trio.run_process,
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    check=False,
-                    env=env,
-                )
-            )
+            process = await start_command(nursery, command, env=env)
             await wait_for_counts(relay, tools=2, callers=0)
             async with peer(relay.caller_url("cli-sets")) as caller:
                 rid = 0

@@ -60,6 +60,9 @@ class Net:
         [init] = self.pop(conn)
         assert init["method"] == "initialize"
         assert init["params"]["clientInfo"]["name"] == "trio-mcp-relay"
+        # The newest revision, and what the relay can route to callers.
+        assert init["params"]["protocolVersion"] == "2025-11-25"
+        assert set(init["params"]["capabilities"]) == {"roots", "sampling", "elicitation"}
         result: dict[str, Any] = {
             "protocolVersion": "2025-06-18",
             "capabilities": {"tools": {}} if capabilities is None else capabilities,
@@ -679,3 +682,18 @@ def test_logging_set_level_unanswered_is_forgotten_after_the_timeout() -> None:
     assert session is not None and len(session.relay_requests) == 1
     net.expire(10.0)
     assert session.relay_requests == {} and loud not in net.closed
+
+
+def test_prompts_list_changed_relists_prompts() -> None:
+    net = Net(list_changed_delay=0.2)
+    caps = {"tools": {}, "prompts": {"listChanged": True}}
+    talk = net.server("talk", [], capabilities=caps, extra={"prompts": [{"name": "greet"}]})
+    caller = net.caller()
+    net.send(talk, {"method": "notifications/prompts/list_changed"})
+    relist = only(net.pop(talk))
+    assert relist["method"] == "prompts/list"
+    net.send(talk, {"id": relist["id"], "result": {"prompts": [{"name": "bye"}]}})
+    net.expire(0.2)
+    assert only(net.pop(caller))["method"] == "notifications/prompts/list_changed"
+    net.call(caller, 1, "prompts/list")
+    assert only(net.pop(caller))["result"]["prompts"] == [{"name": "bye"}]

@@ -395,6 +395,14 @@ def serve(
             "Default: 64."
         ),
     ] = None,
+    session_idle_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds an HTTP session (Streamable HTTP or HTTP+SSE client) lives with no "
+            "request and no open stream; its requests in flight are then cancelled at the "
+            "tool. No env var. Default: 300."
+        ),
+    ] = None,
     slow_caller_grace: Annotated[
         float | None,
         typer.Option(
@@ -564,6 +572,7 @@ def serve(
         "max_queued_bytes": max_queued_bytes,
         "max_pending_per_address": max_pending_per_address,
         "slow_caller_grace": slow_caller_grace,
+        "session_idle_timeout": session_idle_timeout,
         "shutdown_grace": shutdown_grace,
         "auth_failures": auth_failures,
         "auth_window": auth_window,

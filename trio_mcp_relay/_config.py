@@ -207,6 +207,9 @@ class RelayConfig:
             ``-32007``.
         request_timeout: Seconds a caller request may stay unanswered before the relay answers
             ``-32006`` and cancels it at the tool; 0 (the default) waits for the tool forever.
+        session_idle_timeout: Seconds an HTTP session (Streamable HTTP or HTTP+SSE caller)
+            lives with no request and no open stream; it then ends like a caller that
+            disconnects (its requests in flight are cancelled at the tool).
         slow_caller_grace: Seconds a frame may wait in a caller's queue before the caller is
             closed (1013).
         shutdown_grace: Seconds a graceful shutdown waits for in-flight requests.
@@ -266,6 +269,7 @@ class RelayConfig:
     max_tool_requests: int = attrs.field(default=32, validator=_positive)
     request_timeout: float = attrs.field(default=0.0, validator=_zero_or_positive)
     slow_caller_grace: float = attrs.field(default=10.0, validator=_positive)
+    session_idle_timeout: float = attrs.field(default=300.0, validator=_positive)
     shutdown_grace: float = attrs.field(default=10.0, validator=_zero_or_positive)
     auth_failures: int = attrs.field(default=10, validator=_zero_or_positive)
     auth_window: float = attrs.field(default=60.0, validator=_positive)
@@ -444,6 +448,7 @@ _LIMITS: Final = (
     "max_inflight_per_caller",
     "max_tool_requests",
     "slow_caller_grace",
+    "session_idle_timeout",
     "shutdown_grace",
     "auth_failures",
     "auth_window",

@@ -72,6 +72,7 @@ LIVE_SETTINGS: Final = frozenset(
         "max_callers_per_agent",
         "max_pending_per_address",
         "slow_caller_grace",
+        "session_idle_timeout",
         "shutdown_grace",
         "metrics_token",
     }

@@ -8,9 +8,12 @@ Structure (every task has an owner)::
         ├── closer tasks              one per connection being closed, bounded by a timeout
         ├── embedded tools            one per agent served in-process
         ├── accept loop (trio.serve_listeners, in its own cancel scope: shutdown stops it first)
-        └── one task per accepted stream: HTTP head -> a plain answer (routes.py),
-            or the WebSocket handshake (handshake.py), then the peer (dispatch.py, peer.py)
-            └── connection nursery: reader (the connection task), writer and watchdog
+        ├── one task per accepted stream: HTTP head -> a plain answer (routes.py),
+        │   MCP over HTTP (mcp_http/: requests on a kept-alive connection, SSE streams),
+        │   or the WebSocket handshake (handshake.py), then the peer (dispatch.py, peer.py)
+        │   └── connection nursery: reader (the connection task), writer and watchdog
+        └── one task per HTTP session (mcp_http/front.py): the session as a caller peer,
+            and its idle expiry
 
 Any ``trio.abc.Listener`` can be served: TCP listeners (the default, from ``config.host``
 and ``config.port``) or, for tests and embedding, in-memory ones.
@@ -38,6 +41,8 @@ from ..core.tally import Tally
 from .dispatch import Dispatcher
 from .handshake import Opened, PendingByAddress, open_websocket
 from .lifecycle import EmbeddedTool, Lifecycle
+from .mcp_http import PATHS as MCP_HTTP_PATHS
+from .mcp_http import McpHttpFront
 from .metrics import MetricsRoute, RelayCollector, relay_registry
 from .reload import RelayHandle
 from .routes import HttpRoutes
@@ -138,6 +143,8 @@ class _Relay:
         self.metrics_registry = relay_registry(collector)
         self.metrics = MetricsRoute(self.routes, config.metrics_keys, self.metrics_registry)
         self._open_streams = 0
+        #: Streamable HTTP and HTTP+SSE callers (``server/mcp_http``).
+        self.http = McpHttpFront(self, counts)
 
     def _reference_token(self, agent: str) -> str:
         """The agent's reference token under the current signing key (a reload may change it)."""
@@ -147,6 +154,7 @@ class _Relay:
         """The health check's ``connections``: the reference's counts, plus each agent's
         servers (identity, ready, tool count, connected since, as UTC ISO 8601)."""
         stats = self.router.stats()
+        stats["http_sessions"] = len(self.http.sessions)
         offset = time.time() - trio.current_time()
         stats["servers_by_agent"] = {
             agent: [
@@ -178,6 +186,7 @@ class _Relay:
         with scope:
             async with trio.open_nursery() as nursery:
                 self.dispatcher.bind(nursery)
+                self.http.bind(nursery)
                 nursery.start_soon(self.lifecycle.timer)
                 nursery.start_soon(self.lifecycle.keepalive)
                 for agent, serve in self.embedded_tools.items():
@@ -238,6 +247,15 @@ class _Relay:
                 authenticating = False
                 if opened is not None:
                     await self._serve_websocket(opened, remote)
+            elif request.path in MCP_HTTP_PATHS:
+
+                def authenticated() -> None:
+                    nonlocal authenticating
+                    if authenticating:
+                        self.pending.leave(host)
+                        authenticating = False
+
+                await self.http.serve(stream, request, client, remote, authenticated)
             else:
                 await self.routes.answer(stream, request, client)
         except BadRequest as exc:

@@ -1,0 +1,325 @@
+"""HTTP sessions on the in-memory network, on Trio's clock: idle expiry, DELETE, resumption of
+dropped SSE streams with ``Last-Event-ID``, a client that stops reading, and shutdown."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio.testing
+
+from trio_mcp_relay import RelayConfig, serve_relay
+
+from .helpers import KEY
+from .httpmem import ACCEPT_BOTH, HttpClient, initialize
+from .memnet import MemoryNet, RawPeer
+
+GUARD = 600
+AGENT = "http-agent"
+
+
+@asynccontextmanager
+async def relay(**overrides: Any) -> AsyncIterator[tuple[MemoryNet, trio.Event]]:
+    """A relay on a memory network (the event shuts it down gracefully)."""
+    net = MemoryNet(KEY)
+    settings = {"host": "memory", "port": 0, "key": KEY, "ping_interval": 0, **overrides}
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(
+                serve_relay, RelayConfig(**settings), listeners=[net.listener], shutdown=shutdown
+            )
+        )
+        yield net, shutdown
+        nursery.cancel_scope.cancel()
+
+
+def headers(session: str, **more: str) -> dict[str, str]:
+    return {**ACCEPT_BOTH, "mcp-session-id": session, "mcp-protocol-version": "2025-11-25", **more}
+
+
+def call(rid: Any, name: str = "slow", token: Any = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"name": name, "arguments": {}}
+    if token is not None:
+        params["_meta"] = {"progressToken": token}
+    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
+
+
+async def health(net: MemoryNet) -> dict[str, Any]:
+    client = HttpClient(net)
+    assert await client.send("GET", f"/mcp_endpoint/health?key={KEY}") == 200
+    answer = await client.json()
+    await client.close()
+    connections: dict[str, Any] = answer["result"]["connections"]
+    return connections
+
+
+async def next_request(tool: RawPeer, method: str = "tools/call") -> dict[str, Any]:
+    while True:
+        frame = await tool.receive()
+        if frame.get("method") == method:
+            assert isinstance(frame, dict)
+            return frame
+
+
+async def test_abandoned_sessions_expire_and_their_requests_are_cancelled_at_the_tool(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """1,000 sessions each leave a request in flight and vanish: after the idle timeout they
+    are all gone, and the tool was told to cancel every one of those requests."""
+    sessions = 1000
+    with trio.fail_after(GUARD):
+        async with (
+            relay(session_idle_timeout=120, max_callers_per_agent=sessions) as (net, _),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            target = net.target("caller", AGENT)
+            started = trio.current_time()
+            seen: list[int] = []
+            for number in range(sessions):
+                session = await initialize(net, AGENT)
+                client = HttpClient(net)
+                assert (
+                    await client.send("POST", target, headers=headers(session), body=call(number))
+                    == 200
+                )
+                seen.append((await next_request(tool))["id"])
+                await client.close()  # gone without reading the answer
+                await trio.sleep(0.05)  # they come and go over time, as clients do
+            assert (await health(net))["http_sessions"] == sessions
+            assert trio.current_time() - started < 119
+            await trio.sleep(119 - (trio.current_time() - started))
+            assert (await health(net))["http_sessions"] > 0  # the newest are not idle long enough
+            cancelled: set[int] = set()
+            with trio.move_on_after(130):
+                while len(cancelled) < sessions:
+                    frame = await next_request(tool, "notifications/cancelled")
+                    cancelled.add(frame["params"]["requestId"])
+            assert cancelled == set(seen)
+            await trio.sleep(1)
+            connections = await health(net)
+            assert connections["http_sessions"] == 0
+            assert connections["robot_connections"] == 0
+
+
+async def test_a_session_lives_while_its_get_stream_is_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(GUARD):
+        async with relay(session_idle_timeout=10) as (net, _), net.raw_tool(AGENT):
+            session = await initialize(net, AGENT)
+            stream = HttpClient(net)
+            assert (
+                await stream.send("GET", net.target("caller", AGENT), headers=headers(session))
+                == 200
+            )
+            assert stream.headers["content-type"] == "text/event-stream"
+            priming = await stream.event()
+            assert priming is not None and priming.id == "0-0" and priming.data == ""
+            await trio.sleep(100)  # ten idle timeouts, with the stream open
+            assert (await health(net))["http_sessions"] == 1
+            await stream.close()
+            await trio.sleep(10.5)
+            assert (await health(net))["http_sessions"] == 0
+            client = HttpClient(net)
+            status = await client.send(
+                "POST", net.target("caller", AGENT), headers=headers(session), body=call(1)
+            )
+            assert status == 404
+
+
+async def test_delete_ends_the_session_and_cancels_its_requests_at_the_tool(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(GUARD):
+        async with relay() as (net, _), net.raw_tool(AGENT, tools=["slow"]) as tool:
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            waiting = HttpClient(net)
+            assert (
+                await waiting.send("POST", target, headers=headers(session), body=call("c1")) == 200
+            )
+            forwarded = await next_request(tool)
+            client = HttpClient(net)
+            assert await client.send("DELETE", target, headers=headers(session)) == 204
+            cancel = await next_request(tool, "notifications/cancelled")
+            assert cancel["params"]["requestId"] == forwarded["id"]
+            # The stream of the request in flight ends (no answer will come).
+            while (await waiting.event()) is not None:
+                pass
+            assert await client.send("POST", target, headers=headers(session), body=call(2)) == 404
+            body = await client.json()
+            assert body["error"]["code"] == -32600 and body["id"] is None
+
+
+async def log_message(tool: RawPeer, n: int) -> None:
+    await tool.send(
+        {
+            "jsonrpc": "2.0",
+            "method": "notifications/message",
+            "params": {"level": "info", "data": n},
+        }
+    )
+
+
+async def test_a_dropped_get_stream_resumes_with_last_event_id_exactly_once_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Events written to a connection that dropped before the client read them, and events
+    sent while no stream was open, arrive on the resumed stream once each, in order."""
+    with trio.fail_after(GUARD):
+        async with relay() as (net, _), net.raw_tool(AGENT, tools=["slow"]) as tool:
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            first = HttpClient(net)
+            assert await first.send("GET", target, headers=headers(session)) == 200
+            assert (await first.event()) is not None  # priming
+            for n in range(1, 4):
+                await log_message(tool, n)
+            got = [await first.event() for _ in range(2)]
+            assert [e.json()["params"]["data"] for e in got if e] == [1, 2]
+            last = got[-1]
+            assert last is not None and last.id == "0-2"
+            await trio.sleep(1)  # the third has been written too, but is never read
+            await first.close()
+            await trio.sleep(1)
+            for n in range(4, 8):
+                await log_message(tool, n)  # nobody is listening now
+            await trio.sleep(1)
+            second = HttpClient(net)
+            resume = headers(session, **{"last-event-id": last.id})
+            assert await second.send("GET", target, headers=resume) == 200
+            await log_message(tool, 8)
+            events = [await second.event() for _ in range(6)]
+            assert [e.json()["params"]["data"] for e in events if e] == [3, 4, 5, 6, 7, 8]
+            assert [e.id for e in events if e] == [f"0-{n}" for n in range(3, 9)]
+            # A fresh GET (no Last-Event-ID) takes over and starts after what was written.
+            third = HttpClient(net)
+            assert await third.send("GET", target, headers=headers(session)) == 200
+            assert (await second.event()) is None  # the old stream ended
+            priming = await third.event()
+            assert priming is not None and priming.id == "0-8"
+            await log_message(tool, 9)
+            ninth = await third.event()
+            assert ninth is not None and ninth.json()["params"]["data"] == 9
+
+
+async def test_a_dropped_post_stream_is_not_a_cancellation_and_resumes_on_get(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(GUARD):
+        async with relay() as (net, _), net.raw_tool(AGENT, tools=["slow"]) as tool:
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            post = HttpClient(net)
+            assert (
+                await post.send("POST", target, headers=headers(session), body=call(7, token="p"))
+                == 200
+            )
+            priming = await post.event()
+            assert priming is not None and priming.data == ""
+            number = priming.id.split("-")[0] if priming.id else "?"
+            assert priming.id == f"{number}-0" and number != "0"
+            forwarded = await next_request(tool)
+            token = forwarded["params"]["_meta"]["progressToken"]
+
+            async def progress(n: int) -> None:
+                params = {"progressToken": token, "progress": n, "total": 3}
+                await tool.send(
+                    {"jsonrpc": "2.0", "method": "notifications/progress", "params": params}
+                )
+
+            await progress(1)
+            one = await post.event()
+            assert (
+                one is not None
+                and one.id == f"{number}-1"
+                and one.json()["params"]["progressToken"] == "p"
+            )
+            await post.close()
+            await progress(2)
+            await tool.send({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"content": []}})
+            await trio.sleep(1)
+            resumed = HttpClient(net)
+            assert (
+                await resumed.send(
+                    "GET", target, headers=headers(session, **{"last-event-id": f"{number}-1"})
+                )
+                == 200
+            )
+            rest = [await resumed.event() for _ in range(2)]
+            assert [e.id for e in rest if e] == [f"{number}-2", f"{number}-3"]
+            assert rest[0] is not None and rest[0].json()["params"]["progress"] == 2
+            assert rest[1] is not None and rest[1].json() == {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "result": {"content": []},
+            }
+            assert (await resumed.event()) is None  # the request's stream is done
+            # The tool never heard of a cancellation.
+            with trio.move_on_after(5):
+                frame = await tool.receive()
+                assert frame.get("method") != "notifications/cancelled", frame
+
+
+async def test_a_client_that_stops_reading_ends_its_session_not_the_relay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A GET stream nobody reads: once what the relay holds for it is over the bounds, the
+    session ends (its request is cancelled at the tool) and another session is unaffected."""
+    with trio.fail_after(GUARD):
+        async with (
+            relay(outbox_size=32, outbox_bytes=64 * 1024, slow_caller_grace=5) as (net, _),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            target = net.target("caller", AGENT)
+            deaf = await initialize(net, AGENT)
+            healthy = await initialize(net, AGENT)
+            stuck = HttpClient(net)
+            assert (
+                await stuck.send("POST", target, headers=headers(deaf), body=call(1, token=1))
+                == 200
+            )
+            forwarded = await next_request(tool)
+            token = forwarded["params"]["_meta"]["progressToken"]
+            big = "x" * 4096
+            for n in range(200):
+                params = {"progressToken": token, "progress": n, "message": big}
+                await tool.send(
+                    {"jsonrpc": "2.0", "method": "notifications/progress", "params": params}
+                )
+            cancel = await next_request(tool, "notifications/cancelled")
+            assert cancel["params"]["requestId"] == forwarded["id"]
+            assert (await health(net))["http_sessions"] == 1
+            client = HttpClient(net)
+            assert await client.send("POST", target, headers=headers(healthy), body=call(2)) == 200
+            second = await next_request(tool)
+            await tool.send({"jsonrpc": "2.0", "id": second["id"], "result": {"content": []}})
+            events = []
+            while (event := await client.event()) is not None:
+                events.append(event)
+            assert events[-1].json()["id"] == 2
+
+
+async def test_shutdown_answers_requests_in_flight_on_their_streams(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(GUARD):
+        async with (
+            relay(shutdown_grace=2) as (net, shutdown),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            client = HttpClient(net)
+            assert await client.send("POST", target, headers=headers(session), body=call(5)) == 200
+            await next_request(tool)
+            shutdown.set()
+            events = []
+            while (event := await client.event()) is not None:
+                events.append(event)
+            answer = events[-1].json()
+            assert answer["id"] == 5 and answer["error"]["code"] == -32003

@@ -76,7 +76,7 @@ def release(flag: Path) -> None:
 
 
 def tools_of(name: str) -> set[str]:
-    return {f"{name}_add", f"{name}_whoami", f"{name}_wait_for"}
+    return {f"{name}_add", f"{name}_whoami", f"{name}_count", f"{name}_wait_for"}
 
 
 def child_env(**extra: str) -> dict[str, str]:

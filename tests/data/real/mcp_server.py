@@ -7,6 +7,8 @@ under one agent have different identities and no colliding tool names:
 
 * ``NAME_add(a, b)``: the sum, as text.
 * ``NAME_whoami()``: ``NAME pid=<pid>``.
+* ``NAME_count(n)``: reports progress 1..n of n (when the caller asked for progress), then
+  answers ``counted n``.
 * ``NAME_wait_for(path)``: creates ``path.started`` at once, then answers, with the text of
   ``path``, once that file exists (a request a test knows is in flight, and keeps there for
   as long as it wants).
@@ -18,7 +20,7 @@ import os
 import sys
 
 import anyio
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 
 NAME = sys.argv[1] if len(sys.argv) > 1 else "sdk-server"
 
@@ -33,6 +35,13 @@ def add(a: int, b: int) -> str:
 @server.tool(name=f"{NAME}_whoami", description=f"Which server answers ({NAME}).")
 def whoami() -> str:
     return f"{NAME} pid={os.getpid()}"
+
+
+@server.tool(name=f"{NAME}_count", description="Report progress n times, then answer.")
+async def count(n: int, ctx: Context) -> str:
+    for step in range(1, n + 1):
+        await ctx.report_progress(step, n, f"step {step}")
+    return f"counted {n}"
 
 
 @server.tool(name=f"{NAME}_wait_for", description="Answer once the file at path exists.")

@@ -81,6 +81,8 @@ class HttpConnection:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
         self._h11.receive_data(initial)
         self._eof = False
+        #: Bytes encoded but not written yet (a stream's head, until its first part).
+        self._held = b""
 
     async def _read_more(self) -> None:
         try:
@@ -148,16 +150,18 @@ class HttpConnection:
                 return attrs.evolve(head, body=bytes(body))
             raise HttpClosed("unexpected HTTP event in a request body")
 
-    async def _send(self, event: h11.Event) -> None:
+    def _encode(self, event: h11.Event) -> bytes:
         try:
-            data = self._h11.send(event)
+            return self._h11.send(event) or b""
         except h11.LocalProtocolError as exc:
             raise HttpClosed(str(exc)) from None
-        if data:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise HttpClosed("the client went away") from exc
+
+    async def _write(self, data: bytes) -> None:
+        data, self._held = self._held + data, b""
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise HttpClosed("the client went away") from exc
 
     async def respond(
         self,
@@ -168,22 +172,22 @@ class HttpConnection:
         content_type: str | None = "application/json",
         close: bool = False,
     ) -> None:
-        """Send a whole answer (``close``: and say the connection ends after it)."""
+        """Send a whole answer, in one write (``close``: say the connection ends after it)."""
         all_headers = [("content-length", str(len(body))), ("server", "trio-mcp-relay")]
         if body and content_type is not None:
             all_headers.append(("content-type", content_type))
         if close:
             all_headers.append(("connection", "close"))
         all_headers.extend(headers)
-        await self._send(
-            h11.Response(status_code=status, headers=all_headers, reason=_reason(status))
-        )
+        response = h11.Response(status_code=status, headers=all_headers, reason=_reason(status))
+        data = self._encode(response)
         if body:
-            await self._send(h11.Data(data=body))
-        await self._send(h11.EndOfMessage())
+            data += self._encode(h11.Data(data=body))
+        await self._write(data + self._encode(h11.EndOfMessage()))
 
-    async def open_stream(self, headers: Iterable[tuple[str, str]] = ()) -> None:
-        """Start a 200 answer of ``text/event-stream`` whose parts follow (chunked)."""
+    def open_stream(self, headers: Iterable[tuple[str, str]] = ()) -> None:
+        """Start a 200 answer of ``text/event-stream`` whose parts follow (chunked); its head
+        leaves with the first part."""
         all_headers = [
             ("content-type", "text/event-stream"),
             ("cache-control", "no-cache, no-transform"),
@@ -191,15 +195,20 @@ class HttpConnection:
             ("server", "trio-mcp-relay"),
             *headers,
         ]
-        await self._send(h11.Response(status_code=200, headers=all_headers, reason=b"OK"))
+        self._held += self._encode(h11.Response(status_code=200, headers=all_headers, reason=b"OK"))
 
     async def send(self, data: bytes) -> None:
         """One part of the answer started by :meth:`open_stream`."""
-        await self._send(h11.Data(data=data))
+        await self._write(self._encode(h11.Data(data=data)))
+
+    async def flush(self) -> None:
+        """Send what is held (the head of a stream with no part yet)."""
+        if self._held:
+            await self._write(b"")
 
     async def end_stream(self) -> None:
         """End the answer started by :meth:`open_stream`."""
-        await self._send(h11.EndOfMessage())
+        await self._write(self._encode(h11.EndOfMessage()))
 
     async def until_closed(self) -> None:
         """Read the socket until the client closes it (bytes of a next request are kept)."""

@@ -103,6 +103,8 @@ UNSUPPORTED_PROTOCOL_VERSION: Final = -32022
 KEEPALIVE_IDLE: Final = 60.0
 #: Seconds between SSE comments on a stream with nothing to say (proxies and dead peers).
 SSE_KEEPALIVE: Final = 15.0
+#: Seconds a stream's head may wait to leave with its first event.
+HEAD_WAIT: Final = 0.05
 #: The revision that introduced priming events (an id and no data at a stream's start).
 _PRIMING_SINCE: Final = "2025-11-25"
 CLOSE_DELETED: Final = 1000
@@ -448,7 +450,7 @@ class McpHttpFront:
             if first:
                 headers.append(("mcp-session-id", session.id))
             if stream.sse:
-                await connection.open_stream(headers)
+                connection.open_stream(headers)
                 prime = not first and (session.version or "") >= _PRIMING_SINCE
                 return await self._stream(connection, session, stream, 0, prime=prime)
             writer = object()
@@ -486,12 +488,12 @@ class McpHttpFront:
             if found is None:
                 # A request stream already forgotten: nothing is left to replay on it.
                 with session.exchange():
-                    await connection.open_stream(self._cors(request))
+                    connection.open_stream(self._cors(request))
                     await connection.end_stream()
                 return True
             stream = found
         with session.exchange():
-            await connection.open_stream(self._cors(request))
+            connection.open_stream(self._cors(request))
             prime = last is None and (session.version or "") >= _PRIMING_SINCE
             return await self._stream(connection, session, stream, after, prime=prime)
 
@@ -524,12 +526,19 @@ class McpHttpFront:
                 nursery.start_soon(watch)
                 if prime:
                     await connection.send(f"id: {event_id(number, after)}\ndata: \n\n".encode())
+                # The head waits for the first event (one write for both) unless it is slow.
+                held = not prime
                 while True:
-                    with trio.move_on_after(SSE_KEEPALIVE) as quiet:
+                    with trio.move_on_after(HEAD_WAIT if held else SSE_KEEPALIVE) as quiet:
                         events = await session.wait_events(stream, after, writer)
                     if quiet.cancelled_caught:
-                        await connection.send(b": keepalive\n\n")
+                        if held:
+                            await connection.flush()
+                        else:
+                            await connection.send(b": keepalive\n\n")
+                        held = False
                         continue
+                    held = False
                     if not events:
                         break
                     legacy = session.legacy
@@ -563,7 +572,7 @@ class McpHttpFront:
         session = await self._open_session(agent, remote, legacy=True)
         try:
             with session.exchange():
-                await connection.open_stream(self._cors(request))
+                connection.open_stream(self._cors(request))
                 endpoint = f"{MESSAGES_ENDPOINT}?session_id={session.id}".encode()
                 await connection.send(sse_event(endpoint, event="endpoint"))
                 await self._stream(connection, session, session.events.get_stream, 0, prime=False)

@@ -1,0 +1,93 @@
+"""SSE answers: events on the wire, and a session's stream written to a connection."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import trio
+
+from .conn import HttpConnection
+from .events import Stream, event_id
+from .session import HttpSession
+
+__all__ = ["HEAD_WAIT", "PRIMING_SINCE", "SSE_KEEPALIVE", "sse_event", "write_stream"]
+
+#: Seconds between SSE comments on a stream with nothing to say (proxies and dead peers).
+SSE_KEEPALIVE: Final = 15.0
+#: Seconds a stream's head may wait to leave with its first event.
+HEAD_WAIT: Final = 0.05
+#: The revision that introduced priming events (an id and no data at a stream's start).
+PRIMING_SINCE: Final = "2025-11-25"
+
+
+def sse_event(data: bytes, *, event: str = "message", eid: str | None = None) -> bytes:
+    """One SSE event (each line of ``data`` behind ``data:``)."""
+    head = f"id: {eid}\nevent: {event}\n" if eid is not None else f"event: {event}\n"
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    return head.encode() + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+
+
+def primes(session: HttpSession) -> bool:
+    """Whether the session's streams start with a priming event (2025-11-25 and later)."""
+    return (session.version or "") >= PRIMING_SINCE
+
+
+async def write_stream(
+    connection: HttpConnection, session: HttpSession, stream: Stream, after: int, *, prime: bool
+) -> bool:
+    """Write ``stream``'s events after ``after`` as SSE (the answer's head is held by
+    ``connection``) until the stream is done, the session ends, another writer takes the
+    stream over, or the client goes. True when the answer ended normally (the connection can
+    carry another request); False when the client went.
+
+    Events carry ids (``<stream>-<seq>``) except on a legacy session, whose clients cannot
+    resume. A stream that has nothing to say gets an SSE comment every :data:`SSE_KEEPALIVE`
+    seconds.
+    """
+    writer = object()
+    session.attach(stream, writer)
+    number = stream.number
+    legacy = session.legacy
+    gone = False
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal gone
+                await connection.until_closed()
+                gone = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            if prime:
+                await connection.send(f"id: {event_id(number, after)}\ndata: \n\n".encode())
+            # The head waits for the first event (one write for both) unless it is slow.
+            held = not prime
+            while True:
+                with trio.move_on_after(HEAD_WAIT if held else SSE_KEEPALIVE) as quiet:
+                    events = await session.wait_events(stream, after, writer)
+                if quiet.cancelled_caught:
+                    if held:
+                        await connection.flush()
+                    else:
+                        await connection.send(b": keepalive\n\n")
+                    held = False
+                    continue
+                held = False
+                if not events:
+                    break
+                await connection.send(
+                    b"".join(
+                        sse_event(data, eid=None if legacy else event_id(number, seq))
+                        for seq, data in events
+                    )
+                )
+                after = events[-1][0]
+                session.wrote(stream, after)
+            nursery.cancel_scope.cancel()
+    finally:
+        session.detach(stream, writer)
+    if gone:
+        return False
+    await connection.end_stream()
+    return True

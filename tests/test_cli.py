@@ -162,10 +162,12 @@ def test_banner_lines(monkeypatch: pytest.MonkeyPatch) -> None:
         (lines[2], "tool:    ", "/mcp_endpoint/mcp/", TokenRole.TOOL),
         (lines[3], "caller:  ", "/mcp_endpoint/call/", TokenRole.CALLER),
         (lines[4], "xiaozhi: ", "/mcp_endpoint/mcp/", TokenRole.CALLER),
+        (lines[5], "mcp:     ", "/mcp_endpoint/call/", TokenRole.CALLER),
     ):
         assert line.startswith(label)
         url = urlsplit(line.removeprefix(label))
-        assert (url.scheme, url.netloc, url.path) == ("ws", "192.0.2.10:8123", path)
+        scheme = "http" if label.startswith("mcp") else "ws"
+        assert (url.scheme, url.netloc, url.path) == (scheme, "192.0.2.10:8123", path)
         token = parse_qs(url.query)["token"][0]
         endpoint = Endpoint.TOOL if role is TokenRole.TOOL else Endpoint.CALLER
         grant = check(token, endpoint)
@@ -176,7 +178,7 @@ def test_banner_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     assert xiaozhi_url.startswith("ws") and "/mcp/" in xiaozhi_url
     assert "key" not in xiaozhi_url.lower() and "call" not in xiaozhi_url.lower()
     assert urlsplit(xiaozhi_url.replace("/mcp/", "/call/")).path == "/mcp_endpoint/call/"
-    assert len(lines) == 5
+    assert len(lines) == 6
 
 
 @pytest.mark.parametrize(

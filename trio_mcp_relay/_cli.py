@@ -110,6 +110,7 @@ def banner(config: RelayConfig, port: int) -> list[str]:
     the first key: ``tool`` for the tool bridge (it cannot be used to call), ``caller`` for
     MCP clients, and ``xiaozhi`` for xiaozhi-server, which only accepts a ``/mcp/`` URL and
     dials ``/call/`` with the same token itself, so it gets the caller token in that form.
+    ``mcp`` is the caller URL over HTTP, for MCP clients (Streamable HTTP).
     None of them contains ``key`` or ``call`` in its token. Each start mints new tokens;
     those printed before stay valid as long as their key is configured.
 
@@ -132,6 +133,7 @@ def banner(config: RelayConfig, port: int) -> list[str]:
         f"tool:    {endpoint_url(base, Endpoint.TOOL, tool_token)}",
         f"caller:  {endpoint_url(base, Endpoint.CALLER, caller_token)}",
         f"xiaozhi: {endpoint_url(base, Endpoint.TOOL, caller_token)}",
+        f"mcp:     {endpoint_url(f'http://{address}', Endpoint.CALLER, caller_token)}",
     ]
 
 

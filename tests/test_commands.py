@@ -248,7 +248,7 @@ def test_call_rejects_bad_arguments(relay: RunningRelay) -> None:
 def test_check_passes_against_our_relay(relay: RunningRelay) -> None:
     result = runner.invoke(app, ["check", "--port", str(relay.port), "--key", KEY])
     assert result.exit_code == 0, result.output
-    assert "9 passed, 0 failed" in result.stdout
+    assert "10 passed, 0 failed" in result.stdout
     assert "FAIL" not in result.stdout
     assert "connected; the endpoint initialized it as an MCP server" in result.stdout
     assert re.search(r"PASS  servers a caller sees +.*1 tool: check", result.stdout), result.stdout
@@ -303,7 +303,7 @@ def test_check_given_the_printed_health_url_passes_every_check(relay: RunningRel
     health = f"http://127.0.0.1:{relay.port}/mcp_endpoint/health?key={KEY}"
     result = runner.invoke(app, ["check", health])
     assert result.exit_code == 0, result.output
-    assert "9 passed, 0 failed" in result.stdout.splitlines()[-1]
+    assert "10 passed, 0 failed" in result.stdout.splitlines()[-1]
 
 
 def test_check_given_a_tool_url_says_so_and_still_checks(
@@ -314,10 +314,10 @@ def test_check_given_a_tool_url_says_so_and_still_checks(
     with_key = runner.invoke(app, ["check", relay.tool_url("calc"), "--key", KEY])
     assert with_key.exit_code == 0, with_key.output
     assert with_key.stdout.startswith("note: given a tool URL (/mcp_endpoint/mcp/); checking")
-    assert "9 passed, 0 failed" in with_key.stdout
+    assert "10 passed, 0 failed" in with_key.stdout
     cases = (
-        ("calc", "answered for the agent's tool", "6 passed, 0 failed, 3 skipped"),
-        ("nobody", "forwarded", "7 passed, 0 failed, 2 skipped"),
+        ("calc", "answered for the agent's tool", "7 passed, 0 failed, 3 skipped"),
+        ("nobody", "forwarded", "8 passed, 0 failed, 2 skipped"),
     )
     for agent, trip, total in cases:
         result = runner.invoke(app, ["check", relay.tool_url(agent)])

@@ -7,8 +7,14 @@ that names the likely cause when it fails.
 The check's own tool is a small MCP server (:class:`_CheckTool`) with one tool, ``check``: an
 aggregating relay (trio-mcp-relay since #9) initializes and lists every tool connection itself
 and routes ``tools/call`` by tool name, while the reference server forwards every frame as is;
-the tool answers both. The last step reports what a caller of the agent sees: its servers
+the tool answers both. The servers step reports what a caller of the agent sees: its servers
 (from the health endpoint, when it lists them per agent) and its tools.
+
+Where the endpoint serves MCP Streamable HTTP on the caller path (trio-mcp-relay since #12),
+a caller over it (:func:`~trio_mcp_relay.client.open_http_caller`) opens a session, lists the
+tools and calls the check's tool, then ends the session (``DELETE``). An endpoint that
+answers that ``POST`` with 404, 405 or 501 (the reference server) does not serve it: the step
+is skipped, with that reason, and is no failure.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import json
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Final, Literal
 from urllib.parse import quote, urlsplit
 
 import attrs
 import h11
+import httpx
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -32,8 +40,8 @@ from trio_websocket import (
 )
 
 from ._auth import encrypt_token
-from ._endpoint import describe_connect_failure
-from .client import connect_websocket
+from ._endpoint import describe_connect_failure, http_refusal_hint
+from .client import HttpProtocolError, HttpRefused, RpcError, connect_websocket, open_http_caller
 
 __all__ = ["CheckResult", "Endpoint", "run_checks"]
 
@@ -73,11 +81,13 @@ class Endpoint:
     def ws_base(self) -> str:
         return self.base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
 
-    def url(self, path: str, agent: str, *, token: str | None = None) -> str:
+    def url(self, path: str, agent: str, *, token: str | None = None, http: bool = False) -> str:
+        """The ``path`` endpoint's URL for ``agent`` (ws(s)://, or http(s):// with ``http``)."""
         if token is None:
             token = encrypt_token(self.key, agent) if self.key is not None else self.token
         assert token is not None
-        return f"{self.ws_base}/mcp_endpoint/{path}/?token={quote(token, safe='')}"
+        base = self.base if http else self.ws_base
+        return f"{base}/mcp_endpoint/{path}/?token={quote(token, safe='')}"
 
 
 @attrs.frozen
@@ -140,6 +150,8 @@ async def _step(
 ) -> CheckResult:
     try:
         return CheckResult(name, True, await body())
+    except _Skip as exc:
+        return _skipped(name, exc.detail)
     except _Failed as exc:
         return CheckResult(name, False, exc.detail, exc.hint or failure_hint)
     except trio.TooSlowError:
@@ -179,6 +191,14 @@ class _Failed(Exception):
         self.hint = hint
 
 
+class _Skip(Exception):
+    """The step cannot be run here (not a failure); ``detail`` says why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 def _skipped(name: str, why: str) -> CheckResult:
     return CheckResult(name, True, why, skipped=True)
 
@@ -202,6 +222,10 @@ class _CheckTool:
         self.ws = ws
         self.initialized = False  # the endpoint sent its own initialize (an aggregator)
         self._calls_in, self.calls = trio.open_memory_channel[dict[str, object]](16)
+        #: Answer each ``tools/call`` of ``check`` itself (counted in ``answered``), instead of
+        #: handing it to :attr:`calls`.
+        self.answer_calls = False
+        self.answered = 0
 
     async def first_frame(self, grace: float) -> None:
         """Wait ``grace`` s for a refusal (a close) or the endpoint's ``initialize``.
@@ -235,8 +259,16 @@ class _CheckTool:
         method = frame.get("method")
         params = frame.get("params")
         result: object
-        if method == "tools/call":
+        if method == "tools/call" and not self.answer_calls:
             await self._calls_in.send(frame)
+            return
+        if method == "tools/call":
+            if not (isinstance(params, dict) and params.get("name") == CHECK_TOOL["name"]):
+                error = {"code": -32602, "message": f"unknown tool in {params!r:.60}"}
+                await self.send({"jsonrpc": "2.0", "id": frame["id"], "error": error})
+                return
+            self.answered += 1
+            await self.send({"jsonrpc": "2.0", "id": frame["id"], "result": CHECK_RESULT})
             return
         if method == "initialize":
             self.initialized = True
@@ -326,9 +358,19 @@ async def _token_checks(endpoint: Endpoint) -> list[CheckResult]:
             caller_ws.append(await _open_checked(stack, endpoint.url("call", ""), timeout))
             return "connected with the URL's token"
 
+        http_url = endpoint.url("call", "", http=True)
+
+        async def http_caller(tool: _CheckTool | None, mode: HttpMode) -> CheckResult:
+            return await _step(HTTP_STEP, lambda: _http_caller(endpoint, http_url, tool, mode))
+
         caller = await _step(caller_name, connect_caller)
         if not caller.ok:
-            return [_skipped(tool_name, "skipped"), caller, _skipped(trip_name, "skipped")]
+            return [
+                _skipped(tool_name, "skipped"),
+                caller,
+                _skipped(trip_name, "skipped"),
+                await http_caller(None, "probe"),
+            ]
         # tools/list, not ping: an aggregating relay answers ping itself, even with no tool.
         request = {"jsonrpc": "2.0", "id": 0, "method": "tools/list"}
         first: dict[str, object] | None = None
@@ -342,7 +384,8 @@ async def _token_checks(endpoint: Endpoint) -> list[CheckResult]:
             servers = await _step(
                 SERVERS_STEP, lambda: _servers_seen(endpoint, None, caller_ws[0], None)
             )
-            return [tool, caller, _list_answer(first, timeout), servers]
+            http = await http_caller(None, "list")
+            return [tool, caller, _list_answer(first, timeout), servers, http]
         tools: list[_CheckTool] = []
 
         async def connect_tool() -> str:
@@ -351,7 +394,13 @@ async def _token_checks(endpoint: Endpoint) -> list[CheckResult]:
 
         tool = await _step(tool_name, connect_tool)
         if not tool.ok:
-            return [tool, caller, _skipped(trip_name, "skipped"), _skipped(SERVERS_STEP, "skipped")]
+            return [
+                tool,
+                caller,
+                _skipped(trip_name, "skipped"),
+                _skipped(SERVERS_STEP, "skipped"),
+                await http_caller(None, "probe"),
+            ]
         trip = await _step(
             trip_name,
             lambda: _round_trip(tools[0], caller_ws[0], timeout),
@@ -360,7 +409,7 @@ async def _token_checks(endpoint: Endpoint) -> list[CheckResult]:
         servers = await _step(
             SERVERS_STEP, lambda: _servers_seen(endpoint, None, caller_ws[0], CHECK_TOOL["name"])
         )
-        return [tool, caller, trip, servers]
+        return [tool, caller, trip, servers, await http_caller(tools[0], "call")]
 
 
 def _list_answer(response: dict[str, object] | None, timeout: float) -> CheckResult:
@@ -464,6 +513,12 @@ async def _websocket_checks(endpoint: Endpoint, agent: str) -> list[CheckResult]
             sockets["caller"] = ws
             return "connected"
 
+        async def http_caller() -> CheckResult:
+            url = endpoint.url("call", agent, http=True)
+            if tools:
+                return await _step(HTTP_STEP, lambda: _http_caller(endpoint, url, tools[0], "call"))
+            return await _step(HTTP_STEP, lambda: _http_caller(endpoint, url, None, "probe"))
+
         tool = await _step("tool connection (/mcp_endpoint/mcp/)", connect_tool)
         caller = await _step("caller connection (/mcp_endpoint/call/)", connect_caller)
         if not (tool.ok and caller.ok):
@@ -472,6 +527,7 @@ async def _websocket_checks(endpoint: Endpoint, agent: str) -> list[CheckResult]
                 caller,
                 CheckResult("forwarded round trip", False, "skipped"),
                 CheckResult(SERVERS_STEP, False, "skipped"),
+                await http_caller(),
             ]
         trip = await _step(
             "forwarded round trip",
@@ -482,7 +538,7 @@ async def _websocket_checks(endpoint: Endpoint, agent: str) -> list[CheckResult]
             SERVERS_STEP,
             lambda: _servers_seen(endpoint, agent, sockets["caller"], CHECK_TOOL["name"]),
         )
-        return [tool, caller, trip, servers]
+        return [tool, caller, trip, servers, await http_caller()]
 
 
 SERVERS_STEP = "servers a caller sees"
@@ -506,12 +562,17 @@ async def _servers_seen(
             f"tools/list does not offer the check tool's {expected!r} (got {names!r:.60})",
             "the endpoint does not list its tool connections' tools to callers",
         )
-    shown = ", ".join(str(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
-    tools = f"{len(names)} tool{'s' if len(names) != 1 else ''}" + (f": {shown}" if names else "")
+    tools = _tools_text(names)
     servers = await _health_servers(endpoint, agent) if agent is not None else None
     if servers is None:
         return tools
     return f"servers: {', '.join(servers) or 'none'}; {tools}"
+
+
+def _tools_text(names: list[object]) -> str:
+    """``3 tools: a, b, c`` (the first eight names)."""
+    shown = ", ".join(str(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+    return f"{len(names)} tool{'s' if len(names) != 1 else ''}" + (f": {shown}" if names else "")
 
 
 async def _health_servers(endpoint: Endpoint, agent: str) -> list[str] | None:
@@ -543,6 +604,88 @@ async def _health_servers(endpoint: Endpoint, agent: str) -> list[str] | None:
             ready = "" if row.get("ready", True) else " (initializing)"
             names.append(f"{name}{ready}")
     return names
+
+
+HTTP_STEP: Final = "Streamable HTTP caller"
+#: What an endpoint that does not serve Streamable HTTP answers its ``POST`` with.
+NOT_SERVED: Final = frozenset({404, 405, 501})
+#: ``call``: list the tools and call the check's (ours) one; ``list``: list them only (the
+#: agent's own tool is connected); ``probe``: initialize only (there is no tool to call).
+HttpMode = Literal["call", "list", "probe"]
+
+
+async def _http_caller(
+    endpoint: Endpoint, url: str, tool: _CheckTool | None, mode: HttpMode
+) -> str:
+    """A caller over MCP Streamable HTTP at the caller ``url``: a session (``initialize``),
+    ``tools/list``, ``tools/call`` of the check's ``tool`` (``mode``), then ``DELETE``.
+
+    Raises:
+        _Skip: the endpoint does not serve Streamable HTTP (404, 405 or 501 to the first
+            ``POST``), or ``mode`` is ``probe``.
+        _Failed: anything else went wrong; the detail says what, the hint what to fix.
+    """
+    try:
+        return await _http_session(endpoint, url, tool, mode)
+    except HttpRefused as exc:
+        if exc.method == "initialize" and exc.status in NOT_SERVED:
+            raise _Skip(
+                f"skipped: the endpoint does not serve MCP Streamable HTTP (POST answered HTTP "
+                f"{exc.status})"
+            ) from None
+        raise _Failed(str(exc), http_refusal_hint(exc, url)) from None
+    except HttpProtocolError as exc:
+        raise _Failed(
+            str(exc), "a proxy in front may not pass POST requests and SSE answers through"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise _Failed(describe_connect_failure(exc, url)) from None
+    finally:
+        if tool is not None:
+            tool.answer_calls = False
+
+
+async def _http_session(
+    endpoint: Endpoint, url: str, tool: _CheckTool | None, mode: HttpMode
+) -> str:
+    doing = "initialize"
+    try:
+        async with open_http_caller(url, timeout=endpoint.timeout) as caller:
+            opened = "session opened" if caller.session_id else "initialized (no session id)"
+            if mode == "probe":
+                doing = "DELETE"
+                ended = await caller.end_session()
+                raise _Skip(
+                    f"skipped: no tool connection to call (Streamable HTTP answers: {opened}, "
+                    f"DELETE {ended})"
+                )
+            doing = "tools/list"
+            listed = await caller.list_tools()
+            names: list[object] = [t.get("name") for t in listed if isinstance(t, dict)]
+            if mode == "list":
+                doing = "DELETE"
+                ended = await caller.end_session()
+                return (
+                    f"{opened}; tools/list: {_tools_text(names)}; DELETE {ended} (the agent's "
+                    "own tool: nothing called)"
+                )
+            if CHECK_TOOL["name"] not in names:
+                raise _Failed(
+                    f"tools/list does not offer the check tool's {CHECK_TOOL['name']!r} "
+                    f"(got {names!r:.60})",
+                    "the endpoint does not list its tool connections' tools to HTTP callers",
+                )
+            assert tool is not None
+            tool.answer_calls = True
+            doing = "tools/call"
+            result = await caller.call_tool(str(CHECK_TOOL["name"]))
+            if result != CHECK_RESULT or tool.answered != 1:
+                raise _Failed(f"tools/call of check got {result!r:.80}")
+            doing = "DELETE"
+            ended = await caller.end_session()
+    except RpcError as exc:
+        raise _Failed(f"{doing} answered with error {exc}") from None
+    return f"{opened}; tools/list offers check; tools/call answered; DELETE {ended}"
 
 
 async def _round_trip(tool: _CheckTool, caller: WebSocketConnection, timeout: float) -> str:

@@ -29,6 +29,7 @@ from ._endpoint import (
     EndpointUrl,
     UrlError,
     describe_connect_failure,
+    describe_http_refusal,
     parse_endpoint_url,
 )
 from ._fuzz import Finding, FuzzerFailed, FuzzReport, describe_step, run_fuzz
@@ -254,12 +255,16 @@ def _optional_key(
 def _caller_url_for(
     given: str, key: str | None, agent: str | None, config: Path | None, data_dir: Path | None
 ) -> str:
+    """The URL to call: a ``ws(s)://`` caller URL (WebSocket), or an ``http(s)://`` one (MCP
+    Streamable HTTP) when ``given`` is a caller URL spelled with ``http://`` or ``https://``."""
     endpoint = _endpoint(given)
     if endpoint.kind == "other":
         raise _fail(
             f"{endpoint.shown} is a tool-side URL of another kind of endpoint: call needs a "
-            "caller URL, ws://HOST:PORT/mcp_endpoint/call/?token=..."
+            "caller URL, ws://HOST:PORT/mcp_endpoint/call/?token=... (WebSocket) or "
+            "http://HOST:PORT/mcp_endpoint/call/?token=... (Streamable HTTP)"
         )
+    http = endpoint.kind == "caller" and given.strip().lower().startswith(("http://", "https://"))
     if endpoint.kind == "tool":
         print(
             "note: that is a tool URL (/mcp_endpoint/mcp/, where tools connect); calling "
@@ -267,15 +272,16 @@ def _caller_url_for(
             file=sys.stderr,
         )
     if endpoint.token is not None and agent is None:
-        return endpoint.caller_url()
+        return endpoint.caller_url(http=http)
     secret = _optional_key(key, endpoint, config, data_dir)
     if secret is None:
         raise _fail(
             f"{KIND_NAMES[endpoint.kind]} has no token: give the caller URL "
-            f"({endpoint.ws_base}/mcp_endpoint/call/?token=...), or the key (--key, or the "
-            "health URL) and --agent"
+            f"({endpoint.ws_base}/mcp_endpoint/call/?token=..., or "
+            f"{endpoint.http_base}/mcp_endpoint/call/?token=... for Streamable HTTP), or the "
+            "key (--key, or the health URL) and --agent"
         )
-    return endpoint.caller_url(secret, agent or DEFAULT_AGENT)
+    return endpoint.caller_url(secret, agent or DEFAULT_AGENT, http=http)
 
 
 DEFAULT_AGENT = "single_module"
@@ -287,9 +293,10 @@ def call_command(
     url: Annotated[
         str,
         typer.Argument(
-            help="Where to call: the caller URL (ws://HOST:PORT/mcp_endpoint/call/?token=...), "
-            "the tool URL of the same agent, or a base or health URL with the key (then "
-            "--agent picks the agent).",
+            help="Where to call: the caller URL, ws://HOST:PORT/mcp_endpoint/call/?token=... "
+            "(WebSocket) or http(s)://HOST:PORT/mcp_endpoint/call/?token=... (MCP Streamable "
+            "HTTP); the tool URL of the same agent, or a base or health URL with the key (then "
+            "--agent picks the agent), over WebSocket.",
             show_default=False,
         ),
     ],
@@ -323,12 +330,20 @@ def call_command(
 ) -> None:
     """A caller client: list tools, call one, or send raw JSON-RPC (MCP handshake included).
 
+    The URL's scheme picks the transport: ws:// or wss:// is the WebSocket caller endpoint;
+    an http:// or https:// caller URL is MCP Streamable HTTP (initialize, which opens a
+    session, notifications/initialized, the action, then DELETE of the session), served by
+    trio-mcp-relay at the same path. Output and exit status are the same for both: 0; 1 for
+    an isError result, a JSON-RPC error, a refused token (HTTP: the status and the error the
+    endpoint gave), nothing listening or no answer in time; 2 for a bad URL or arguments.
+
     Options may go anywhere on the line. Example session:
 
     \b
         trio-mcp-relay call "ws://127.0.0.1:8004/mcp_endpoint/call/?token=..." tools
         trio-mcp-relay call "ws://...?token=..." call add --args '{"a": 1, "b": 2}'
         trio-mcp-relay call "ws://...?token=..." request ping --timeout 5
+        trio-mcp-relay call "http://127.0.0.1:8004/mcp_endpoint/call/?token=..." tools
     """
     if action not in _CALL_ACTIONS:
         raise _fail(f"unknown action {action!r}: use tools, call TOOL, or request METHOD [PARAMS]")
@@ -349,11 +364,23 @@ def call_command(
 
 
 def _run_caller(url: str, timeout: float, work: Any) -> Any:
+    """Run ``work(caller)`` on a caller of ``url`` (by its scheme: WebSocket or Streamable
+    HTTP); a failure exits 1 with one line saying what to fix."""
     from trio_websocket import ConnectionClosed, HandshakeError
 
-    from .client import RpcError, open_caller
+    from .client import HttpProtocolError, HttpRefused, RpcError, open_caller, open_http_caller
+
+    http = url.startswith(("http://", "https://"))
+    http_errors: tuple[type[BaseException], ...] = ()
+    if http:
+        import httpx
+
+        http_errors = (httpx.HTTPError,)
 
     async def main() -> Any:
+        if http:
+            async with open_http_caller(url, timeout=timeout) as http_caller:
+                return await work(http_caller)
         async with open_caller(url, timeout=timeout) as caller:
             return await work(caller)
 
@@ -362,6 +389,12 @@ def _run_caller(url: str, timeout: float, work: Any) -> Any:
             return trio.run(main)
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
+    except HttpRefused as exc:
+        raise _fail(describe_http_refusal(exc, url), 1) from None
+    except HttpProtocolError as exc:
+        raise _fail(f"{parse_endpoint_url(url).host_port}: {exc}", 1) from None
+    except http_errors as exc:
+        raise _fail(describe_connect_failure(exc, url), 1) from None
     except RpcError as exc:
         hint = (
             ": this connection is on the tool side; use the caller URL "
@@ -436,20 +469,28 @@ def check_command(
     timeout: Annotated[float, typer.Option(help="Seconds each step may take.")] = 10.0,
 ) -> None:
     """Check that an MCP endpoint works: health with the key, a tool and a caller connection,
-    a forwarded round trip, the servers and tools a caller sees, the error for a missing
-    tool, and a bad token refused.
+    a forwarded round trip, the servers and tools a caller sees, a caller over MCP
+    Streamable HTTP, the error for a missing tool, and a bad token refused.
 
     The check's tool is an MCP server with one tool, check: it answers an aggregating relay's
     own initialize and tools/list, and the round trip is a tools/call of it. The servers
     step lists the agent's tools through the caller, and its servers when the health
-    endpoint reports servers per agent.
+    endpoint reports servers per agent. The Streamable HTTP step POSTs to the caller URL
+    (http://HOST:PORT/mcp_endpoint/call/?token=...): initialize opens a session, tools/list
+    must offer check, tools/call of it must come back, and DELETE ends the session. An
+    endpoint that answers that POST with 404, 405 or 501 does not serve Streamable HTTP
+    (the reference server does not): the step is skipped, saying so, and is no failure.
 
     Prints a pass/fail table with a hint for each failure; exits 0 only if none fails. Works
     against trio-mcp-relay, the reference mcp-endpoint-server, and either behind a proxy.
-    Given a tool or caller URL and no key, it checks with that URL's token (the steps that
-    need the key are skipped, and an agent's connected tool is never replaced).
+    Given a tool or caller URL (ws:// or http://) and no key, it checks with that URL's
+    token (the steps that need the key are skipped, and an agent's connected tool is never
+    replaced: it is listed, over both transports, not called).
 
-    Example: trio-mcp-relay check "http://127.0.0.1:8004/mcp_endpoint/health?key=0123..."
+    \b
+    Examples:
+        trio-mcp-relay check "http://127.0.0.1:8004/mcp_endpoint/health?key=0123..."
+        trio-mcp-relay check "http://127.0.0.1:8004/mcp_endpoint/call/?token=..."
     """
     from ._check import Endpoint, run_checks
 

@@ -13,15 +13,16 @@ Users paste whatever URL they have at hand, so ``check``, ``fuzz``, ``call``, ``
 * any other ``ws(s)://`` URL with a token, such as the hosted ``wss://api.xiaozhi.me/mcp/``
   (only a tool bridge can use it as is).
 
-Connection failures are put into words here and nowhere else (:func:`describe_connect_failure`):
-one line that says what is wrong and what to fix, whatever layer raised it.
+Connection failures are put into words here and nowhere else (:func:`describe_connect_failure`,
+and :func:`describe_http_refusal` for an HTTP error status of MCP Streamable HTTP): one line
+that says what is wrong and what to fix, whatever layer raised it.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 import attrs
@@ -30,7 +31,17 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from ._auth import encrypt_token
 
-__all__ = ["EndpointUrl", "UrlError", "describe_connect_failure", "parse_endpoint_url"]
+if TYPE_CHECKING:
+    from .client import HttpRefused
+
+__all__ = [
+    "EndpointUrl",
+    "UrlError",
+    "describe_connect_failure",
+    "describe_http_refusal",
+    "http_refusal_hint",
+    "parse_endpoint_url",
+]
 
 UrlKind = Literal["base", "health", "tool", "caller", "other"]
 
@@ -99,11 +110,19 @@ class EndpointUrl:
             return self.original
         return self._side_url("mcp", key, agent)
 
-    def caller_url(self, key: str | None = None, agent: str | None = None) -> str:
-        """The caller URL: this one, the same token's, or one minted with ``key``."""
-        return self._side_url("call", key, agent)
+    def caller_url(
+        self, key: str | None = None, agent: str | None = None, *, http: bool = False
+    ) -> str:
+        """The caller URL: this one, the same token's, or one minted with ``key``.
 
-    def _side_url(self, side: str, key: str | None, agent: str | None) -> str:
+        ``http``: the ``http(s)://`` form, where the relay serves MCP Streamable HTTP (the
+        same path and token as the WebSocket caller URL).
+        """
+        return self._side_url("call", key, agent, http=http)
+
+    def _side_url(
+        self, side: str, key: str | None, agent: str | None, *, http: bool = False
+    ) -> str:
         if agent is not None and key is not None:
             token = encrypt_token(key, agent)
         elif self.token is not None:
@@ -113,7 +132,8 @@ class EndpointUrl:
                 f"{KIND_NAMES[self.kind]} has no token: give the {_SIDE[side]} URL "
                 f"({self.ws_base}/mcp_endpoint/{side}/?token=...), or the key to mint one"
             )
-        return f"{self.ws_base}/mcp_endpoint/{side}/?token={quote(token, safe='')}"
+        base = self.http_base if http else self.ws_base
+        return f"{base}/mcp_endpoint/{side}/?token={quote(token, safe='')}"
 
     def health_url(self, key: str) -> str:
         return f"{self.http_base}/mcp_endpoint/health?key={quote(key, safe='')}"
@@ -278,6 +298,83 @@ def describe_connect_failure(exc: BaseException, url: str) -> str:
         )
     text = str(leaf)
     return f"cannot connect to {where}: {type(leaf).__name__}{': ' + text if text else ''}"
+
+
+def _ws_form(url: str) -> str:
+    """``url`` as the WebSocket caller URL of the same endpoint, without its query."""
+    try:
+        endpoint = parse_endpoint_url(url)
+    except UrlError:
+        return "ws://HOST:PORT/mcp_endpoint/call/?token=..."
+    return f"{endpoint.ws_base}/mcp_endpoint/call/?token=..."
+
+
+def describe_http_refusal(exc: HttpRefused, url: str) -> str:
+    """One line: what an HTTP error status of a Streamable HTTP endpoint means, and what to fix.
+
+    Names the status, the JSON-RPC error of the body (code, message, details) and the request
+    it answered; never the URL's query (the token)."""
+    where = _where(url)
+    error = exc.error
+    data = error.data if error is not None and isinstance(error.data, dict) else {}
+    details = data.get("details")
+    said = ""
+    if error is not None:
+        said = f" ({error.code} {error.message}" + (f": {details}" if details else "") + ")"
+    elif exc.body and not exc.body.lstrip().startswith("<"):
+        said = f" ({exc.body[:80]})"
+    head = f"{where} answered HTTP {exc.status}{said} to {exc.method}"
+    fix = http_refusal_hint(exc, url)
+    return f"{head}: {fix}" if fix else head
+
+
+def http_refusal_hint(exc: HttpRefused, url: str) -> str:
+    """What to fix for an HTTP error status of a Streamable HTTP endpoint ("" if nothing
+    useful can be said): the second half of :func:`describe_http_refusal`."""
+    error = exc.error
+    data = error.data if error is not None and isinstance(error.data, dict) else {}
+    details = data.get("details")
+    status, code = exc.status, error.code if error is not None else None
+    wait = f" (retry after {exc.retry_after} s)" if exc.retry_after else ""
+    fix = ""
+    if status == 401:
+        fix = (
+            "the token was refused: use a caller URL with a token minted with this endpoint's "
+            "key (trio-mcp-relay url AGENT)"
+        )
+    elif status == 403 and isinstance(details, str) and "tool token" in details:
+        fix = (
+            "a tool token cannot call: use a caller token (trio-mcp-relay url AGENT --role caller)"
+        )
+    elif status == 403 and isinstance(details, str) and "reference tokens" in details:
+        fix = "this endpoint takes scoped tokens only (trio-mcp-relay url AGENT --role caller)"
+    elif status == 403:
+        fix = (
+            "refused: an Origin or address rule of the endpoint or of a proxy in front, or a "
+            "token that may not call"
+        )
+    elif status == 404 and exc.session:
+        fix = "the session ended (it expired, or the relay restarted): run the command again"
+    elif status in (404, 405, 501):
+        fix = (
+            "no MCP Streamable HTTP endpoint there: check the path (/mcp_endpoint/call/); an "
+            "endpoint that speaks only WebSocket (such as the reference mcp-endpoint-server) "
+            f"takes the WebSocket caller URL, {_ws_form(url)}"
+        )
+    elif status == 429 and code == -32004:
+        fix = f"too many failed authentications from this address{wait}: wait, and check the token"
+    elif status == 429:
+        fix = f"the agent has as many callers as the endpoint allows{wait}: try again later"
+    elif status == 413:
+        fix = "the message is over the endpoint's size limit (trio-mcp-relay's --max-message-size)"
+    elif status == 400 and code == -32022:
+        fix = (
+            f"the endpoint does not serve MCP revision {data.get('requested')} (it serves "
+            f"{', '.join(map(str, data.get('supported') or [])) or 'others'})"
+        )
+    elif status == 503:
+        fix = f"the endpoint is shutting down or at its connection limit{wait}: try again"
+    return fix
 
 
 #: The agent of the tool URL minted from a health URL: the one the relay's banner shows.

@@ -24,11 +24,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import urljoin
 
-import attrs
 import httpx
 import trio
 
 from ._frames import FrameError, _loads, dumps
+from ._sse import SseParser
 
 __all__ = ["RemoteError", "run_remote"]
 
@@ -44,29 +44,6 @@ INITIALIZE_TIMEOUT: Final = 30.0
 
 class RemoteError(Exception):
     """The remote server cannot be used now; the message (one line) says why."""
-
-
-@attrs.define
-class _SseParser:
-    """``text/event-stream`` lines in, ``(event, data)`` out (the WHATWG rules that matter)."""
-
-    event: str = ""
-    data: list[str] = attrs.Factory(list)
-
-    def feed(self, line: str) -> tuple[str, str] | None:
-        if not line:
-            out = (self.event or "message", "\n".join(self.data)) if self.data else None
-            self.event, self.data = "", []
-            return out
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            self.event = value
-        elif name == "data":
-            self.data.append(value)
-        return None
 
 
 def _messages(body: bytes) -> list[Any]:
@@ -184,7 +161,7 @@ class _StreamableHttp:
                 elif kind == "application/json":
                     await self._hand_over(await r.aread(), frame)
                 elif kind == "text/event-stream":
-                    parser = _SseParser()
+                    parser = SseParser()
                     async for text in r.aiter_lines():
                         event = parser.feed(text)
                         if event is not None and event[0] == "message" and event[1]:
@@ -215,7 +192,7 @@ class _StreamableHttp:
             ) as r:
                 if r.status_code != 200:
                     return  # 405: the server offers no such stream
-                parser = _SseParser()
+                parser = SseParser()
                 async for text in r.aiter_lines():
                     event = parser.feed(text)
                     if event is not None and event[0] == "message" and event[1]:
@@ -237,7 +214,7 @@ async def _run_sse(
         if r.status_code != 200:
             hint = " (check the entry's headers)" if r.status_code in (401, 403) else ""
             raise RemoteError(f"GET {url} answered HTTP {r.status_code}{hint}")
-        parser = _SseParser()
+        parser = SseParser()
         endpoint: str | None = None
         async for text in r.aiter_lines():
             event = parser.feed(text)

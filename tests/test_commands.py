@@ -117,9 +117,10 @@ def test_url_prints_both_urls_for_the_agent() -> None:
         app, ["url", "a1", "--key", KEY, "--host", "relay.example", "--port", "443", "--secure"]
     )
     assert result.exit_code == 0, result.output
-    tool, caller = result.stdout.splitlines()
+    tool, caller, mcp = result.stdout.splitlines()
     assert tool.startswith("tool:    wss://relay.example:443/mcp_endpoint/mcp/?token=")
     assert caller.startswith("caller:  wss://relay.example:443/mcp_endpoint/call/?token=")
+    assert mcp == caller.replace("caller:  wss://", "mcp:     https://")
     assert decrypt_agent_id(KEY, unquote(tool.split("token=")[1])) == "a1"
 
 
@@ -175,8 +176,8 @@ def test_token_and_url_usage_errors(args: list[str], message: str) -> None:
     ("role", "labels"),
     [
         ("tool", ["tool"]),
-        ("caller", ["caller", "xiaozhi"]),
-        ("both", ["tool", "caller"]),
+        ("caller", ["caller", "xiaozhi", "mcp"]),
+        ("both", ["tool", "caller", "mcp"]),
     ],
 )
 def test_url_with_a_role(role: str, labels: list[str]) -> None:
@@ -188,8 +189,9 @@ def test_url_with_a_role(role: str, labels: list[str]) -> None:
     assert [line.split(":")[0] for line in lines] == labels
     for line in lines:
         label, url = line.split(maxsplit=1)
-        path = "/mcp_endpoint/call/" if label == "caller:" else "/mcp_endpoint/mcp/"
-        assert url.startswith(f"wss://relay.example:8004{path}?token=st1.")
+        path = "/mcp_endpoint/call/" if label in ("caller:", "mcp:") else "/mcp_endpoint/mcp/"
+        scheme = "https" if label == "mcp:" else "wss"
+        assert url.startswith(f"{scheme}://relay.example:8004{path}?token=st1.")
         token = url.split("token=")[1]
         assert xiaozhi_safe(token)
         endpoint = Endpoint.CALLER if role == "caller" else Endpoint.TOOL

@@ -212,17 +212,21 @@ def url_command(
     Without --role: the tool and caller URLs, with the same reference-scheme token. With
     --role tool: the tool URL; --role caller: the caller URL, and the xiaozhi URL to give
     xiaozhi-server (a /mcp/ URL with the caller token: it dials /call/ itself); --role both:
-    tool and caller URLs with one token.
+    tool and caller URLs with one token. With a caller token, ``mcp`` is the caller URL over
+    HTTP, for MCP clients (Streamable HTTP).
 
     Example: trio-mcp-relay url my-agent --role tool --host relay.example.com --port 443 --secure
     """
     cfg = _key_config(key, config, data_dir)
     assert cfg.key is not None
-    base = f"{'wss' if secure else 'ws'}://{host or local_ip()}:{port or cfg.port}"
+    address = f"{host or local_ip()}:{port or cfg.port}"
+    base = f"{'wss' if secure else 'ws'}://{address}"
+    http_base = f"{'https' if secure else 'http'}://{address}"
     if role is None:
         _mint(cfg, agent_id, role, expires, server_id, md5)  # the usage checks
         print(f"tool:    {tool_url(base, cfg.key, agent_id, md5=md5)}")
         print(f"caller:  {caller_url(base, cfg.key, agent_id, md5=md5)}")
+        print(f"mcp:     {caller_url(http_base, cfg.key, agent_id, md5=md5)}")
         return
     token = _mint(cfg, agent_id, role, expires, server_id, md5)
     parsed = TokenRole.from_label(role)
@@ -232,6 +236,8 @@ def url_command(
         print(f"caller:  {endpoint_url(base, Endpoint.CALLER, token)}")
     if parsed is TokenRole.CALLER:
         print(f"xiaozhi: {endpoint_url(base, Endpoint.TOOL, token)}")
+    if parsed is not TokenRole.TOOL:
+        print(f"mcp:     {endpoint_url(http_base, Endpoint.CALLER, token)}")
 
 
 # ------------------------------------------------------------------------- call

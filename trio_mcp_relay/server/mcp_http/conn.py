@@ -217,6 +217,17 @@ class HttpConnection:
             if len(self._h11.trailing_data[0]) > MAX_HEAD_SIZE + self.max_body:
                 return  # a client that sends without reading: treat it as gone
 
+    async def linger(self, seconds: float) -> None:
+        """Half-close, then discard what the client still sends, until it closes or
+        ``seconds``: closing with unread bytes would reset the connection, and a reset can
+        destroy the answer before the client reads it (RFC 9112, 9.6)."""
+        with trio.move_on_after(seconds):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                    await self.stream.send_eof()
+                while await self.stream.receive_some(_READ_SIZE):
+                    pass
+
     def next_cycle(self) -> bool:
         """Ready the connection for another request; False when it must close instead."""
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:

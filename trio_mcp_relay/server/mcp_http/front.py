@@ -31,11 +31,12 @@ This module reads requests off a kept-alive connection and checks what every req
 pass (path, method, ``Origin``, the token); :mod:`.streamable` and :mod:`.legacy` handle the
 rest, :mod:`.checks` names the refusals.
 
-Checks, in order, each with the status and the JSON-RPC error the spec gives: ``Origin``
-(403), the token (``?token=`` or ``Authorization: Bearer``; 401, 403 for a tool token, 429
-for an address that keeps failing), the body size (413), ``Content-Type`` (415), ``Accept``
-(406), the JSON (400 with ``-32700``; a batch or a malformed message 400 with ``-32600``),
-the session (400, 404), ``MCP-Protocol-Version`` (400 with ``-32022``). Headers are never
+Checks, in order, each with the status and the JSON-RPC error the spec gives: the body size
+(413, while it is read), ``Origin`` (403), the token (``?token=`` or ``Authorization:
+Bearer``; 401, 403 for a tool token, 429 for an address that keeps failing),
+``Content-Type`` (415), the JSON (400 with ``-32700``; a batch or a malformed message 400 with
+``-32600``), ``Accept`` (406), the session (400, 404), ``MCP-Protocol-Version`` (400 with
+``-32022``). Headers are never
 forwarded to a tool: only the JSON-RPC message travels.
 
 Designed for the next revision (stateless requests, ``server/discover``, no session): a
@@ -82,6 +83,8 @@ MESSAGE_PATHS: Final = frozenset({"/mcp_endpoint/messages", "/mcp_endpoint/messa
 PATHS: Final = CALL_PATHS | SSE_PATHS | MESSAGE_PATHS
 #: Seconds a kept-alive connection may wait for its next request.
 KEEPALIVE_IDLE: Final = 60.0
+#: Seconds a connection refused 413 is still read from (see ``HttpConnection.linger``).
+LINGER: Final = 1.0
 
 _CORS_HEADERS: Final = (
     "content-type, authorization, accept, mcp-session-id, mcp-protocol-version, last-event-id"
@@ -139,6 +142,7 @@ class McpHttpFront:
                         close=True,
                     )
                     await self._refuse(connection, exc.args[0], refusal)
+                    await connection.linger(LINGER)
                     return
                 except http.HttpClosed as exc:
                     log.debug("%s: HTTP connection ended: %s", remote, exc)

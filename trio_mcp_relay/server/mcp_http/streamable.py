@@ -81,7 +81,11 @@ class StreamableHttp:
                 session = await self.sessions.open(agent, remote, legacy=False)
                 session.expect_initialize(frame.id)
                 cors = [*cors, ("mcp-session-id", session.id)]
-                return await self._request(connection, request, cors, session, frame, sse_ok)
+                try:
+                    return await self._request(connection, request, cors, session, frame, sse_ok)
+                finally:
+                    if session.version is None:  # no InitializeResult, no session
+                        self.sessions.end(session, CLOSE_DELETED, "initialize failed")
             check_version(request)  # a client of a sessionless revision learns ours
         session = self.session_of(request, agent)
         if isinstance(frame, Request) and frame.method == "initialize":

@@ -110,6 +110,7 @@ def test_field_names_and_defaults() -> None:
         "max_tool_requests": 32,
         "request_timeout": 0.0,
         "slow_caller_grace": 10.0,
+        "session_idle_timeout": 300.0,
         "shutdown_grace": 10.0,
         "auth_failures": 10,
         "auth_window": 60.0,

@@ -531,6 +531,7 @@ async def test_http_health_counts_match_the_connections(relay: RunningRelay) -> 
                 "robot_connections": 0,
                 "total_connections": 0,
                 "robot_connections_by_agent": {},
+                "http_sessions": 0,
                 "servers_by_agent": {},
             },
         }
@@ -549,6 +550,7 @@ async def test_http_health_counts_match_the_connections(relay: RunningRelay) -> 
                 "robot_connections": 3,
                 "total_connections": 4,
                 "robot_connections_by_agent": {"a": 2, "b": 1},
+                "http_sessions": 0,
             }
             [row] = servers.pop("a")
             assert servers == {}

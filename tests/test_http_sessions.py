@@ -323,3 +323,45 @@ async def test_shutdown_answers_requests_in_flight_on_their_streams(
                 events.append(event)
             answer = events[-1].json()
             assert answer["id"] == 5 and answer["error"]["code"] == -32003
+
+
+async def test_idle_sessions_make_room_for_new_callers_and_busy_ones_do_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Clients that never DELETE do not lock an agent out: at the caller limit, the longest
+    idle session ends for a new caller (HTTP or WebSocket); a session with a request in flight
+    is never ended for it, and then the new caller is refused."""
+    with trio.fail_after(GUARD):
+        async with (
+            relay(max_callers_per_agent=2) as (net, _),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            target = net.target("caller", AGENT)
+            oldest = await initialize(net, AGENT)
+            await trio.sleep(1)
+            newer = await initialize(net, AGENT)
+            await trio.sleep(1)
+            third = await initialize(net, AGENT)  # the limit is 2: the oldest made room
+            client = HttpClient(net)
+            assert await client.send("POST", target, headers=headers(oldest), body=call(1)) == 404
+            assert (await health(net))["http_sessions"] == 2
+            # A WebSocket caller (the device) gets in the same way.
+            async with net.websocket("caller", AGENT):
+                assert (
+                    await client.send("POST", target, headers=headers(newer), body=call(2)) == 404
+                )
+                # Now: the WebSocket caller and `third`; with a request in flight, `third` stays.
+                busy = HttpClient(net)
+                status = await busy.send("POST", target, headers=headers(third), body=call(3))
+                assert status == 200
+                await next_request(tool)
+                refused = HttpClient(net)
+                init = {
+                    "jsonrpc": "2.0",
+                    "id": 0,
+                    "method": "initialize",
+                    "params": {"protocolVersion": "2025-11-25", "capabilities": {}},
+                }
+                status = await refused.send("POST", target, headers=ACCEPT_BOTH, body=init)
+                assert status == 429
+                assert (await refused.json())["error"]["code"] == -32007

@@ -113,12 +113,15 @@ async def open_websocket(
     config: RelayConfig,
     authenticator: Authenticator,
     caller_count: Callable[[str], int],
+    make_room: Callable[[str], bool] | None = None,
     limiter: FailureLimiter,
     counts: ShellCounts | None = None,
 ) -> Opened | None:
     """Check an upgrade request and authenticate it; ``client`` is the host for limits.
 
-    Failed authentications and refusals are counted in ``counts``, if given.
+    Failed authentications and refusals are counted in ``counts``, if given. A caller over
+    the per-agent limit is let in when ``make_room(agent)`` ended an idle HTTP session of the
+    agent for it (see ``Sessions.make_room``).
 
     Returns:
         The connection to hand to the dispatcher, or None when it was refused (and
@@ -176,7 +179,7 @@ async def open_websocket(
                 refusal = (CLOSE_POLICY_VIOLATION, str(exc))
                 if counts is not None:
                     counts.auth_failed("bad_server_id")
-        elif caller_count(agent) >= limit:
+        elif caller_count(agent) >= limit and not (make_room is not None and make_room(agent)):
             log.warning("%s: agent %s already has %d callers", remote, agent, limit)
             refusal = (CLOSE_TOO_MANY_CALLERS, f"too many callers for this agent (limit {limit})")
     if refusal is not None:

@@ -239,6 +239,7 @@ class _Relay:
                     config=self.config,
                     authenticator=self.authenticator,
                     caller_count=self.router.caller_count,
+                    make_room=self.http.sessions.make_room,
                     limiter=self.limiter,
                     counts=self.dispatcher.counts,
                 )

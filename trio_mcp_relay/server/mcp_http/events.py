@@ -137,6 +137,11 @@ class EventLog:
         """Whether a request of this key awaits its response on a stream."""
         return request in self._by_request
 
+    @property
+    def awaiting(self) -> int:
+        """Requests whose response has not come yet."""
+        return len(self._by_request)
+
     def known(self, number: int) -> bool:
         """Whether a stream of this number was ever opened in the session."""
         return number < self._next

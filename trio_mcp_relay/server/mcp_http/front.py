@@ -267,7 +267,7 @@ class McpHttpFront:
             finally:
                 limiter.release(client)
             forbidden = exc.reason in (REASON_TOOL_ON_CALLER, REASON_REFERENCE_REFUSED)
-            challenge = () if forbidden else (("www-authenticate", 'Bearer realm="mcp_endpoint"'),)
+            challenge = () if forbidden else (("www-authenticate", _challenge(exc.reason)),)
             details = (
                 "pass the token as ?token= or Authorization: Bearer"
                 if exc.reason == REASON_MISSING
@@ -282,3 +282,11 @@ class McpHttpFront:
                 close=True,
             ) from None
         return grant.agent
+
+
+def _challenge(reason: str) -> str:
+    """The ``WWW-Authenticate`` of a 401 (RFC 6750: ``invalid_token`` for a token given but
+    refused, none for a missing one)."""
+    if reason == REASON_MISSING:
+        return 'Bearer realm="mcp_endpoint"'
+    return 'Bearer realm="mcp_endpoint", error="invalid_token"'

@@ -221,6 +221,12 @@ class HttpSession:
             self.busy -= 1
             self.touch()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing under way: no HTTP exchange, no open stream, no request awaiting its answer
+        (a session the relay may end without losing anything)."""
+        return self.closed is None and not self.busy and not self.events.awaiting
+
     def touch(self) -> None:
         """The client used the session now."""
         self.last_active = trio.current_time()

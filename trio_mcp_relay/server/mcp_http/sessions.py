@@ -88,7 +88,7 @@ class Sessions:
                 503, CONNECTION_ERROR, "the relay is shutting down", headers=(("retry-after", "1"),)
             )
         limit = config.max_callers_per_agent
-        if relay.router.caller_count(agent) >= limit:
+        if relay.router.caller_count(agent) >= limit and not self.make_room(agent):
             log.warning("%s: agent %s already has %d callers", remote, agent, limit)
             raise Refusal(429, LIMIT_EXCEEDED, f"too many callers for this agent (limit {limit})")
         if len(self._sessions) >= config.max_connections:
@@ -111,6 +111,24 @@ class Sessions:
         assert self._nursery is not None
         await self._nursery.start(self.run, session)
         return session
+
+    def make_room(self, agent: str) -> bool:
+        """End ``agent``'s longest-idle Streamable HTTP session to make room for a new caller;
+        False when it has none that is idle.
+
+        Clients that never send ``DELETE`` (MCP Inspector's command line, scripts killed
+        mid-way) would otherwise hold the agent's caller slots until their sessions expire,
+        and lock out new callers, the device's own included. A session ended this way loses
+        nothing (it had nothing under way); its client gets 404 and initializes again, as
+        MCP provides for sessions a server ends.
+        """
+        idle = [s for s in self._sessions.values() if s.agent == agent and s.idle and not s.legacy]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda s: s.last_active)
+        log.info("agent %s: ending idle HTTP session of %s for a new caller", agent, oldest.remote)
+        self.end(oldest, CLOSE_EXPIRED, "session ended to make room for a new caller")
+        return True
 
     async def run(
         self, session: HttpSession, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -5,9 +5,10 @@ never answers, then ``--sessions`` Streamable HTTP clients each initialize, star
 ``tools/call`` and vanish (no DELETE, the answer's connection dropped). It reports the
 relay's memory (Python allocations, by tracemalloc, and the process RSS) at the baseline,
 with every session open, and after ``--idle`` seconds (the session idle timeout) when all of
-them have expired; and how many of the abandoned requests the tool was told to cancel.
+them have expired, and once more ``--settle`` seconds later; and how many of the abandoned
+requests the tool was told to cancel.
 
-    python scripts/http_sessions.py --sessions 1000 --idle 5
+    python scripts/http_sessions.py --sessions 1000 --idle 10
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trio_mcp_relay import RelayConfig, serve_relay
 from trio_mcp_relay._auth import encrypt_token
+from trio_mcp_relay.server.mcp_http.events import Stream
+from trio_mcp_relay.server.mcp_http.session import HttpSession
 
 KEY = "0123456789abcdef0123456789abcdef"
 AGENT = "sessions-agent"
@@ -42,6 +45,12 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def alive(kind: type) -> int:
+    """How many objects of ``kind`` the garbage collector still sees."""
+    gc.collect()
+    return sum(1 for thing in gc.get_objects() if isinstance(thing, kind))
 
 
 def traced_mib() -> float:
@@ -93,11 +102,12 @@ async def abandon(client: httpx.AsyncClient, url: str) -> None:
     (await client.post(url, json=done, headers=headers)).raise_for_status()
     call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "wait"}}
     async with client.stream("POST", url, json=call, headers=headers) as stream:
+        stream.raise_for_status()
         async for _ in stream.aiter_bytes():
             break  # the priming event: the request is in flight; now vanish
 
 
-async def main(sessions: int, idle: float, concurrency: int) -> None:
+async def main(sessions: int, idle: float, concurrency: int, settle: float) -> None:
     config = RelayConfig(
         host="127.0.0.1",
         port=0,
@@ -141,6 +151,11 @@ async def main(sessions: int, idle: float, concurrency: int) -> None:
             expired = time.monotonic() - started - opened
             await trio.sleep(0.5)
             end_traced, end_rss = traced_mib(), rss_mib()
+            # Trio drops a cancel scope from its deadline heap when the deadline passes: the
+            # kept-alive connections' 60 s read deadlines hold a few hundred bytes each until then.
+            await trio.sleep(settle)
+            settled_traced, settled_rss = traced_mib(), rss_mib()
+            left = alive(HttpSession), alive(Stream)
         print(
             f"{sessions} sessions opened in {opened:.1f} s, each leaving a request in flight "
             f"({in_flight} still in flight then)"
@@ -157,6 +172,12 @@ async def main(sessions: int, idle: float, concurrency: int) -> None:
             f"after expiry     {end_traced:8.2f} MiB (+{end_traced - base_traced:.2f})"
             f"       {end_rss:8.1f} MiB (+{end_rss - base_rss:.1f})"
         )
+        print(
+            f"{settle:g} s later     {settled_traced:8.2f} MiB"
+            f" (+{settled_traced - base_traced:.2f})"
+            f"       {settled_rss:8.1f} MiB (+{settled_rss - base_rss:.1f})"
+        )
+        print(f"sessions and streams still alive at the end: {left[0]} and {left[1]}")
         nursery.cancel_scope.cancel()
 
 
@@ -165,8 +186,11 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sessions", type=int, default=1000)
-    parser.add_argument("--idle", type=float, default=5.0, help="session idle timeout, seconds")
+    parser.add_argument("--idle", type=float, default=10.0, help="session idle timeout, seconds")
     parser.add_argument("--concurrency", type=int, default=20, help="sessions opened at once")
+    parser.add_argument(
+        "--settle", type=float, default=65.0, help="seconds to wait before the last measurement"
+    )
     args = parser.parse_args()
     tracemalloc.start()
-    trio.run(main, args.sessions, args.idle, args.concurrency)
+    trio.run(main, args.sessions, args.idle, args.concurrency, args.settle)

@@ -109,35 +109,29 @@ async def exercise(session: ClientSession, log: Path) -> None:
     assert progress == [(1.0, 3.0, "step 1"), (2.0, 3.0, "step 2"), (3.0, 3.0, "step 3")]
 
 
-async def test_the_sdk_streamable_http_client_through_mcp_pipe(
-    nursery: trio.Nursery, tmp_path: Path
+@pytest.mark.parametrize(
+    ("transport", "ours"),
+    [
+        pytest.param("streamable", False, id="streamable-http-through-mcp_pipe"),
+        pytest.param("sse", True, id="legacy-sse-through-our-pipe"),
+    ],
+)
+async def test_the_sdk_clients_through_a_bridge(
+    nursery: trio.Nursery, tmp_path: Path, transport: str, ours: bool
 ) -> None:
+    """Streamable HTTP with mcp_pipe.py, HTTP+SSE with our pipe; either way the session ends
+    with the client (a DELETE, or the SSE stream closing)."""
     with trio.fail_after(TIMEOUT):
         relay = await start_relay(nursery, init_timeout=INIT_TIMEOUT)
-        async with bridged(relay, tmp_path, ours=False) as log:
-            async with (
-                streamable_http_client(call_url(relay)) as (read, write, *_),
-                ClientSession(read, write) as session,
-            ):
+        async with bridged(relay, tmp_path, ours=ours) as log:
+            client = (
+                streamable_http_client(call_url(relay))
+                if transport == "streamable"
+                else sse_client(sse_url(relay))
+            )
+            async with client as (read, write, *_), ClientSession(read, write) as session:
                 await exercise(session, log)
                 assert (await health(relay))["http_sessions"] == 1
-            # The client DELETEd its session on the way out.
-            await until_health(relay, lambda c: c["http_sessions"] == 0)
-
-
-async def test_the_sdk_legacy_sse_client_through_our_pipe(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    with trio.fail_after(TIMEOUT):
-        relay = await start_relay(nursery, init_timeout=INIT_TIMEOUT)
-        async with bridged(relay, tmp_path, ours=True) as log:
-            async with (
-                sse_client(sse_url(relay)) as (read, write, *_),
-                ClientSession(read, write) as session,
-            ):
-                await exercise(session, log)
-                assert (await health(relay))["http_sessions"] == 1
-            # Its session is its stream: closed with it.
             await until_health(relay, lambda c: c["http_sessions"] == 0)
 
 

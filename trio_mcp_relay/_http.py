@@ -20,13 +20,23 @@ import trio
 
 from ._frames import dumps
 
-__all__ = ["HttpRequest", "read_request_head", "respond"]
+__all__ = ["HttpRequest", "read_request_head", "respond", "target_path", "target_query"]
 
 MAX_HEAD_SIZE: Final = 16384
 
 
 class BadRequest(Exception):
     """The peer did not send a usable HTTP request head."""
+
+
+def target_path(target: str) -> str:
+    """A request target's path, without query."""
+    return urlsplit(target).path
+
+
+def target_query(target: str) -> dict[str, str]:
+    """A request target's query parameters (the first value of each)."""
+    return {k: v[0] for k, v in parse_qs(urlsplit(target).query).items()}
 
 
 @attrs.frozen
@@ -41,12 +51,12 @@ class HttpRequest:
     @property
     def path(self) -> str:
         """The target's path, without query."""
-        return urlsplit(self.target).path
+        return target_path(self.target)
 
     @property
     def query(self) -> dict[str, str]:
         """The query parameters (first value of each)."""
-        return {k: v[0] for k, v in parse_qs(urlsplit(self.target).query).items()}
+        return target_query(self.target)
 
     @property
     def is_websocket(self) -> bool:

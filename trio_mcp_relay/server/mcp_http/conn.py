@@ -18,13 +18,12 @@ import contextlib
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Final
-from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import h11
 import trio
 
-from ..._http import MAX_HEAD_SIZE
+from ..._http import MAX_HEAD_SIZE, target_path, target_query
 
 __all__ = ["BodyTooLarge", "HttpClosed", "HttpConnection", "Request"]
 
@@ -51,12 +50,12 @@ class Request:
     @property
     def path(self) -> str:
         """The target's path, without query."""
-        return urlsplit(self.target).path
+        return target_path(self.target)
 
     @property
     def query(self) -> dict[str, str]:
         """The query parameters (first value of each)."""
-        return {k: v[0] for k, v in parse_qs(urlsplit(self.target).query).items()}
+        return target_query(self.target)
 
 
 def _reason(status: int) -> bytes:

@@ -365,3 +365,37 @@ async def test_idle_sessions_make_room_for_new_callers_and_busy_ones_do_not(
                 status = await refused.send("POST", target, headers=ACCEPT_BOTH, body=init)
                 assert status == 429
                 assert (await refused.json())["error"]["code"] == -32007
+
+
+async def test_behind_a_trusted_proxy_each_request_is_its_own_clients(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A proxy's kept-alive connection carries requests of several clients: a failed
+    authentication counts against the client that sent it, not the connection's first."""
+    with trio.fail_after(GUARD):
+        proxied = {"trusted_proxies": ("127.0.0.1",), "auth_failures": 1, "auth_delay": 0}
+        async with relay(**proxied) as (net, _), net.raw_tool(AGENT):
+            target = net.target("caller", AGENT)
+            good, bad = "198.51.100.1", "198.51.100.2"
+            proxy = HttpClient(net)  # from 127.0.0.1, the trusted proxy
+            init = {
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {}},
+            }
+            first = {"accept": "application/json", "x-forwarded-for": good}
+            assert await proxy.send("POST", target, headers=first, body=init) == 200
+            wrong = "/mcp_endpoint/call/?token=wrong"
+            second = {"accept": "application/json", "x-forwarded-for": bad}
+            assert await proxy.send("POST", wrong, headers=second, body=init) == 401
+
+            async def status_from(client: str) -> int:
+                fresh = HttpClient(net)
+                headers = {"accept": "application/json", "x-forwarded-for": client}
+                status = await fresh.send("POST", wrong, headers=headers, body=init)
+                await fresh.close()
+                return status
+
+            assert await status_from(bad) == 429  # its second failure
+            assert await status_from(good) == 401  # its first

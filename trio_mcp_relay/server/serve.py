@@ -256,7 +256,10 @@ class _Relay:
                         self.pending.leave(host)
                         authenticating = False
 
-                await self.http.serve(stream, request, client, remote, authenticated)
+                def client_of(headers: dict[str, str]) -> str:
+                    return self.proxies.client_address(host, headers)
+
+                await self.http.serve(stream, request, client_of, remote, authenticated)
             else:
                 await self.routes.answer(stream, request, client)
         except BadRequest as exc:

@@ -116,14 +116,15 @@ class McpHttpFront:
         self,
         stream: trio.abc.Stream,
         first: HttpRequest,
-        client: str,
+        client_of: Callable[[dict[str, str]], str],
         remote: str,
         authenticated: Callable[[], None],
     ) -> None:
         """Answer requests on one connection until it closes or idles out.
 
-        ``first`` is its first request head (already read); ``authenticated`` is called once
-        a request of it has authenticated.
+        ``first`` is its first request head (already read); ``client_of(headers)`` names the
+        client of each request (a trusted proxy's kept-alive connection carries requests of
+        many clients); ``authenticated`` is called once a request of it has authenticated.
         """
         config = self.relay.config
         connection = http.HttpConnection(stream, first.raw, config.max_message_size)
@@ -149,6 +150,7 @@ class McpHttpFront:
                     return
             if request is None:
                 return
+            client = client_of(request.headers)
             try:
                 keep = await self._handle(connection, request, client, remote, authenticated)
             except Refusal as refusal:

@@ -399,3 +399,32 @@ async def test_behind_a_trusted_proxy_each_request_is_its_own_clients(
 
             assert await status_from(bad) == 429  # its second failure
             assert await status_from(good) == 401  # its first
+
+
+async def test_a_cancelled_request_ends_its_stream_and_is_cancelled_at_the_tool(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(GUARD):
+        async with relay() as (net, _), net.raw_tool(AGENT, tools=["slow"]) as tool:
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            waiting = HttpClient(net)
+            assert await waiting.send("POST", target, headers=headers(session), body=call(9)) == 200
+            forwarded = await next_request(tool)
+            cancel = {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": 9, "reason": "the user gave up"},
+            }
+            client = HttpClient(net)
+            assert await client.send("POST", target, headers=headers(session), body=cancel) == 202
+            told = await next_request(tool, "notifications/cancelled")
+            assert told["params"]["requestId"] == forwarded["id"]
+            events = []
+            while (event := await waiting.event()) is not None:
+                events.append(event)
+            assert all(e.data == "" for e in events)  # the priming event, no answer
+            # The tool answering anyway reaches nobody, and the id can be used again.
+            await tool.send({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"content": []}})
+            again = HttpClient(net)
+            assert await again.send("POST", target, headers=headers(session), body=call(9)) == 200

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -34,6 +35,7 @@ from .helpers import (
     request,
     result,
     start_relay,
+    tool_peer,
 )
 from .memnet import MemoryNet, PeerClosed
 
@@ -392,3 +394,24 @@ async def test_closes_are_counted_by_code(autojump_clock: trio.testing.MockClock
     assert value(samples, "closes_total", code="4001", why="replaced") == 1
     assert value(samples, "closes_total", code="4003", why="init_failed") == 1
     assert total(samples, "closes_total") == 3
+
+
+async def test_http_sessions_are_counted_by_transport(nursery: trio.Nursery) -> None:
+    """Streamable HTTP and HTTP+SSE sessions: a gauge by transport, and callers like others."""
+    relay = await start_relay(nursery)
+    with trio.fail_after(TIMEOUT):
+        url = f"{relay.http}/mcp_endpoint/call/?token={relay.token('m')}"
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}},
+        }
+        async with tool_peer(relay.tool_url("m"), tools=["t"]), httpx.AsyncClient() as client:
+            for _ in range(2):
+                answer = await client.post(url, json=init, headers={"accept": "application/json"})
+                assert answer.status_code == 200, answer.text
+            samples = await scrape(relay)
+            assert total(samples, "http_sessions", transport="streamable") == 2
+            assert total(samples, "http_sessions", transport="sse") == 0
+            assert total(samples, "connections", role="caller") == 2

@@ -70,12 +70,20 @@ class RelayCollector(Collector):
         router: the routing core (connections, catalogs, the tally).
         dispatcher: the peers (queues) and the shell's counters.
         uptime: seconds since the relay started.
+        http_sessions: open HTTP sessions by transport (``streamable``, ``sse``), if any.
     """
 
-    def __init__(self, router: Router, dispatcher: Dispatcher, uptime: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        router: Router,
+        dispatcher: Dispatcher,
+        uptime: Callable[[], float],
+        http_sessions: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         self.router = router
         self.dispatcher = dispatcher
         self.uptime = uptime
+        self.http_sessions = http_sessions
 
     def collect(self) -> Iterator[Metric]:
         router, tally = self.router, self.router.tally
@@ -102,11 +110,22 @@ class RelayCollector(Collector):
             return agent if agent in labelled else OTHER
 
         connections = GaugeMetricFamily(
-            PREFIX + "connections", "Open WebSocket connections, by role.", labels=["role"]
+            PREFIX + "connections",
+            "Open connections, by role (callers include HTTP sessions).",
+            labels=["role"],
         )
         connections.add_metric(["tool"], stats["tool_connections"])
         connections.add_metric(["caller"], stats["robot_connections"])
         yield connections
+        if self.http_sessions is not None:
+            sessions = GaugeMetricFamily(
+                PREFIX + "http_sessions",
+                "Open MCP HTTP sessions (callers), by transport.",
+                labels=["transport"],
+            )
+            for transport, open_sessions in sorted(self.http_sessions().items()):
+                sessions.add_metric([transport], open_sessions)
+            yield sessions
         yield GaugeMetricFamily(
             PREFIX + "agents", "Agents with at least one connection.", value=len(agents)
         )

@@ -138,13 +138,22 @@ class _Relay:
             counts=counts,
         )
         started = trio.current_time()
-        collector = RelayCollector(router, self.dispatcher, lambda: trio.current_time() - started)
+        collector = RelayCollector(
+            router, self.dispatcher, lambda: trio.current_time() - started, self._http_sessions
+        )
         #: This relay's own Prometheus registry (never the global one).
         self.metrics_registry = relay_registry(collector)
         self.metrics = MetricsRoute(self.routes, config.metrics_keys, self.metrics_registry)
         self._open_streams = 0
         #: Streamable HTTP and HTTP+SSE callers (``server/mcp_http``).
         self.http = McpHttpFront(self, counts)
+
+    def _http_sessions(self) -> dict[str, int]:
+        """Open HTTP sessions by transport, for the metrics."""
+        counts = {"streamable": 0, "sse": 0}
+        for session in self.http.sessions:
+            counts["sse" if session.legacy else "streamable"] += 1
+        return counts
 
     def _reference_token(self, agent: str) -> str:
         """The agent's reference token under the current signing key (a reload may change it)."""

@@ -31,8 +31,8 @@ class SseEvent:
 class HttpClient:
     """One client connection: requests in turn; an answer can be read whole or as SSE."""
 
-    def __init__(self, net: MemoryNet, host: str = "127.0.0.1") -> None:
-        self.stream: PipeStream = net.connect(host)
+    def __init__(self, net: MemoryNet, host: str = "127.0.0.1", *, capacity: int = 65536) -> None:
+        self.stream: PipeStream = net.connect(host, capacity=capacity)
         self._h11 = h11.Connection(h11.CLIENT)
         self.status = 0
         self.headers: dict[str, str] = {}

@@ -17,6 +17,7 @@ from hypothesis.stateful import (
 
 from trio_mcp_relay.server.mcp_http.events import (
     GET_STREAM,
+    KEEP_WRITTEN_EVENTS,
     EventLog,
     Overflow,
     event_id,
@@ -45,8 +46,12 @@ def test_a_response_ends_its_stream_and_goes_nowhere_else() -> None:
     assert stream is first
     log.append(stream, b"answer", final=True)
     assert first.done and not log.in_flight("a")
-    # Its progress token is forgotten with it: late progress goes to an open stream.
+    # Its progress token is forgotten with it: late progress goes to a stream being read.
+    assert log.route_progress("t") is log.get_stream
+    second.attached = object()
     assert log.route_progress("t") is second
+    # A response that no stream awaits goes nowhere (never to the GET stream).
+    assert log.route_response("a") is None
 
 
 def test_a_json_answer_carries_nothing_but_its_response() -> None:
@@ -56,15 +61,35 @@ def test_a_json_answer_carries_nothing_but_its_response() -> None:
     assert log.route_other() is log.get_stream
 
 
-def test_unrelated_messages_prefer_the_get_stream_then_the_newest_post_stream() -> None:
+def test_unrelated_messages_prefer_the_get_stream_then_the_newest_post_stream_read() -> None:
     log = EventLog(100, 10_000)
     older = log.open("a", None, sse=True)
     newer = log.open("b", None, sse=True)
-    assert log.route_other() is newer
+    assert log.route_other() is log.get_stream  # nobody reads the POST streams
     older.attached = object()  # only the older one is being written to a client
     assert log.route_other() is older
+    newer.attached = object()
+    assert log.route_other() is newer
     log.get_stream.attached = object()
     assert log.route_other() is log.get_stream
+
+
+def test_written_events_are_kept_within_bounds_and_a_whole_answer_is_released() -> None:
+    log = EventLog(10_000, 10_000_000)
+    for n in range(KEEP_WRITTEN_EVENTS + 10):
+        log.append(log.get_stream, b"n%d" % n)
+    log.wrote(log.get_stream, log.get_stream.last)
+    assert log.nevents == KEEP_WRITTEN_EVENTS  # the oldest written ones went
+    request = log.open("r", None, sse=True, request_id=7)
+    stream = log.route_response("r")
+    assert stream is request
+    log.append(stream, b"answer", final=True)
+    log.release(stream)
+    assert stream.number not in log.streams and log.forgotten[stream.number] == 7
+    json_answer = log.open("j", None, sse=False)
+    log.append(json_answer, b"answer", final=True)
+    log.wrote(json_answer, 1, keep=False)
+    assert not json_answer.events
 
 
 def test_a_client_that_reads_nothing_overflows_only_on_request_streams() -> None:

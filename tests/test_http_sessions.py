@@ -423,8 +423,102 @@ async def test_a_cancelled_request_ends_its_stream_and_is_cancelled_at_the_tool(
             events = []
             while (event := await waiting.event()) is not None:
                 events.append(event)
-            assert all(e.data == "" for e in events)  # the priming event, no answer
+            # The stream ends with the cancellation's answer (a stream that ended with none
+            # would make an SDK client resume it for ever).
+            answer = events[-1].json()
+            assert answer["id"] == 9 and answer["error"]["code"] == -32800
             # The tool answering anyway reaches nobody, and the id can be used again.
             await tool.send({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"content": []}})
             again = HttpClient(net)
             assert await again.send("POST", target, headers=headers(session), body=call(9)) == 200
+
+
+async def test_a_json_client_that_leaves_lets_its_session_expire(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client of plain JSON answers that goes while its request is in flight: the answer,
+    which it cannot resume, is dropped when it comes, and the session expires as any other."""
+    with trio.fail_after(GUARD):
+        async with (
+            relay(session_idle_timeout=10) as (net, _),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            client = HttpClient(net)
+            json_only = {**headers(session), "accept": "application/json"}
+            await client.stream.send_all(b"")  # connected
+            sending = trio.Event()
+
+            async def post() -> None:
+                sending.set()
+                await client.send("POST", target, headers=json_only, body=call(4))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post)
+                await sending.wait()
+                forwarded = await next_request(tool)
+                nursery.cancel_scope.cancel()  # the client gives up waiting
+            await client.close()
+            cancel = await next_request(tool, "notifications/cancelled")  # the session expired
+            assert cancel["params"]["requestId"] == forwarded["id"]
+            assert trio.current_time() < 15
+            await tool.send({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"content": []}})
+            assert (await health(net))["http_sessions"] == 0
+
+
+async def test_a_stream_nobody_reads_is_dropped_after_the_grace_and_the_session_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A POST stream whose client stops reading (its receive buffer full): the write gives up
+    after slow_caller_grace, the connection is dropped, and the idle session then expires."""
+    with trio.fail_after(GUARD):
+        async with (
+            relay(session_idle_timeout=10, slow_caller_grace=5) as (net, _),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            stuck = HttpClient(net, capacity=1024)
+            assert (
+                await stuck.send("POST", target, headers=headers(session), body=call(1, token=1))
+                == 200
+            )
+            forwarded = await next_request(tool)
+            token = forwarded["params"]["_meta"]["progressToken"]
+            for n in range(8):  # far more than the client's buffer, far less than the bounds
+                params = {"progressToken": token, "progress": n, "message": "x" * 2000}
+                await tool.send(
+                    {"jsonrpc": "2.0", "method": "notifications/progress", "params": params}
+                )
+            started = trio.current_time()
+            cancel = await next_request(tool, "notifications/cancelled")
+            assert cancel["params"]["requestId"] == forwarded["id"]
+            assert trio.current_time() - started <= 5 + 10 + 1
+
+
+async def test_resuming_a_stream_whose_answer_is_gone_is_answered_with_an_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request stream answered whole is forgotten; a client resuming it later gets an error
+    for its request (an empty stream would make SDK clients resume it for ever)."""
+    with trio.fail_after(GUARD):
+        async with relay() as (net, _), net.raw_tool(AGENT, tools=["slow"]) as tool:
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            post = HttpClient(net)
+            assert await post.send("POST", target, headers=headers(session), body=call(5)) == 200
+            priming = await post.event()
+            assert priming is not None and priming.id is not None
+            forwarded = await next_request(tool)
+            await tool.send({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"content": []}})
+            answer = await post.event()
+            assert answer is not None and answer.json()["id"] == 5
+            assert await post.event() is None
+            late = HttpClient(net)
+            resume = headers(session, **{"last-event-id": priming.id})
+            assert await late.send("GET", target, headers=resume) == 200
+            gone = await late.event()
+            assert gone is not None
+            assert gone.json()["id"] == 5 and gone.json()["error"]["code"] == -32603
+            assert await late.event() is None

@@ -47,11 +47,24 @@ class Refusal(Exception):
 
 
 def accepts(request: Request) -> tuple[bool, bool]:
-    """Whether the client accepts (``application/json``, ``text/event-stream``)."""
-    accept = request.headers.get("accept", "").lower()
-    if not accept or "*/*" in accept:
+    """Whether the client accepts (``application/json``, ``text/event-stream``): media types
+    or their wildcards, not refused with ``q=0``; no ``Accept`` at all accepts anything."""
+    header = request.headers.get("accept", "")
+    if not header.strip():
         return True, True
-    return "application/json" in accept, "text/event-stream" in accept
+    ranges: dict[str, bool] = {}
+    for part in header.lower().split(","):
+        media, *parameters = (piece.strip() for piece in part.split(";"))
+        refused = any(
+            p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in parameters
+        )
+        ranges[media] = ranges.get(media, False) or not refused
+
+    def accepted(kind: str) -> bool:
+        family = kind.split("/")[0] + "/*"
+        return any(ranges.get(media, False) for media in (kind, family, "*/*"))
+
+    return accepted("application/json"), accepted("text/event-stream")
 
 
 def check_version(request: Request) -> None:

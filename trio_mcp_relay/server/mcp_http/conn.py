@@ -15,6 +15,7 @@ Errors: a peer that breaks HTTP, closes, or sends a body over the limit surfaces
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Final
@@ -72,11 +73,20 @@ class HttpConnection:
         stream: the connection.
         initial: bytes already read from it (the first request's head, and what followed).
         max_body: the largest request body accepted, in bytes.
+        write_timeout: seconds one write may wait for a client that does not read; then the
+            connection counts as gone (:class:`HttpClosed`).
     """
 
-    def __init__(self, stream: trio.abc.Stream, initial: bytes, max_body: int) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        initial: bytes,
+        max_body: int,
+        write_timeout: float = math.inf,
+    ) -> None:
         self.stream = stream
         self.max_body = max_body
+        self.write_timeout = write_timeout
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
         self._h11.receive_data(initial)
         self._eof = False
@@ -158,9 +168,12 @@ class HttpConnection:
     async def _write(self, data: bytes) -> None:
         data, self._held = self._held + data, b""
         try:
-            await self.stream.send_all(data)
+            with trio.move_on_after(self.write_timeout) as stuck:
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise HttpClosed("the client went away") from exc
+        if stuck.cancelled_caught:  # the connection is unusable now: half a write went
+            raise HttpClosed(f"the client did not read for {self.write_timeout:g} s")
 
     async def respond(
         self,

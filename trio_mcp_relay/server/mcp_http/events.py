@@ -13,27 +13,33 @@ gets that stream's later events, never another stream's (MCP 2025-11-25, "Resuma
 Which stream a message goes to (:meth:`EventLog.route`):
 
 * a response: the stream of the ``POST`` that carried its request (found by the request id,
-  then forgotten: the stream is *done* once its response is in);
+  then forgotten: the stream is *done* once its response is in); a response no stream awaits
+  (its client cancelled, or left a plain JSON answer) is dropped, never sent on the ``GET``
+  stream;
 * ``notifications/progress``: the stream of the request whose progress token it carries, while
   that stream is open and is an SSE stream (a ``POST`` answered with plain JSON can carry
   nothing but its response);
 * anything else (notifications, requests a tool makes to the caller): the ``GET`` stream when
-  one is attached, else the newest open ``POST`` stream (its request is the likeliest cause),
-  else the ``GET`` stream, to be delivered when the client opens it.
+  one is attached, else the newest open ``POST`` stream a client is reading (its request is the
+  likeliest cause), else the ``GET`` stream, to be delivered when the client opens it.
 
-Events stay after they are written, for a client that lost them in a dropped connection, until
-the session's bounds (events and bytes) need the room: written events go first, oldest first,
-then unwritten events of stream 0 (notifications nobody listens for; each dropped one is
-counted). When unwritten events of request streams alone exceed the bounds, the client has
-stopped reading: :class:`Overflow` tells the session to end, as a WebSocket caller that stops
-reading is closed 1013. One event is always taken, however large, when nothing else is held.
+Events stay after they are written, for a client that lost them in a dropped connection: at
+most :data:`KEEP_WRITTEN_EVENTS` of them (:data:`KEEP_WRITTEN_BYTES`), and a request stream
+whose HTTP answer ended whole is forgotten at once (its request id is remembered, so that a
+late resumption is answered). Events that cannot be resumed (plain JSON answers, the legacy
+transport) go as soon as they are written. Within the session's bounds (events and bytes),
+written events make room first, then unwritten events of stream 0 (notifications nobody
+listens for; each dropped one is counted). When unwritten events of request streams alone
+exceed the bounds, the client has stopped reading: :class:`Overflow` tells the session to end,
+as a WebSocket caller that stops reading is closed 1013. One event is always taken, however
+large, when nothing else is held.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -50,6 +56,12 @@ __all__ = [
 GET_STREAM: Final = 0
 #: Done request streams kept for resumption at most, besides the bounds in bytes and events.
 MAX_DONE_STREAMS: Final = 64
+#: Events already written that are kept for a client that may resume (and their bytes), at
+#: most, all streams together: what a dropped connection may have lost, not a history.
+KEEP_WRITTEN_EVENTS: Final = 64
+KEEP_WRITTEN_BYTES: Final = 1024 * 1024
+#: Request streams forgotten whose request id is remembered (to answer a late resumption).
+MAX_FORGOTTEN: Final = 256
 
 
 class Overflow(Exception):
@@ -69,6 +81,8 @@ class Stream:
         written: the highest seq handed to a writer so far.
         done: its response is in; no event follows it.
         attached: the writer streaming it now (any object), or None.
+        request_id: the id of the request whose stream it is (None for stream 0), to answer
+            a client that resumes it once its own answer is gone.
     """
 
     number: int
@@ -78,6 +92,7 @@ class Stream:
     written: int = 0
     done: bool = False
     attached: object | None = None
+    request_id: Any = None
 
     def after(self, seq: int) -> list[tuple[int, bytes]]:
         """The events held with a seq above ``seq``, in order."""
@@ -119,12 +134,17 @@ class EventLog:
         self._by_request: dict[Hashable, Stream] = {}
         self._by_token: dict[Hashable, Stream] = {}
         self._token_of: dict[int, Hashable] = {}
+        #: Request streams forgotten: their request ids, oldest first.
+        self.forgotten: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ streams
 
-    def open(self, request: Hashable, token: Hashable | None, *, sse: bool) -> Stream:
-        """A new stream for the request keyed ``request`` (its progress token ``token``)."""
-        stream = Stream(self._next, sse=sse)
+    def open(
+        self, request: Hashable, token: Hashable | None, *, sse: bool, request_id: Any = None
+    ) -> Stream:
+        """A new stream for the request keyed ``request`` (its progress token ``token``; its
+        id as the client sent it, ``request_id``)."""
+        stream = Stream(self._next, sse=sse, request_id=request_id)
         self._next += 1
         self.streams[stream.number] = stream
         self._by_request[request] = stream
@@ -153,22 +173,30 @@ class EventLog:
 
     # ------------------------------------------------------------------ routing
 
-    def route_response(self, request: Hashable) -> Stream:
-        """The stream a response to ``request`` goes to (the request is forgotten)."""
+    def route_response(self, request: Hashable) -> Stream | None:
+        """The stream a response to ``request`` goes to (the request is forgotten); None
+        when no stream awaits it (its client cancelled or left): a response never goes to
+        the ``GET`` stream."""
         stream = self._by_request.pop(request, None)
         if stream is None:
-            return self.route_other()
+            return None
         token = self._token_of.pop(stream.number, None)
         if token is not None:
             self._by_token.pop(token, None)
         return stream
 
-    def cancel(self, request: Hashable) -> None:
-        """The client cancelled ``request``: its stream ends without a response."""
-        if request in self._by_request:
-            stream = self.route_response(request)
+    def cancel(self, request: Hashable) -> Stream | None:
+        """The client cancelled ``request``: the stream that awaited its response (to end
+        with the cancellation's answer), or None."""
+        return self.route_response(request)
+
+    def abandon(self, request: Hashable) -> None:
+        """The client of a plain JSON answer left: its response, when it comes, is dropped
+        (such an answer cannot be resumed)."""
+        stream = self.route_response(request)
+        if stream is not None:
             stream.done = True
-            self._forget_done()
+            self._forget(stream)
 
     def route_progress(self, token: Hashable) -> Stream:
         """The stream a progress notification with ``token`` goes to."""
@@ -182,10 +210,12 @@ class EventLog:
         get = self.get_stream
         if get.attached is not None:
             return get
-        open_streams = [s for s in self._by_request.values() if s.sse and not s.done]
+        open_streams = [
+            s for s in self._by_request.values() if s.sse and not s.done and s.attached is not None
+        ]
         if not open_streams:
             return get
-        return max(open_streams, key=lambda s: (s.attached is not None, s.number))
+        return max(open_streams, key=lambda s: s.number)
 
     # ------------------------------------------------------------------ events
 
@@ -206,10 +236,41 @@ class EventLog:
             self._forget_done()
         return stream.last
 
-    def wrote(self, stream: Stream, seq: int) -> None:
-        """Events of ``stream`` up to ``seq`` were handed to a writer."""
+    def wrote(self, stream: Stream, seq: int, *, keep: bool = True) -> None:
+        """Events of ``stream`` up to ``seq`` were handed to a writer; without ``keep`` they
+        go at once (nobody can resume that stream), else they stay for a client that may
+        resume, within :data:`KEEP_WRITTEN_EVENTS` and :data:`KEEP_WRITTEN_BYTES`."""
         if seq > stream.written:
             stream.written = seq
+        if not keep:
+            while stream.events and stream.events[0][0] <= seq:
+                self._drop(stream)
+            return
+        written = [(s, e) for s in self.streams.values() for e in s.events if e[0] <= s.written]
+        excess_events = len(written) - KEEP_WRITTEN_EVENTS
+        excess_bytes = sum(len(e[1]) for _, e in written) - KEEP_WRITTEN_BYTES
+        for owner, (_, data) in written:  # oldest streams first, oldest events first
+            if excess_events <= 0 and excess_bytes <= 0:
+                break
+            self._drop(owner)
+            excess_events -= 1
+            excess_bytes -= len(data)
+
+    def release(self, stream: Stream) -> None:
+        """A request stream's whole answer was written and its HTTP answer ended: forget it
+        (a client resuming it later is told its answer is gone)."""
+        if stream.number != GET_STREAM and stream.done and stream.attached is None:
+            self._forget(stream)
+
+    def _forget(self, stream: Stream) -> None:
+        while stream.events:
+            self._drop(stream)
+        if self.streams.get(stream.number) is stream:
+            del self.streams[stream.number]
+            if stream.request_id is not None:
+                self.forgotten[stream.number] = stream.request_id
+                while len(self.forgotten) > MAX_FORGOTTEN:
+                    del self.forgotten[next(iter(self.forgotten))]
 
     def _over(self, size: int) -> bool:
         if not self.nevents:
@@ -248,10 +309,6 @@ class EventLog:
         done = [s for s in self.streams.values() if s.done and s.attached is None]
         extra = len(done) - MAX_DONE_STREAMS
         for stream in done:
-            fully_written = not stream.events or stream.events[-1][0] <= stream.written
-            if extra > 0 or (not stream.events and fully_written):
-                for _, data in stream.events:
-                    self.nevents -= 1
-                    self.nbytes -= len(data)
-                del self.streams[stream.number]
+            if extra > 0 or not stream.events:
+                self._forget(stream)
                 extra -= 1

@@ -127,7 +127,9 @@ class McpHttpFront:
         many clients); ``authenticated`` is called once a request of it has authenticated.
         """
         config = self.relay.config
-        connection = http.HttpConnection(stream, first.raw, config.max_message_size)
+        connection = http.HttpConnection(
+            stream, first.raw, config.max_message_size, write_timeout=config.slow_caller_grace
+        )
         timeout = config.handshake_timeout
         while True:
             request: http.Request | None = None

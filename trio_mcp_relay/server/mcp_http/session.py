@@ -27,7 +27,15 @@ from typing import Any, Final
 
 import trio
 
-from ..._frames import MISSING, ErrorResponse, FrameError, Notification, Result, parse_frame
+from ..._frames import (
+    MISSING,
+    ErrorResponse,
+    FrameError,
+    Notification,
+    Result,
+    error_frame,
+    parse_frame,
+)
 from ..._transport import ConnectionClosed
 from ...core.wire import progress_token
 from .events import EventLog, Overflow, Stream
@@ -37,6 +45,8 @@ __all__ = ["CLOSE_NOT_READING", "HttpSession", "SessionGone", "id_key"]
 log = logging.getLogger("trio_mcp_relay.server")
 
 CLOSE_NOT_READING: Final = 1013
+#: The answer to a request its client cancelled (the code the MCP SDKs use).
+REQUEST_CANCELLED: Final = -32800
 #: Messages a session's POSTs may have handed over before the relay reads them.
 INBOX_SIZE: Final = 16
 
@@ -153,14 +163,24 @@ class HttpSession:
     def open_stream(self, request: Any, params: Any, *, sse: bool) -> Stream:
         """A stream for the response to ``request`` (and its progress, when ``sse``)."""
         token = progress_token(params)
-        return self.events.open(
-            id_key(request), None if token is MISSING else id_key(token), sse=sse
-        )
+        key = None if token is MISSING else id_key(token)
+        return self.events.open(id_key(request), key, sse=sse, request_id=request)
 
     def cancelled(self, request: Any) -> None:
-        """The client cancelled ``request``: its stream ends with no response."""
-        self.events.cancel(id_key(request))
+        """The client cancelled ``request``: its stream ends with the cancellation's answer
+        (``-32800``), as the SDKs' servers do: a stream that ended with no answer would make
+        a client resume it for ever."""
+        stream = self.events.cancel(id_key(request))
+        if stream is not None:
+            answer = error_frame(request, REQUEST_CANCELLED, "Request cancelled")
+            with contextlib.suppress(Overflow):  # no room: the stream just ends
+                self.events.append(stream, answer, final=True)
+            stream.done = True
         self._wake()
+
+    def abandoned(self, request: Any) -> None:
+        """The client of a plain JSON answer to ``request`` left: drop that answer."""
+        self.events.abandon(id_key(request))
 
     def in_flight(self, request: Any) -> bool:
         """Whether a request with this id awaits its response in this session."""
@@ -195,8 +215,9 @@ class HttpSession:
             await self._changed.wait()
 
     def wrote(self, stream: Stream, seq: int) -> None:
-        """``stream``'s events up to ``seq`` were written to a client."""
-        self.events.wrote(stream, seq)
+        """``stream``'s events up to ``seq`` were written to a client (kept for resumption
+        only where the client can resume)."""
+        self.events.wrote(stream, seq, keep=stream.sse and not self.legacy)
 
     def attach(self, stream: Stream, writer: object) -> None:
         """``writer`` streams ``stream`` from now on (another writer of it stops)."""
@@ -266,7 +287,10 @@ class HttpSession:
                 )
                 self.version = version if isinstance(version, str) else None
             stream = events.route_response(key)
-            events.append(stream, message, final=stream.number != 0)
+            if stream is None:
+                log.debug("agent %s: an answer no HTTP stream awaits, dropped", self.agent)
+                return
+            events.append(stream, message, final=True)
             return
         if isinstance(frame, Notification) and frame.method == "notifications/progress":
             params = frame.params

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import trio
 
-from .conn import HttpConnection
+from ..._frames import INTERNAL_ERROR, error_frame
+from .conn import HttpClosed, HttpConnection
 from .events import Stream, event_id
 from .session import HttpSession
 
-__all__ = ["HEAD_WAIT", "PRIMING_SINCE", "SSE_KEEPALIVE", "sse_event", "write_stream"]
+__all__ = [
+    "HEAD_WAIT",
+    "PRIMING_SINCE",
+    "SSE_KEEPALIVE",
+    "answer_gone",
+    "primes",
+    "sse_event",
+    "write_stream",
+]
 
 #: Seconds between SSE comments on a stream with nothing to say (proxies and dead peers).
 SSE_KEEPALIVE: Final = 15.0
@@ -46,8 +55,6 @@ async def write_stream(
     """
     writer = object()
     session.attach(stream, writer)
-    number = stream.number
-    legacy = session.legacy
     gone = False
     try:
         async with trio.open_nursery() as nursery:
@@ -59,35 +66,66 @@ async def write_stream(
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            if prime:
-                await connection.send(f"id: {event_id(number, after)}\ndata: \n\n".encode())
-            # The head waits for the first event (one write for both) unless it is slow.
-            held = not prime
-            while True:
-                with trio.move_on_after(HEAD_WAIT if held else SSE_KEEPALIVE) as quiet:
-                    events = await session.wait_events(stream, after, writer)
-                if quiet.cancelled_caught:
-                    if held:
-                        await connection.flush()
-                    else:
-                        await connection.send(b": keepalive\n\n")
-                    held = False
-                    continue
-                held = False
-                if not events:
-                    break
-                await connection.send(
-                    b"".join(
-                        sse_event(data, eid=None if legacy else event_id(number, seq))
-                        for seq, data in events
-                    )
-                )
-                after = events[-1][0]
-                session.wrote(stream, after)
+            try:
+                await _pump(connection, session, stream, after, writer, prime=prime)
+            except HttpClosed:  # the client went (reset, or not reading): not the relay's error
+                gone = True
             nursery.cancel_scope.cancel()
     finally:
         session.detach(stream, writer)
     if gone:
         return False
-    await connection.end_stream()
+    try:
+        await connection.end_stream()
+    except HttpClosed:
+        return False
+    session.events.release(stream)  # answered whole: nothing left to resume
     return True
+
+
+async def _pump(
+    connection: HttpConnection,
+    session: HttpSession,
+    stream: Stream,
+    after: int,
+    writer: object,
+    *,
+    prime: bool,
+) -> None:
+    number = stream.number
+    legacy = session.legacy
+    if prime:
+        await connection.send(f"id: {event_id(number, after)}\ndata: \n\n".encode())
+    # The head waits for the first event (one write for both) unless it is slow.
+    held = not prime
+    while True:
+        with trio.move_on_after(HEAD_WAIT if held else SSE_KEEPALIVE) as quiet:
+            events = await session.wait_events(stream, after, writer)
+        if quiet.cancelled_caught:
+            if held:
+                await connection.flush()
+            else:
+                await connection.send(b": keepalive\n\n")
+            held = False
+            continue
+        held = False
+        if not events:
+            return
+        await connection.send(
+            b"".join(
+                sse_event(data, eid=None if legacy else event_id(number, seq))
+                for seq, data in events
+            )
+        )
+        after = events[-1][0]
+        session.wrote(stream, after)
+
+
+async def answer_gone(connection: HttpConnection, request_id: Any) -> None:
+    """A resumed request stream whose answer the relay no longer holds: end it with an error
+    for its request (an SSE stream that ends with no answer makes clients resume it again)."""
+    answer = error_frame(
+        request_id, INTERNAL_ERROR, "the answer to this request is no longer held for resumption"
+    )
+    await connection.send(sse_event(answer))
+    await connection.end_stream()

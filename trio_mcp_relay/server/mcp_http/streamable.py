@@ -10,14 +10,16 @@ or with ``Last-Event-ID`` resumes the stream that id names. ``DELETE`` ends the 
 
 from __future__ import annotations
 
+import trio
+
 from ..._frames import CONNECTION_ERROR, INVALID_REQUEST, Notification, Request, error_frame
 from .checks import Refusal, accepts, check_version, parse_message
 from .conn import HttpConnection
 from .conn import Request as HttpRequest
-from .events import parse_event_id
+from .events import Stream, parse_event_id
 from .session import HttpSession
 from .sessions import CLOSE_DELETED, Sessions
-from .sse import primes, write_stream
+from .sse import PRIMING_SINCE, answer_gone, primes, write_stream
 
 __all__ = ["StreamableHttp"]
 
@@ -81,8 +83,14 @@ class StreamableHttp:
                 session = await self.sessions.open(agent, remote, legacy=False)
                 session.expect_initialize(frame.id)
                 cors = [*cors, ("mcp-session-id", session.id)]
+                # The session's revision is known once answered: prime by the one asked for.
+                params = frame.params if isinstance(frame.params, dict) else {}
+                asked = params.get("protocolVersion")
+                prime = isinstance(asked, str) and asked >= PRIMING_SINCE
                 try:
-                    return await self._request(connection, request, cors, session, frame, sse_ok)
+                    return await self._request(
+                        connection, request, cors, session, frame, sse_ok, prime=prime
+                    )
                 finally:
                     if session.version is None:  # no InitializeResult, no session
                         self.sessions.end(session, CLOSE_DELETED, "initialize failed")
@@ -96,7 +104,10 @@ class StreamableHttp:
                 "send initialize without Mcp-Session-Id for a new one",
             )
         if isinstance(frame, Request):
-            return await self._request(connection, request, cors, session, frame, sse_ok)
+            prime = primes(session)
+            return await self._request(
+                connection, request, cors, session, frame, sse_ok, prime=prime
+            )
         with session.exchange():
             if isinstance(frame, Notification) and frame.method == "notifications/cancelled":
                 params = frame.params
@@ -114,6 +125,8 @@ class StreamableHttp:
         session: HttpSession,
         frame: Request,
         sse_ok: bool,
+        *,
+        prime: bool,
     ) -> bool:
         """Hand a request to the relay and stream (or send) its answer back."""
         with session.exchange():
@@ -127,22 +140,48 @@ class StreamableHttp:
             await self.sessions.deliver(session, request.body)
             if stream.sse:
                 connection.open_stream(headers)
-                return await write_stream(connection, session, stream, 0, prime=primes(session))
-            writer = object()
-            session.attach(stream, writer)
-            try:
+                return await write_stream(connection, session, stream, 0, prime=prime)
+            return await self._json_answer(connection, headers, session, stream, frame)
+
+    @staticmethod
+    async def _json_answer(
+        connection: HttpConnection,
+        headers: _Headers,
+        session: HttpSession,
+        stream: Stream,
+        frame: Request,
+    ) -> bool:
+        """Wait for the response and send it as ``application/json``; a client that leaves
+        meanwhile cannot resume such an answer, so it is dropped when it comes (the request
+        goes on: a dropped connection is not a cancellation)."""
+        writer = object()
+        session.attach(stream, writer)
+        events: list[tuple[int, bytes]] = []
+        gone = False
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal gone
+                    await connection.until_closed()
+                    gone = True
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
                 events = await session.wait_events(stream, 0, writer)
-            finally:
-                session.detach(stream, writer)
-            if events:
-                body = events[-1][1]
-                session.wrote(stream, events[-1][0])
-            else:
-                body = error_frame(
-                    frame.id, CONNECTION_ERROR, "the session ended before the answer"
-                )
-            await connection.respond(200, body, headers)
-            return True
+                nursery.cancel_scope.cancel()
+        finally:
+            session.detach(stream, writer)
+        if gone:
+            session.abandoned(frame.id)
+            return False
+        if events:
+            body = events[-1][1]
+            session.wrote(stream, events[-1][0])
+        else:
+            body = error_frame(frame.id, CONNECTION_ERROR, "the session ended before the answer")
+        await connection.respond(200, body, headers)
+        return True
 
     async def get(
         self, connection: HttpConnection, request: HttpRequest, cors: _Headers, agent: str
@@ -161,12 +200,21 @@ class StreamableHttp:
                 raise Refusal(400, INVALID_REQUEST, "Last-Event-ID names no event of this session")
             number, after = position
             found = session.events.streams.get(number)
-            if found is None:
-                # A request stream already forgotten: nothing is left to replay on it.
+            gone = found is None or (found.done and after < found.last and not found.after(after))
+            if gone:
+                # A request stream whose answer the relay no longer holds (written whole, or
+                # dropped for room): its client is told, else it would resume for ever.
+                request_id = (
+                    session.events.forgotten.get(number) if found is None else found.request_id
+                )
                 with session.exchange():
                     connection.open_stream(cors)
-                    await connection.end_stream()
+                    if request_id is None:
+                        await connection.end_stream()
+                    else:
+                        await answer_gone(connection, request_id)
                 return True
+            assert found is not None
             stream = found
             after = min(after, stream.last)  # an id from the future: resume from now
         with session.exchange():

@@ -38,6 +38,8 @@ class HttpClient:
         self.headers: dict[str, str] = {}
         self._text = ""
         self._ended = False
+        #: SSE comment lines seen (keepalives).
+        self.comments = 0
 
     async def _next(self) -> Any:
         while True:
@@ -114,6 +116,7 @@ class HttpClient:
         fields: dict[str, list[str]] = {}
         for line in block.split("\n"):
             if line.startswith(":"):
+                self.comments += 1
                 continue
             name, _, value = line.partition(":")
             fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
@@ -134,7 +137,13 @@ class HttpClient:
 ACCEPT_BOTH = {"accept": "application/json, text/event-stream"}
 
 
-async def initialize(net: MemoryNet, agent: str, *, version: str = "2025-11-25") -> str:
+async def initialize(
+    net: MemoryNet,
+    agent: str,
+    *,
+    version: str = "2025-11-25",
+    capabilities: dict[str, Any] | None = None,
+) -> str:
     """Open an MCP session for ``agent`` (initialize, then initialized); its id."""
     client = HttpClient(net)
     target = net.target("caller", agent)
@@ -144,7 +153,7 @@ async def initialize(net: MemoryNet, agent: str, *, version: str = "2025-11-25")
         "method": "initialize",
         "params": {
             "protocolVersion": version,
-            "capabilities": {},
+            "capabilities": capabilities or {},
             "clientInfo": {"name": "t", "version": "1"},
         },
     }

@@ -18,6 +18,7 @@ from hypothesis.stateful import (
 from trio_mcp_relay.server.mcp_http.events import (
     GET_STREAM,
     KEEP_WRITTEN_EVENTS,
+    MAX_FORGOTTEN,
     EventLog,
     Overflow,
     event_id,
@@ -238,3 +239,19 @@ class EventLogMachine(RuleBasedStateMachine):
 
 TestEventLogMachine = EventLogMachine.TestCase
 TestEventLogMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+def test_forgotten_streams_and_abandoned_answers_hold_nothing() -> None:
+    log = EventLog(100, 10_000)
+    for n in range(MAX_FORGOTTEN + 50):
+        stream = log.open(("r", n), None, sse=True, request_id=n)
+        routed = log.route_response(("r", n))
+        assert routed is stream
+        log.append(stream, b"answer", final=True)
+        log.release(stream)
+    assert len(log.forgotten) == MAX_FORGOTTEN
+    assert list(log.streams) == [GET_STREAM] and log.nevents == 0 and log.nbytes == 0
+    log.open("j", None, sse=False, request_id="j")
+    log.abandon("j")
+    assert log.route_response("j") is None
+    assert log.nevents == 0 and not log.in_flight("j")

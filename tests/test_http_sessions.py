@@ -4,6 +4,8 @@ dropped SSE streams with ``Last-Event-ID``, a client that stops reading, and shu
 from __future__ import annotations
 
 import functools
+import gc
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,6 +14,9 @@ import trio
 import trio.testing
 
 from trio_mcp_relay import RelayConfig, serve_relay
+from trio_mcp_relay.server.mcp_http.events import EventLog
+from trio_mcp_relay.server.mcp_http.session import HttpSession
+from trio_mcp_relay.server.mcp_http.sessions import mint_session_id
 
 from .helpers import KEY
 from .httpmem import ACCEPT_BOTH, HttpClient, initialize
@@ -92,7 +97,8 @@ async def test_abandoned_sessions_expire_and_their_requests_are_cancelled_at_the
             assert (await health(net))["http_sessions"] == sessions
             assert trio.current_time() - started < 119
             await trio.sleep(119 - (trio.current_time() - started))
-            assert (await health(net))["http_sessions"] > 0  # the newest are not idle long enough
+            # None has been idle for the whole timeout yet (the oldest for 119 s).
+            assert (await health(net))["http_sessions"] == sessions
             cancelled: set[int] = set()
             with trio.move_on_after(130):
                 while len(cancelled) < sessions:
@@ -103,6 +109,8 @@ async def test_abandoned_sessions_expire_and_their_requests_are_cancelled_at_the
             connections = await health(net)
             assert connections["http_sessions"] == 0
             assert connections["robot_connections"] == 0
+            gc.collect()
+            assert not [o for o in gc.get_objects() if isinstance(o, HttpSession | EventLog)]
 
 
 async def test_a_session_lives_while_its_get_stream_is_open(
@@ -260,15 +268,17 @@ async def test_a_dropped_post_stream_is_not_a_cancellation_and_resumes_on_get(
             }
             assert (await resumed.event()) is None  # the request's stream is done
             # The tool never heard of a cancellation.
+            heard: list[Any] = []
             with trio.move_on_after(5):
-                frame = await tool.receive()
-                assert frame.get("method") != "notifications/cancelled", frame
+                while True:
+                    heard.append(await tool.receive())
+            assert not [f for f in heard if f.get("method") == "notifications/cancelled"], heard
 
 
 async def test_a_client_that_stops_reading_ends_its_session_not_the_relay(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """A GET stream nobody reads: once what the relay holds for it is over the bounds, the
+    """A POST stream nobody reads: once what the relay holds for it is over the bounds, the
     session ends (its request is cancelled at the tool) and another session is unaffected."""
     with trio.fail_after(GUARD):
         async with (
@@ -522,3 +532,152 @@ async def test_resuming_a_stream_whose_answer_is_gone_is_answered_with_an_error(
             assert gone is not None
             assert gone.json()["id"] == 5 and gone.json()["error"]["code"] == -32603
             assert await late.event() is None
+
+
+def test_session_ids_are_unguessable_and_visible_ascii() -> None:
+    ids = {mint_session_id() for _ in range(500)}
+    assert len(ids) == 500
+    assert all(len(i) >= 32 and re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)
+
+
+async def test_a_tools_request_to_the_caller_travels_over_http_and_its_answer_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A tool's sampling/createMessage while an HTTP request of the caller is in flight: it
+    arrives on that request's stream (on the GET stream once one is open), with the relay's
+    id; the client POSTs the answer (202) and the tool gets it under its own id, results and
+    errors alike."""
+    with trio.fail_after(GUARD):
+        async with relay() as (net, _), net.raw_tool(AGENT, tools=["slow"]) as tool:
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT, capabilities={"sampling": {}})
+            post = HttpClient(net)
+            assert await post.send("POST", target, headers=headers(session), body=call(1)) == 200
+            assert (await post.event()) is not None  # priming
+            await next_request(tool)
+            ask = {"messages": [], "maxTokens": 5}
+            await tool.send(
+                {"jsonrpc": "2.0", "id": "s1", "method": "sampling/createMessage", "params": ask}
+            )
+            asked = await post.event()
+            assert asked is not None and asked.id is not None and not asked.id.startswith("0-")
+            request = asked.json()
+            assert request["method"] == "sampling/createMessage" and request["params"] == ask
+            answer = {"jsonrpc": "2.0", "id": request["id"], "result": {"content": "hi"}}
+            client = HttpClient(net)
+            assert await client.send("POST", target, headers=headers(session), body=answer) == 202
+            assert await client.body() == b""
+            assert await tool.receive() == {
+                "jsonrpc": "2.0",
+                "id": "s1",
+                "result": {"content": "hi"},
+            }
+            # With a GET stream open, the next one goes there; an error answer travels too.
+            stream = HttpClient(net)
+            assert await stream.send("GET", target, headers=headers(session)) == 200
+            assert (await stream.event()) is not None  # priming
+            await tool.send(
+                {"jsonrpc": "2.0", "id": "s2", "method": "sampling/createMessage", "params": ask}
+            )
+            asked = await stream.event()
+            assert asked is not None and asked.id is not None and asked.id.startswith("0-")
+            second = asked.json()
+            refusal = {"code": -1, "message": "the user said no"}
+            error = {"jsonrpc": "2.0", "id": second["id"], "error": refusal}
+            assert await client.send("POST", target, headers=headers(session), body=error) == 202
+            assert await tool.receive() == {"jsonrpc": "2.0", "id": "s2", "error": refusal}
+
+
+async def test_the_legacy_message_endpoint_takes_only_legacy_session_ids(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(GUARD):
+        async with relay() as (net, _), net.raw_tool(AGENT, tools=["slow"]) as tool:
+            streamable = await initialize(net, AGENT)
+            legacy = HttpClient(net)
+            assert (
+                await legacy.send(
+                    "GET",
+                    f"/mcp_endpoint/sse/?token={net.target('caller', AGENT).split('token=')[1]}",
+                )
+                == 200
+            )
+            endpoint = await legacy.event()
+            assert endpoint is not None and endpoint.event == "endpoint"
+            assert endpoint.data.startswith("/mcp_endpoint/messages/?session_id=")
+            client = HttpClient(net)
+            ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+            for session_id in (streamable, "unknown", ""):
+                target = f"/mcp_endpoint/messages/?session_id={session_id}"
+                assert await client.send("POST", target, body=ping) == 404
+                assert (await client.json())["error"]["code"] == -32600
+            cases = [
+                (b"{not json", {}, 400, -32700),
+                (b'[{"jsonrpc": "2.0", "id": 1, "method": "ping"}]', {}, 400, -32600),
+                (
+                    b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}',
+                    {"content-type": "text/plain"},
+                    415,
+                    -32600,
+                ),
+            ]
+            for body, extra, status, code in cases:
+                fresh = HttpClient(net)
+                assert await fresh.send("POST", endpoint.data, headers=extra, body=body) == status
+                assert (await fresh.json())["error"]["code"] == code
+            # The good one works, and nothing of the refused ones reached the tool.
+            good = HttpClient(net)
+            assert await good.send("POST", endpoint.data, body=ping) == 202
+            pong = await legacy.event()
+            assert pong is not None and pong.json() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+            heard: list[Any] = []
+            with trio.move_on_after(1):
+                while True:
+                    heard.append(await tool.receive())
+            assert heard == []
+
+
+async def test_a_long_call_on_an_open_post_stream_keeps_its_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(GUARD):
+        async with (
+            relay(session_idle_timeout=10) as (net, _),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            post = HttpClient(net)
+            assert await post.send("POST", target, headers=headers(session), body=call(3)) == 200
+            forwarded = await next_request(tool)
+            heard: list[Any] = []
+            with trio.move_on_after(100):  # ten idle timeouts, the stream open all along
+                while True:
+                    heard.append(await tool.receive())
+            assert heard == []
+            assert (await health(net))["http_sessions"] == 1
+            await tool.send({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"content": []}})
+            events = []
+            while (event := await post.event()) is not None:
+                events.append(event)
+            assert events[-1].json() == {"jsonrpc": "2.0", "id": 3, "result": {"content": []}}
+
+
+async def test_an_older_session_gets_no_priming_and_its_quiet_stream_still_answers_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A 2025-06-18 session: no priming events; the head of a GET stream with nothing to say
+    leaves anyway, and comments keep it alive every 15 s."""
+    with trio.fail_after(GUARD):
+        async with relay() as (net, _), net.raw_tool(AGENT, tools=["slow"]) as tool:
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT, version="2025-06-18")
+            stream = HttpClient(net)
+            older = headers(session, **{"mcp-protocol-version": "2025-06-18"})
+            with trio.fail_after(1):
+                assert await stream.send("GET", target, headers=older) == 200
+            await trio.sleep(31)
+            await log_message(tool, 1)
+            first = await stream.event()
+            assert first is not None and first.json()["params"]["data"] == 1
+            assert stream.comments >= 2

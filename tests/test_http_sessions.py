@@ -681,3 +681,30 @@ async def test_an_older_session_gets_no_priming_and_its_quiet_stream_still_answe
             first = await stream.event()
             assert first is not None and first.json()["params"]["data"] == 1
             assert stream.comments >= 2
+
+
+async def test_failed_authentications_are_delayed_exactly_and_a_good_token_never(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The failed-authentication policy on the HTTP front: no delay for the first failure,
+    then cap/64 doubling up to the cap from the eighth on; a good token is never delayed."""
+    with trio.fail_after(GUARD):
+        async with relay(auth_delay=6.4, auth_failures=0) as (net, _), net.raw_tool(AGENT):
+            init = {
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {}},
+            }
+            took = []
+            for _ in range(9):
+                client = HttpClient(net)
+                started = trio.current_time()
+                wrong = "/mcp_endpoint/call/?token=wrong"
+                assert await client.send("POST", wrong, headers=ACCEPT_BOTH, body=init) == 401
+                took.append(round(trio.current_time() - started, 6))
+                await client.close()
+            assert took == [0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 6.4]
+            started = trio.current_time()
+            await initialize(net, AGENT)
+            assert trio.current_time() == started

@@ -129,6 +129,10 @@ class EventLogMachine(RuleBasedStateMachine):
         #: every event appended: data -> (stream, seq)
         self.placed: dict[bytes, tuple[int, int]] = {}
         self.overflowed = False
+        #: streams the machine itself let go (released, abandoned): they may vanish
+        self.let_go: set[int] = set()
+        #: the highest seq a writer took, per stream
+        self.written: dict[int, int] = {}
 
     def _data(self, kind: str, size: int) -> bytes:
         self.counter += 1
@@ -148,7 +152,7 @@ class EventLogMachine(RuleBasedStateMachine):
     def open(self, sse: bool, token: bool) -> str:
         key = f"r{self.counter}"
         self.counter += 1
-        stream = self.log.open(key, f"t{key}" if token else None, sse=sse)
+        stream = self.log.open(key, f"t{key}" if token else None, sse=sse, request_id=key)
         self.open_requests[key] = stream.number
         self.tokens[key] = token
         return key
@@ -199,6 +203,39 @@ class EventLogMachine(RuleBasedStateMachine):
         stream = self.log.streams[number]
         upto = data.draw(st.integers(0, stream.last))
         self.log.wrote(stream, upto)
+        self.written[number] = max(self.written.get(number, 0), upto)
+
+    @precondition(lambda self: not self.overflowed)
+    @rule(request=consumes(requests))
+    def cancel(self, request: str) -> None:
+        """The client cancelled: the stream ends with an answer (as the session does)."""
+        stream = self.log.cancel(request)
+        expected = self.open_requests.pop(request, None)
+        if expected is None or expected not in self.log.streams:
+            assert stream is None or stream.number == expected
+            return
+        assert stream is not None and stream.number == expected
+        self._append(stream.number, self._data("cancelled", 10), final=True)
+
+    @rule(request=consumes(requests))
+    def abandon(self, request: str) -> None:
+        """A plain JSON answer's client left: its answer is dropped when it comes."""
+        expected = self.open_requests.pop(request, None)
+        self.log.abandon(request)
+        if expected is not None:
+            self.let_go.add(expected)
+            assert expected not in self.log.streams
+        assert self.log.route_response(request) is None
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        done = sorted(n for n, s in self.log.streams.items() if n and s.done and s.attached is None)
+        if not done:
+            return
+        number = data.draw(st.sampled_from(done))
+        self.log.release(self.log.streams[number])
+        self.let_go.add(number)
+        assert number not in self.log.streams and number in self.log.forgotten
 
     @rule(data=st.data())
     def resume(self, data: st.DataObject) -> None:
@@ -230,6 +267,10 @@ class EventLogMachine(RuleBasedStateMachine):
     def request_streams_lose_nothing_unwritten(self) -> None:
         if not hasattr(self, "log"):
             return
+        # A request stream that vanished on its own held nothing unwritten.
+        for payload, (number, seq) in self.placed.items():
+            if number and number not in self.log.streams and number not in self.let_go:
+                assert seq <= self.written.get(number, 0), (payload, number, seq)
         for number, stream in self.log.streams.items():
             if number == GET_STREAM:
                 continue

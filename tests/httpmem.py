@@ -23,6 +23,7 @@ class SseEvent:
     event: str
     data: str
     id: str | None
+    retry: int | None = None
 
     def json(self) -> Any:
         return json.loads(self.data)
@@ -126,6 +127,7 @@ class HttpClient:
             event=fields.get("event", ["message"])[-1],
             data="\n".join(fields.get("data", [])),
             id=fields.get("id", [None])[-1],
+            retry=int(fields["retry"][-1]) if "retry" in fields else None,
         )
 
     async def close(self) -> None:

@@ -127,6 +127,7 @@ async def test_a_session_lives_while_its_get_stream_is_open(
             assert stream.headers["content-type"] == "text/event-stream"
             priming = await stream.event()
             assert priming is not None and priming.id == "0-0" and priming.data == ""
+            assert priming.retry == 1000
             await trio.sleep(100)  # ten idle timeouts, with the stream open
             assert (await health(net))["http_sessions"] == 1
             await stream.close()
@@ -708,3 +709,34 @@ async def test_failed_authentications_are_delayed_exactly_and_a_good_token_never
             started = trio.current_time()
             await initialize(net, AGENT)
             assert trio.current_time() == started
+
+
+async def test_notifications_nobody_listens_for_are_dropped_not_the_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With no GET stream open, what the relay sends on its own waits for one, within the
+    session's bounds: beyond them the oldest go (counted), and the session stays."""
+    with trio.fail_after(GUARD):
+        async with (
+            relay(outbox_size=8) as (net, _),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            for n in range(30):
+                await log_message(tool, n)
+            await trio.sleep(1)
+            stream = HttpClient(net)
+            assert await stream.send("GET", target, headers=headers(session)) == 200
+            got = []
+            for _ in range(12):
+                event = await stream.event()
+                assert event is not None
+                if event.data:
+                    got.append(event.json()["params"]["data"])
+                if got and got[-1] == 29:
+                    break
+            assert got == list(range(22, 30))  # the newest 8 (--outbox-size): in order, once
+            client = HttpClient(net)
+            assert await client.send("POST", target, headers=headers(session), body=call(1)) == 200
+            await next_request(tool)

@@ -25,6 +25,9 @@ __all__ = [
 SSE_KEEPALIVE: Final = 15.0
 #: Seconds a stream's head may wait to leave with its first event.
 HEAD_WAIT: Final = 0.05
+#: The reconnection delay priming events suggest, in milliseconds (SSE ``retry``): a stream
+#: the relay ends early (taken over, a slow client dropped) is worth resuming soon.
+RETRY_MS: Final = 1000
 #: The revision that introduced priming events (an id and no data at a stream's start).
 PRIMING_SINCE: Final = "2025-11-25"
 
@@ -95,7 +98,8 @@ async def _pump(
     number = stream.number
     legacy = session.legacy
     if prime:
-        await connection.send(f"id: {event_id(number, after)}\ndata: \n\n".encode())
+        priming = f"id: {event_id(number, after)}\nretry: {RETRY_MS}\ndata: \n\n"
+        await connection.send(priming.encode())
     # The head waits for the first event (one write for both) unless it is slow.
     held = not prime
     while True:

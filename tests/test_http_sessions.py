@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -740,3 +741,42 @@ async def test_notifications_nobody_listens_for_are_dropped_not_the_session(
             client = HttpClient(net)
             assert await client.send("POST", target, headers=headers(session), body=call(1)) == 200
             await next_request(tool)
+
+
+async def test_a_session_that_fails_inside_ends_alone(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error in one HTTP session (here, filing its outgoing messages) is logged
+    and ends that session; the relay and everyone else go on."""
+    original = HttpSession._file
+
+    def broken(self: HttpSession, message: bytes) -> None:
+        if self.agent == "doomed" and b'"tools":[' in message:
+            raise RuntimeError("a bug in the session")
+        original(self, message)
+
+    monkeypatch.setattr(HttpSession, "_file", broken)
+    with trio.fail_after(GUARD):
+        async with (
+            relay() as (net, _),
+            net.raw_tool("doomed", tools=["slow"]),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            doomed = await initialize(net, "doomed")
+            client = HttpClient(net)
+            listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+            target = net.target("caller", "doomed")
+            assert await client.send("POST", target, headers=headers(doomed), body=listing) == 200
+            while (await client.event()) is not None:
+                pass
+            assert await client.send("POST", target, headers=headers(doomed), body=listing) == 404
+            session = await initialize(net, AGENT)
+            other = HttpClient(net)
+            target = net.target("caller", AGENT)
+            assert await other.send("POST", target, headers=headers(session), body=call(1)) == 200
+            forwarded = await next_request(tool)
+            await tool.send({"jsonrpc": "2.0", "id": forwarded["id"], "result": {"content": []}})
+            events = []
+            while (event := await other.event()) is not None:
+                events.append(event)
+            assert events[-1].json()["id"] == 1

@@ -133,7 +133,11 @@ class Sessions:
     async def run(
         self, session: HttpSession, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run ``session`` as a caller of its agent until it ends (then forget it)."""
+        """Run ``session`` as a caller of its agent until it ends (then forget it).
+
+        It runs in the relay's connections nursery: an unexpected error in it is logged and
+        ends this session only, never the relay.
+        """
         try:
             async with trio.open_nursery() as nursery:
                 run = partial(self._run_peer, session, nursery.cancel_scope)
@@ -141,6 +145,9 @@ class Sessions:
                 log.info("%s: HTTP session for agent %s opened", session.remote, session.agent)
                 task_status.started()
                 await self._expire(session)
+        except Exception:
+            log.exception("%s: HTTP session for agent %s failed", session.remote, session.agent)
+            self.end(session, 1011, "internal error")
         finally:
             session.end(*(session.closed or (CLOSE_DELETED, "")))
             if self._sessions.get(session.id) is session:

@@ -20,7 +20,7 @@ import trio
 
 from ._frames import dumps
 
-__all__ = ["HttpRequest", "read_request_head", "respond", "target_path", "target_query"]
+__all__ = ["HttpRequest", "Target", "read_request_head", "respond"]
 
 MAX_HEAD_SIZE: Final = 16384
 
@@ -29,34 +29,30 @@ class BadRequest(Exception):
     """The peer did not send a usable HTTP request head."""
 
 
-def target_path(target: str) -> str:
-    """A request target's path, without query."""
-    return urlsplit(target).path
+class Target:
+    """What a request's target says: its path and its query (for classes with ``target``)."""
 
+    target: str
 
-def target_query(target: str) -> dict[str, str]:
-    """A request target's query parameters (the first value of each)."""
-    return {k: v[0] for k, v in parse_qs(urlsplit(target).query).items()}
+    @property
+    def path(self) -> str:
+        """The target's path, without query."""
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query parameters (first value of each)."""
+        return {k: v[0] for k, v in parse_qs(urlsplit(self.target).query).items()}
 
 
 @attrs.frozen
-class HttpRequest:
+class HttpRequest(Target):
     """The head of one HTTP request."""
 
     method: str
     target: str
     headers: dict[str, str]
     raw: bytes  # every byte read so far, the head and anything after it
-
-    @property
-    def path(self) -> str:
-        """The target's path, without query."""
-        return target_path(self.target)
-
-    @property
-    def query(self) -> dict[str, str]:
-        """The query parameters (first value of each)."""
-        return target_query(self.target)
 
     @property
     def is_websocket(self) -> bool:

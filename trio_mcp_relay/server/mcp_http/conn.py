@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from http import HTTPStatus
 from typing import Final
 
@@ -24,11 +24,18 @@ import attrs
 import h11
 import trio
 
-from ..._http import MAX_HEAD_SIZE, target_path, target_query
+from ..._http import MAX_HEAD_SIZE, Target
 
-__all__ = ["BodyTooLarge", "HttpClosed", "HttpConnection", "Request"]
+__all__ = ["BodyTooLarge", "HttpClosed", "HttpConnection", "Request", "Watch"]
 
 _READ_SIZE: Final = 65536
+
+
+@attrs.define
+class Watch:
+    """Whether the client of a :meth:`HttpConnection.watched` block went away."""
+
+    gone: bool = False
 
 
 class HttpClosed(Exception):
@@ -40,23 +47,13 @@ class BodyTooLarge(Exception):
 
 
 @attrs.frozen
-class Request:
+class Request(Target):
     """One HTTP request, with its body."""
 
     method: str
     target: str
     headers: dict[str, str]
     body: bytes = b""
-
-    @property
-    def path(self) -> str:
-        """The target's path, without query."""
-        return target_path(self.target)
-
-    @property
-    def query(self) -> dict[str, str]:
-        """The query parameters (first value of each)."""
-        return target_query(self.target)
 
 
 def _reason(status: int) -> bytes:
@@ -239,6 +236,22 @@ class HttpConnection:
                     await self.stream.send_eof()
                 while await self.stream.receive_some(_READ_SIZE):
                     pass
+
+    @contextlib.asynccontextmanager
+    async def watched(self) -> AsyncIterator[Watch]:
+        """A block that is cancelled when the client closes the connection (reading it
+        meanwhile: see :meth:`until_closed`); ``watch.gone`` says whether it did."""
+        watch = Watch()
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                await self.until_closed()
+                watch.gone = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            yield watch
+            nursery.cancel_scope.cancel()
 
     def next_cycle(self) -> bool:
         """Ready the connection for another request; False when it must close instead."""

@@ -60,20 +60,12 @@ async def write_stream(
     session.attach(stream, writer)
     gone = False
     try:
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                nonlocal gone
-                await connection.until_closed()
-                gone = True
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
+        async with connection.watched() as watch:
             try:
                 await _pump(connection, session, stream, after, writer, prime=prime)
             except HttpClosed:  # the client went (reset, or not reading): not the relay's error
                 gone = True
-            nursery.cancel_scope.cancel()
+        gone = gone or watch.gone
     finally:
         session.detach(stream, writer)
     if gone:

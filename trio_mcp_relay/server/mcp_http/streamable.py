@@ -10,8 +10,6 @@ or with ``Last-Event-ID`` resumes the stream that id names. ``DELETE`` ends the 
 
 from __future__ import annotations
 
-import trio
-
 from ..._frames import CONNECTION_ERROR, INVALID_REQUEST, Notification, Request, error_frame
 from .checks import Refusal, accepts, check_version, parse_message
 from .conn import HttpConnection
@@ -157,21 +155,12 @@ class StreamableHttp:
         writer = object()
         session.attach(stream, writer)
         events: list[tuple[int, bytes]] = []
-        gone = False
         try:
-            async with trio.open_nursery() as nursery:
-
-                async def watch() -> None:
-                    nonlocal gone
-                    await connection.until_closed()
-                    gone = True
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch)
+            async with connection.watched() as watch:
                 events = await session.wait_events(stream, 0, writer)
-                nursery.cancel_scope.cancel()
         finally:
             session.detach(stream, writer)
+        gone = watch.gone
         if gone:
             session.abandoned(frame.id)
             return False

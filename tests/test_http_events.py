@@ -24,6 +24,7 @@ from trio_mcp_relay.server.mcp_http.events import (
     event_id,
     parse_event_id,
 )
+from trio_mcp_relay.server.outbox import ByteBudget
 
 
 @pytest.mark.parametrize("stream, seq", [(0, 0), (3, 17), (12345, 678901)])
@@ -296,3 +297,21 @@ def test_forgotten_streams_and_abandoned_answers_hold_nothing() -> None:
     log.abandon("j")
     assert log.route_response("j") is None
     assert log.nevents == 0 and not log.in_flight("j")
+
+
+def test_held_bytes_count_against_the_relays_budget_and_come_back() -> None:
+    budget = ByteBudget(100)
+    log = EventLog(1000, 10_000, budget)
+    other = EventLog(1000, 10_000, budget)
+    request = log.open("r", None, sse=True)
+    log.append(request, b"x" * 60)
+    other.append(other.get_stream, b"y" * 30)
+    assert budget.used == 90
+    with pytest.raises(Overflow):  # the relay's budget is spent, whatever this session's bounds
+        log.append(request, b"z" * 20)
+    log.wrote(request, 1, keep=False)
+    assert budget.used == 30
+    log.append(request, b"z" * 20)
+    log.clear()
+    other.clear()
+    assert budget.used == 0

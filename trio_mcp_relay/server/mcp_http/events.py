@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import attrs
 
@@ -62,6 +62,16 @@ KEEP_WRITTEN_EVENTS: Final = 64
 KEEP_WRITTEN_BYTES: Final = 1024 * 1024
 #: Request streams forgotten whose request id is remembered (to answer a late resumption).
 MAX_FORGOTTEN: Final = 256
+
+
+class Budget(Protocol):
+    """Bytes held across many holders against one limit (the relay's ``ByteBudget``)."""
+
+    used: int
+
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes stay within the limit."""
+        ...
 
 
 class Overflow(Exception):
@@ -120,11 +130,14 @@ class EventLog:
     Args:
         max_events: events held at most, all streams together.
         max_bytes: bytes of event data held at most, all streams together.
+        budget: a budget shared with other holders (the relay's queued bytes) that every byte
+            held also counts against; :meth:`clear` gives them back.
     """
 
-    def __init__(self, max_events: int, max_bytes: int) -> None:
+    def __init__(self, max_events: int, max_bytes: int, budget: Budget | None = None) -> None:
         self.max_events = max_events
         self.max_bytes = max_bytes
+        self.budget = budget
         self.streams: dict[int, Stream] = {GET_STREAM: Stream(GET_STREAM)}
         self.nevents = 0
         self.nbytes = 0
@@ -231,6 +244,8 @@ class EventLog:
         stream.events.append((stream.last, data))
         self.nevents += 1
         self.nbytes += len(data)
+        if self.budget is not None:
+            self.budget.used += len(data)
         if final:
             stream.done = True
             self._forget_done()
@@ -275,12 +290,22 @@ class EventLog:
     def _over(self, size: int) -> bool:
         if not self.nevents:
             return False  # one event is always taken
-        return self.nevents + 1 > self.max_events or self.nbytes + size > self.max_bytes
+        if self.nevents + 1 > self.max_events or self.nbytes + size > self.max_bytes:
+            return True
+        return self.budget is not None and not self.budget.fits(size)
 
     def _drop(self, stream: Stream) -> None:
         _, data = stream.events.popleft()
         self.nevents -= 1
         self.nbytes -= len(data)
+        if self.budget is not None:
+            self.budget.used -= len(data)
+
+    def clear(self) -> None:
+        """Drop every event (the session has ended and its streams are done with them)."""
+        for stream in self.streams.values():
+            while stream.events:
+                self._drop(stream)
 
     def _make_room(self, size: int) -> None:
         if not self._over(size):

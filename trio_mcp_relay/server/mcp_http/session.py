@@ -38,7 +38,7 @@ from ..._frames import (
 )
 from ..._transport import ConnectionClosed
 from ...core.wire import progress_token
-from .events import EventLog, Overflow, Stream
+from .events import Budget, EventLog, Overflow, Stream
 
 __all__ = ["CLOSE_NOT_READING", "HttpSession", "SessionGone", "id_key"]
 
@@ -70,6 +70,7 @@ class HttpSession:
         legacy: an HTTP+SSE (2024-11-05) session: every message goes to its one stream.
         max_events: events held for the client at most (see :class:`~.events.EventLog`).
         max_bytes: bytes held for the client at most.
+        budget: the relay's queued-bytes budget, which what is held counts against too.
     """
 
     def __init__(
@@ -81,12 +82,13 @@ class HttpSession:
         legacy: bool = False,
         max_events: int,
         max_bytes: int,
+        budget: Budget | None = None,
     ) -> None:
         self.id = session_id
         self.agent = agent
         self.remote = remote
         self.legacy = legacy
-        self.events = EventLog(max_events, max_bytes)
+        self.events = EventLog(max_events, max_bytes, budget)
         #: The dispatcher's connection number, once it runs.
         self.conn: int | None = None
         #: The protocol revision negotiated at ``initialize``, once answered.
@@ -241,6 +243,8 @@ class HttpSession:
         finally:
             self.busy -= 1
             self.touch()
+            if not self.busy and self.closed is not None:
+                self.events.clear()  # the last writer of an ended session is done
 
     @property
     def idle(self) -> bool:

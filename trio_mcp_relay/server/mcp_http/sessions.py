@@ -105,6 +105,7 @@ class Sessions:
             legacy=legacy,
             max_events=config.outbox_size,
             max_bytes=config.outbox_bytes,
+            budget=relay.dispatcher.budget,
         )
         assert session.id not in self._sessions
         self._sessions[session.id] = session
@@ -150,6 +151,8 @@ class Sessions:
             self.end(session, 1011, "internal error")
         finally:
             session.end(*(session.closed or (CLOSE_DELETED, "")))
+            if not session.busy:
+                session.events.clear()  # give its bytes back to the relay's budget
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
             log.info(

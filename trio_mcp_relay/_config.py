@@ -293,6 +293,20 @@ class RelayConfig:
     metrics_agents: tuple[str, ...] = ()
     metrics_top_agents: int = attrs.field(default=10, validator=_zero_or_positive)
 
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Whether a request from ``origin`` may be served (none: not a browser, so yes)."""
+        allowed = self.allowed_origins
+        return origin is None or "*" in allowed or origin in allowed
+
+    def cors_origin(self, origin: str | None) -> str | None:
+        """The ``Access-Control-Allow-Origin`` for a request from ``origin``: None when CORS
+        is off or the origin is not allowed."""
+        if not self.enable_cors:
+            return None
+        if "*" in self.allowed_origins:
+            return "*"
+        return origin if origin is not None and origin in self.allowed_origins else None
+
     @property
     def keys(self) -> tuple[str, ...]:
         """Every accepted server key, the signing key first (empty before a key is set)."""

@@ -142,8 +142,7 @@ async def open_websocket(
         await respond(stream, 404, {"error": "no WebSocket endpoint at this path"})
         return None
     origin = request.headers.get("origin")
-    allowed = config.allowed_origins
-    if origin is not None and "*" not in allowed and origin not in allowed:
+    if not config.origin_allowed(origin):
         log.info("%s: refused handshake from origin %s", remote, origin)
         await respond(stream, 403, {"error": "origin not allowed"})
         return None

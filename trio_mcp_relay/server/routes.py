@@ -75,15 +75,8 @@ class HttpRoutes:
 
     def cors_headers(self, request: HttpRequest) -> list[tuple[str, str]]:
         """The CORS headers for an answer to ``request`` (none when CORS is off)."""
-        if not self.config.enable_cors:
-            return []
-        origin = request.headers.get("origin")
-        allowed = self.config.allowed_origins
-        if "*" in allowed:
-            value = "*"
-        elif origin is not None and origin in allowed:
-            value = origin
-        else:
+        value = self.config.cors_origin(request.headers.get("origin"))
+        if value is None:
             return []
         return [
             ("access-control-allow-origin", value),

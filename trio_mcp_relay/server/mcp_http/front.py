@@ -188,8 +188,7 @@ class McpHttpFront:
         if path not in PATHS:
             raise Refusal(404, INVALID_REQUEST, f"no MCP endpoint at {path}", close=True)
         origin = request.headers.get("origin")
-        allowed = self.relay.config.allowed_origins
-        if origin is not None and "*" not in allowed and origin not in allowed:
+        if not self.relay.config.origin_allowed(origin):
             log.info("%s: refused HTTP request from origin %s", remote, origin)
             raise Refusal(403, INVALID_REQUEST, f"origin {origin} is not allowed", close=True)
         if method == "OPTIONS":
@@ -219,15 +218,12 @@ class McpHttpFront:
         return await self.streamable.get(connection, request, cors, agent)
 
     def _cors(self, request: http.Request, *, preflight: bool = False) -> list[tuple[str, str]]:
-        config = self.relay.config
         origin = request.headers.get("origin")
-        if not config.enable_cors or origin is None:
-            return []
-        allowed = config.allowed_origins
-        if "*" not in allowed and origin not in allowed:
+        value = self.relay.config.cors_origin(origin) if origin is not None else None
+        if value is None:
             return []
         headers = [
-            ("access-control-allow-origin", "*" if "*" in allowed else origin),
+            ("access-control-allow-origin", value),
             ("access-control-expose-headers", "mcp-session-id, mcp-protocol-version"),
             ("vary", "Origin"),
         ]

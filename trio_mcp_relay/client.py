@@ -25,6 +25,7 @@ request runs (progress, its own requests) comes on that request's SSE stream; th
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import itertools
 import json
@@ -102,9 +103,9 @@ def _frame(method: str, params: Any, rid: int | None = None) -> dict[str, Any]:
     return frame
 
 
-class Caller:
+class Caller(abc.ABC):
     """What every caller offers, whatever its transport: the MCP methods over
-    :meth:`request` and :meth:`notify`."""
+    :meth:`request` and :meth:`notify`, which each transport implements."""
 
     def __init__(self, *, timeout: float) -> None:
         self._timeout = timeout
@@ -112,19 +113,16 @@ class Caller:
         self.notifications: deque[dict[str, Any]] = deque(maxlen=100)
         self.server_info: dict[str, Any] = {}
 
+    @abc.abstractmethod
     async def request(self, method: str, params: Any = None) -> Any:
         """Send a request and return its ``result`` (:class:`RpcError` for an error)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def notify(self, method: str, params: Any = None) -> None:
         """Send a notification."""
-        raise NotImplementedError
-
-    def _initialized(self, result: dict[str, Any]) -> None:
-        """Called with the ``initialize`` result, before ``notifications/initialized``."""
 
     @property
-    def _protocol_version(self) -> str:
+    def _asked_version(self) -> str:
         return PROTOCOL_VERSION
 
     async def initialize(self) -> dict[str, Any]:
@@ -132,13 +130,12 @@ class Caller:
         result = await self.request(
             "initialize",
             {
-                "protocolVersion": self._protocol_version,
+                "protocolVersion": self._asked_version,
                 "capabilities": {},
                 "clientInfo": {"name": "trio-mcp-relay", "version": __version__},
             },
         )
         self.server_info = result if isinstance(result, dict) else {}
-        self._initialized(self.server_info)
         await self.notify("notifications/initialized")
         return self.server_info
 
@@ -329,15 +326,16 @@ class McpHttpCaller(Caller):
         self._client = client
         self.url = url
         self.session_id: str | None = None
-        self.protocol_version: str | None = None
 
     @property
-    def _protocol_version(self) -> str:
+    def _asked_version(self) -> str:
         return HTTP_PROTOCOL_VERSION
 
-    def _initialized(self, result: dict[str, Any]) -> None:
-        version = result.get("protocolVersion")
-        self.protocol_version = version if isinstance(version, str) else None
+    @property
+    def protocol_version(self) -> str | None:
+        """The revision the server answered ``initialize`` with (None before)."""
+        version = self.server_info.get("protocolVersion")
+        return version if isinstance(version, str) else None
 
     def _headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}

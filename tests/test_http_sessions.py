@@ -780,3 +780,36 @@ async def test_a_session_that_fails_inside_ends_alone(
             while (event := await other.event()) is not None:
                 events.append(event)
             assert events[-1].json()["id"] == 1
+
+
+async def test_the_in_flight_limit_holds_for_an_http_caller(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """--max-inflight-per-caller counts a session's requests like a WebSocket caller's: one
+    more is answered -32007 on its own stream, and never reaches the tool."""
+    with trio.fail_after(GUARD):
+        async with (
+            relay(max_inflight_per_caller=2) as (net, _),
+            net.raw_tool(AGENT, tools=["slow"]) as tool,
+        ):
+            target = net.target("caller", AGENT)
+            session = await initialize(net, AGENT)
+            waiting = [HttpClient(net) for _ in range(2)]
+            for rid, client in enumerate(waiting, start=1):
+                assert (
+                    await client.send("POST", target, headers=headers(session), body=call(rid))
+                    == 200
+                )
+                await next_request(tool)
+            over = HttpClient(net)
+            assert await over.send("POST", target, headers=headers(session), body=call(3)) == 200
+            events = []
+            while (event := await over.event()) is not None:
+                events.append(event)
+            answer = events[-1].json()
+            assert answer["id"] == 3 and answer["error"]["code"] == -32007
+            heard: list[Any] = []
+            with trio.move_on_after(1):
+                while True:
+                    heard.append(await tool.receive())
+            assert heard == []

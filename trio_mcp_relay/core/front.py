@@ -78,6 +78,8 @@ def request(
         why = "the relay is shutting down"
         tally.answered(session.name, method, "-32003", now - arrived)
         return [Send(caller.conn, error_frame(frame.id, CONNECTION_ERROR, "Connection error", why))]
+    if caller.target is not None:
+        return _to_target(session, caller, frame, caller.target, now, arrived)
     refused: Refused | None = None
     try:
         target = resolve.target(session, frame.method, frame.params)
@@ -116,6 +118,20 @@ def request(
         tally.answered(session.name, method, "-32007", now - arrived)
         return [session.error_to(caller, frame.id, call, LIMIT_EXCEEDED, "Limit exceeded", why)]
     return forward(session, caller, frame, target.server, target.params, call, now, arrived)
+
+
+def _to_target(
+    session: Session, caller: Caller, frame: Request, identity: str, now: float, arrived: float
+) -> list[Action]:
+    """A request of a caller standing for another node's callers of server ``identity``:
+    to that server as it is (that node resolved names, ran the middleware and counts the
+    caller's limits), else ``-32003``: the server has left this node."""
+    server = session.by_identity.get(identity)
+    if server is None or not server.ready:
+        why = f"server {identity} is not connected to this relay node"
+        session.policy.tally.answered(session.name, frame.method, "-32003", now - arrived)
+        return [Send(caller.conn, error_frame(frame.id, CONNECTION_ERROR, "Connection error", why))]
+    return forward(session, caller, frame, server, frame.params, None, now, arrived)
 
 
 def answer_here(
@@ -227,6 +243,9 @@ def caller_notification(session: Session, caller: Caller, frame: Notification) -
     if method == "notifications/initialized":
         return []
     data = dumps(frame.to_json())
+    if caller.target is not None:
+        server = session.by_identity.get(caller.target)
+        return [Send(server.conn, data)] if server is not None and server.ready else []
     if method == "notifications/roots/list_changed":
         return [Send(s.conn, data) for s in session.servers.values() if s.ready]
     server = session.default_server()

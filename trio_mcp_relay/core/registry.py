@@ -44,6 +44,10 @@ __all__ = ["Router"]
 log = logging.getLogger("trio_mcp_relay.routing")
 
 
+def _own_callers(session: Session) -> int:
+    return sum(1 for c in session.callers.values() if c.target is None)
+
+
 class Router:
     """Routing state of every agent, and the decisions that change it.
 
@@ -180,9 +184,9 @@ class Router:
     def stats(self) -> dict[str, Any]:
         """Connection counts in the reference server's health-check shape."""
         sessions = self._sessions.values()
-        by_agent = {s.name: len(s.callers) for s in sessions if s.callers}
-        tools = sum(len(s.servers) for s in sessions)
-        callers = len(self._connections) - tools
+        by_agent = {s.name: n for s in sessions if (n := _own_callers(s))}
+        tools = sum(1 for s in sessions for server in s.servers.values() if not server.remote)
+        callers = sum(by_agent.values())
         return {
             "tool_connections": tools,
             "robot_connections": callers,
@@ -268,9 +272,10 @@ class Router:
         )
 
     def caller_count(self, agent: str) -> int:
-        """How many callers ``agent`` has connected."""
+        """How many callers ``agent`` has connected (not counting those standing for
+        another relay node's callers)."""
         session = self._sessions.get(agent)
-        return len(session.callers) if session else 0
+        return _own_callers(session) if session else 0
 
     def take_deadline_change(self) -> bool:
         """Whether a deadline was added since the last call (then wake the timer)."""
@@ -308,12 +313,19 @@ class Router:
             del self._sessions[session.name]
 
     def tool_connected(
-        self, conn: int, agent: str, server_id: str | None = None, now: float = 0.0
+        self,
+        conn: int,
+        agent: str,
+        server_id: str | None = None,
+        now: float = 0.0,
+        *,
+        remote: bool = False,
     ) -> list[Action]:
         """A tool connection for ``agent`` is up: a server of the agent, initialized by the
-        relay. With the ``server_id`` of a connected server, it replaces (and closes) it."""
+        relay. With the ``server_id`` of a connected server, it replaces (and closes) it.
+        ``remote``: it stands for a server on another relay node (cluster mode)."""
         session = self._session(agent)
-        server = Server(conn, session, server_id)
+        server = Server(conn, session, server_id, remote=remote)
         self._connections[conn] = server
         actions = session.server_connected(server, now)
         self._drop(session)
@@ -338,10 +350,11 @@ class Router:
                 self._connections.pop(conn, None)
             session.dropped.clear()
 
-    def caller_connected(self, conn: int, agent: str) -> list[Action]:
-        """A caller connection for ``agent`` is up."""
+    def caller_connected(self, conn: int, agent: str, target: str | None = None) -> list[Action]:
+        """A caller connection for ``agent`` is up. With ``target``, it stands for another
+        relay node's callers of that server (see :attr:`Caller.target`)."""
         session = self._session(agent)
-        caller = Caller(conn, session)
+        caller = Caller(conn, session, target=target)
         self._connections[conn] = caller
         return session.caller_connected(caller)
 

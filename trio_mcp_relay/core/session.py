@@ -85,7 +85,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -176,6 +176,12 @@ class Policy:
     draining: bool = False
     #: Where outcomes are counted (read by the shell's metrics).
     tally: Tally = attrs.field(factory=Tally)
+    #: Told ``(agent, identity)`` when what a server shows in the catalog may have changed
+    #: (it became ready, listed again, or left); cluster mode publishes it from there.
+    watch: Callable[[str, str], None] | None = None
+    #: Per agent, the tool requests awaiting a caller on the other relay nodes (cluster
+    #: mode), so that ``max_tool_requests`` holds for the whole cluster.
+    elsewhere: Callable[[str], int] | None = None
 
 
 @attrs.define(slots=True)
@@ -227,6 +233,10 @@ class Caller:
     seen: dict[Kind, tuple[dict[str, Any], ...]] = attrs.Factory(dict)
     #: How many of its requests are parked (waiting for an initialization).
     parked: int = 0
+    #: For a caller standing for another relay node's callers of one server (cluster mode):
+    #: that server's identity. Its requests go to that server as they are (the other node
+    #: resolved names already), and it hears only that server's notifications.
+    target: str | None = None
 
 
 @attrs.define(slots=True, eq=False)
@@ -385,6 +395,7 @@ class Session:
             del self.by_identity[server.identity]
             if not keep:
                 self.note(self.catalog.remove_server(server.identity), now)
+            self.watched(server.identity)
         gone = [(k, e) for k, e in self.pending.items() if e.server == conn]
         tally = self.policy.tally
         for tool_id, entry in gone:
@@ -427,6 +438,12 @@ class Session:
         change = self.catalog.set_filters(tool_filter=filters.tools, server_filters=filters.servers)
         self.note(change, now)
 
+    def watched(self, identity: str) -> None:
+        """Tell the policy's watcher that server ``identity`` changed in the catalog."""
+        watch = self.policy.watch
+        if watch is not None:
+            watch(self.name, identity)
+
     def note(self, change: Change, now: float) -> None:
         if not change.kinds:
             return
@@ -443,7 +460,7 @@ class Session:
         self.changed.clear()
         actions: list[Action] = []
         for caller in self.callers.values():
-            if caller.capabilities is None:
+            if caller.capabilities is None or caller.target is not None:
                 continue
             methods: list[str] = []
             for kind in kinds:
@@ -577,7 +594,7 @@ class Session:
             return [Send(conn, _result_frame(frame.id, {}))]
         limit = self.policy.max_tool_requests
         tally = self.policy.tally
-        if limit and len(self.tool_requests) >= limit:
+        if limit and not server.remote and self.tool_request_count() >= limit:
             why = f"max_tool_requests: at most {limit} tool requests await callers per agent"
             tally.tool_request(frame.method, "-32007")
             return [Send(conn, error_frame(frame.id, LIMIT_EXCEEDED, "Limit exceeded", why))]
@@ -597,6 +614,15 @@ class Session:
         self.deadlines.push(self.deadlines.tool_requests, (deadline, self, key, req))
         caller.owes.add(key)
         return [Send(caller.conn, dumps(attrs.evolve(frame, id=key).to_json()))]
+
+    def tool_request_count(self) -> int:
+        """Requests of this agent's servers awaiting a caller: here (those of servers on
+        other nodes are counted there), and on the other nodes (cluster mode)."""
+        here = self.tool_requests
+        remote = self.servers
+        count = sum(1 for r in here.values() if not remote[r.server].remote)
+        elsewhere = self.policy.elsewhere
+        return count + (elsewhere(self.name) if elsewhere is not None else 0)
 
     def choose_caller(self, server: Server, method: str) -> Caller | None:
         """The caller a tool-initiated request goes to (see the rule above), or None."""
@@ -668,13 +694,19 @@ class Session:
                 )
             return upstream.list_kind(self, server, kind, now)
         data = dumps(frame.to_json())
+        callers = self.callers.values()
+        identity = server.identity
         if method == "notifications/resources/updated":
             uri = params.get("uri") if isinstance(params, dict) else None
-            return [Send(c.conn, data) for c in self.callers.values() if uri in c.subscriptions]
+            return [
+                Send(c.conn, data)
+                for c in callers
+                if uri in c.subscriptions and c.target in (None, identity)
+            ]
         if not self.callers:
             log.debug("agent %s: no caller for %s, dropped", self.name, method)
             return []
-        return [Send(c, data) for c in self.callers]
+        return [Send(c.conn, data) for c in callers if c.target is None or c.target == identity]
 
     def _cancel_from_server(
         self, server: Server, frame: Notification, params: dict[str, Any]

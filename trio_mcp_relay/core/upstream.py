@@ -130,6 +130,8 @@ class Server:
         capabilities: the capabilities of its ``initialize`` result.
         fetches: kinds being listed now.
         relay_requests: ids of the relay's requests awaiting its answer.
+        remote: it is on another relay node (cluster mode); the limits of the requests it
+            sends were checked there.
     """
 
     conn: int
@@ -143,6 +145,8 @@ class Server:
     capabilities: dict[str, Any] = attrs.Factory(dict)
     fetches: dict[Kind, Fetch] = attrs.Factory(dict)
     relay_requests: set[int] = attrs.Factory(set)
+    #: A server on another relay node, reached through the cluster (cluster mode).
+    remote: bool = False
 
     @property
     def is_default(self) -> bool:
@@ -291,6 +295,7 @@ def relay_answer(
         actions += list_kind(session, server, kind, now)
     if server.ready:
         session.note(change, now)
+        session.watched(server.identity)
     elif not server.fetches:
         server.ready = True
         log.info(
@@ -300,6 +305,7 @@ def relay_answer(
             len(fetch.items) if kind is Kind.TOOLS else -1,
         )
         session.note(session.catalog.mark_ready(server.identity), now)
+        session.watched(server.identity)
         actions += session.unpark(now)
     return actions
 

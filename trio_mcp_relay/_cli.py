@@ -521,6 +521,31 @@ def serve(
             "in /metrics; the rest count as 'other'. Env: METRICS_TOP_AGENTS. Default: 10."
         ),
     ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Run as one node of a cluster: redis://HOST:PORT/DB of the Redis every node "
+            "shares (pip install 'trio-mcp-relay[cluster]'). Any node then serves any "
+            "connection of any agent. Env: CLUSTER. Default: none (alone).",
+            show_default=False,
+        ),
+    ] = None,
+    cluster_lease: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a node's leases live without its heartbeat: a node that dies leaves "
+            "the other nodes' catalogs, and its requests are answered -32003, within this. "
+            "Env: CLUSTER_LEASE. Default: 10.",
+        ),
+    ] = None,
+    cluster_node: Annotated[
+        str | None,
+        typer.Option(
+            help="This node's name in the cluster. Env: CLUSTER_NODE. Default: host name, "
+            "port and a random suffix.",
+            show_default=False,
+        ),
+    ] = None,
     tools: Annotated[
         list[str] | None,
         typer.Option(
@@ -590,6 +615,9 @@ def serve(
         "metrics_token": metrics_token,
         "metrics_agents": ",".join(metrics_agents) if metrics_agents else None,
         "metrics_top_agents": metrics_top_agents,
+        "cluster": cluster,
+        "cluster_lease": cluster_lease,
+        "cluster_node": cluster_node,
     }
     environ = dict(os.environ)  # a reload reads the environment as it was at start
 

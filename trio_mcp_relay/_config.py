@@ -126,6 +126,36 @@ def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
         raise _InvalidValue(attribute.name, f"{value!r} is not a positive number")
 
 
+def _redis_url(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise _InvalidValue(
+            attribute.name, f"{redact_url(value)!r} is not a redis://HOST:PORT/DB URL"
+        )
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL without its password (for logs and errors)."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://…@{tail}"
+
+
+def _redact_url(value: str) -> str:
+    return repr(redact_url(value))
+
+
+def _lease(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (1.0 <= value <= 300.0):
+        raise _InvalidValue(attribute.name, f"{value!r} is not between 1 and 300 seconds")
+
+
+def _node_name(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value and not all(c.isalnum() or c in "-_." for c in value):
+        raise _InvalidValue(attribute.name, f"{value!r}: use letters, digits, '-', '_', '.'")
+
+
 def _zero_or_positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not (value >= 0 and math.isfinite(value)):
         raise _InvalidValue(attribute.name, f"{value!r} is not zero or a positive number")
@@ -213,6 +243,12 @@ class RelayConfig:
         slow_caller_grace: Seconds a frame may wait in a caller's queue before the caller is
             closed (1013).
         shutdown_grace: Seconds a graceful shutdown waits for in-flight requests.
+        cluster: ``redis://HOST:PORT/DB``: run as one node of a cluster sharing that Redis
+            (needs the ``cluster`` extra); empty (the default): alone.
+        cluster_lease: Seconds a node's leases (itself, its servers) live without its
+            heartbeat: how long a dead node's servers stay in the other nodes' catalogs.
+        cluster_node: This node's name in the cluster (default: host name, port and a random
+            suffix).
         auth_failures: Failed authentications from one client address within
             ``auth_window`` after which further *failing* requests from it are refused at once
             (HTTP 429 with ``Retry-After``) for ``auth_ban`` seconds; 0 is off. A request
@@ -292,6 +328,9 @@ class RelayConfig:
     metrics_token: str | None = attrs.field(default=None, validator=_key_text, repr=_redact_key)
     metrics_agents: tuple[str, ...] = ()
     metrics_top_agents: int = attrs.field(default=10, validator=_zero_or_positive)
+    cluster: str = attrs.field(default="", validator=_redis_url, repr=_redact_url)
+    cluster_lease: float = attrs.field(default=10.0, validator=_lease)
+    cluster_node: str = attrs.field(default="", validator=_node_name)
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a request from ``origin`` may be served (none: not a browser, so yes)."""
@@ -419,6 +458,9 @@ _ENV_NAMES: Final = {
     "metrics_token": "METRICS_TOKEN",
     "metrics_agents": "METRICS_AGENTS",
     "metrics_top_agents": "METRICS_TOP_AGENTS",
+    "cluster": "CLUSTER",
+    "cluster_lease": "CLUSTER_LEASE",
+    "cluster_node": "CLUSTER_NODE",
 }
 
 # The reference's [server] debug switches uvicorn's auto-reload, which has no counterpart
@@ -441,6 +483,9 @@ _FILE_NAMES: Final = {
     "metrics_token": ("security", "metrics_token"),
     "metrics_agents": ("metrics", "agents"),
     "metrics_top_agents": ("metrics", "top_agents"),
+    "cluster": ("cluster", "redis"),
+    "cluster_lease": ("cluster", "lease"),
+    "cluster_node": ("cluster", "node"),
 }
 # Limits and timeouts only this relay has, under their own names, so that a reload (SIGHUP)
 # can change them: flags stay as they were given at start, the file is read again.

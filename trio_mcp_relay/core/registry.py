@@ -29,7 +29,7 @@ connection id is all the router knows of a peer, and a session knows nothing of 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .._frames import FrameError, dumps, parse_frame
@@ -110,6 +110,25 @@ class Router:
     @draining.setter
     def draining(self, value: bool) -> None:
         self._policy.draining = value
+
+    @property
+    def watch(self) -> Callable[[str, str], None] | None:
+        """Told ``(agent, identity)`` when a server's part of the catalog may have changed
+        (see :attr:`~trio_mcp_relay.core.session.Policy.watch`)."""
+        return self._policy.watch
+
+    @watch.setter
+    def watch(self, value: Callable[[str, str], None] | None) -> None:
+        self._policy.watch = value
+
+    @property
+    def elsewhere(self) -> Callable[[str], int] | None:
+        """Per agent, tool requests awaiting a caller on other relay nodes (cluster mode)."""
+        return self._policy.elsewhere
+
+    @elsewhere.setter
+    def elsewhere(self, value: Callable[[str], int] | None) -> None:
+        self._policy.elsewhere = value
 
     @property
     def tool_request_timeout(self) -> float:
@@ -270,6 +289,19 @@ class Router:
         return sum(
             len(s.pending) + len(s.tool_requests) + len(s.parked) for s in self._sessions.values()
         )
+
+    def tool_requests_by_agent(self) -> dict[str, int]:
+        """Per agent, requests of its servers on this node awaiting a caller."""
+        out: dict[str, int] = {}
+        for session in self._sessions.values():
+            if session.tool_requests:
+                servers = session.servers
+                count = sum(
+                    1 for r in session.tool_requests.values() if not servers[r.server].remote
+                )
+                if count:
+                    out[session.name] = count
+        return out
 
     def caller_count(self, agent: str) -> int:
         """How many callers ``agent`` has connected (not counting those standing for

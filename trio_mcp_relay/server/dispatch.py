@@ -74,6 +74,9 @@ class Dispatcher:
         self._nursery: trio.Nursery | None = None
         #: Recent closes and relay error frames, for the status page.
         self.recent = RecentErrors()
+        #: Awaited before a caller of an agent is registered (cluster mode: the agent's
+        #: servers on other nodes join first).
+        self.before_caller: Callable[[str], Awaitable[None]] | None = None
 
     def bind(self, nursery: trio.Nursery) -> None:
         """The nursery that runs closing handshakes (it outlives any one connection)."""
@@ -250,6 +253,8 @@ class Dispatcher:
         accept: Callable[[], Awaitable[None]] | None = None,
         server_id: str | None = None,
         remote: str = "memory",
+        target: str | None = None,
+        remote_server: bool = False,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Register the connection, send its handshake answer, then read until it ends.
@@ -262,9 +267,16 @@ class Dispatcher:
                 before it is called.
             server_id: a tool connection's ``server_id``, if it has one.
             remote: the client's address, for the access log line written when it ends.
+            target: a caller standing for another node's callers of this server (cluster
+                mode; see :attr:`~trio_mcp_relay.core.session.Caller.target`).
+            remote_server: a tool connection standing for a server on another node.
             task_status: ``started(conn)`` with its connection number, once the router knows
                 the connection and it is open.
         """
+        if role is Role.CALLER and target is None and self.before_caller is not None:
+            # Cluster mode: the agent's servers on other nodes join first, so this caller's
+            # first request already sees them (nothing here waits on the network).
+            await self.before_caller(agent)
         conn = next(self._ids)
         config = self.config
         outbox = Outbox(config.outbox_size, config.outbox_bytes, self.budget)
@@ -276,9 +288,13 @@ class Dispatcher:
             try:
                 if role is Role.TOOL:
                     now = trio.current_time()
-                    self.dispatch(self.router.tool_connected(conn, agent, server_id, now))
+                    self.dispatch(
+                        self.router.tool_connected(
+                            conn, agent, server_id, now, remote=remote_server
+                        )
+                    )
                 else:
-                    self.dispatch(self.router.caller_connected(conn, agent))
+                    self.dispatch(self.router.caller_connected(conn, agent, target))
                 if accept is not None:
                     await accept()
                     accept = None  # an open connection keeps nothing of its handshake

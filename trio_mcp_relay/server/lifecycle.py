@@ -54,6 +54,9 @@ class Lifecycle:
         self.accept_scope = accept_scope
         self._timer_wake = trio.Event()
         self.closing_peers: list[Peer] = []
+        #: Awaited once in-flight requests are done, before peers are closed (cluster mode:
+        #: this node's leases are released, so no other node waits for them to lapse).
+        self.before_close: Callable[[], Awaitable[None]] | None = None
 
     def wake_timer(self) -> None:
         """The router's next deadline may have moved earlier."""
@@ -183,6 +186,9 @@ class Lifecycle:
             # Polled: the pending table has no "became empty" event, and this runs once.
             while self.router.pending_count():  # noqa: ASYNC110
                 await trio.sleep(0.05)
+        if self.before_close is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self.before_close()
         self.close_all()
         await self.wait_closed()
 

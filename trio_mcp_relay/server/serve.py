@@ -26,7 +26,7 @@ import datetime
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -47,6 +47,9 @@ from .metrics import MetricsRoute, RelayCollector, relay_registry
 from .reload import RelayHandle
 from .routes import HttpRoutes
 from .status import StatusPage
+
+if TYPE_CHECKING:
+    from .cluster import ClusterNode
 
 __all__ = ["serve_relay"]
 
@@ -147,6 +150,28 @@ class _Relay:
         self._open_streams = 0
         #: Streamable HTTP and HTTP+SSE callers (``server/mcp_http``).
         self.http = McpHttpFront(self, counts)
+        #: This relay as a node of a cluster (``config.cluster``), once it listens.
+        self.cluster: ClusterNode | None = None
+
+    def join_cluster(self, address: str) -> None:
+        """Cluster mode: become a node of ``config.cluster`` (before accepting anything)."""
+        try:
+            from .cluster import ClusterNode
+        except ImportError as exc:
+            raise RuntimeError(
+                f"cluster mode needs the cluster extra ({exc.name} is missing): "
+                "pip install 'trio-mcp-relay[cluster]'"
+            ) from None
+        self.cluster = ClusterNode(
+            self.config, self.dispatcher, address, lambda: len(self.http.sessions)
+        )
+        self.lifecycle.before_close = self.cluster.leave
+
+    def caller_count(self, agent: str) -> int:
+        """Callers of ``agent`` (on every node, in cluster mode), for the per-agent limit."""
+        if self.cluster is not None:
+            return self.cluster.caller_count(agent)
+        return self.router.caller_count(agent)
 
     def _http_sessions(self) -> dict[str, int]:
         """Open HTTP sessions by transport, for the metrics."""
@@ -162,8 +187,10 @@ class _Relay:
     def _connections(self) -> dict[str, Any]:
         """The health check's ``connections``: the reference's counts, plus each agent's
         servers (identity, ready, tool count, connected since, as UTC ISO 8601)."""
-        stats = self.router.stats()
+        stats = self.router.stats() if self.cluster is None else self.cluster.totals()
         stats["http_sessions"] = len(self.http.sessions)
+        if self.cluster is not None:
+            stats["cluster"] = self.cluster.status()
         offset = time.time() - trio.current_time()
         stats["servers_by_agent"] = {
             agent: [
@@ -198,6 +225,8 @@ class _Relay:
                 self.http.bind(nursery)
                 nursery.start_soon(self.lifecycle.timer)
                 nursery.start_soon(self.lifecycle.keepalive)
+                if self.cluster is not None:
+                    nursery.start_soon(self.cluster.run, nursery)
                 for agent, serve in self.embedded_tools.items():
                     await nursery.start(self.lifecycle.embedded_tool, agent, serve)
                 nursery.start_soon(self._accept, listeners, nursery)
@@ -247,7 +276,7 @@ class _Relay:
                     client,
                     config=self.config,
                     authenticator=self.authenticator,
-                    caller_count=self.router.caller_count,
+                    caller_count=self.caller_count,
                     make_room=self.http.sessions.make_room,
                     limiter=self.limiter,
                     counts=self.dispatcher.counts,
@@ -378,6 +407,8 @@ async def serve_relay(
         if socket is not None:
             port = int(socket.getsockname()[1])
             break
+    if config.cluster:
+        relay.join_cluster(f"{config.host}:{port}")
     connections_scope = trio.CancelScope(shield=True)
     async with trio.open_nursery() as outer:
         await outer.start(relay.run_connections, listeners, connections_scope)
@@ -396,6 +427,9 @@ async def serve_relay(
             await relay.lifecycle.shutdown(grace)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
+                if relay.cluster is not None:
+                    with trio.move_on_after(1.0):
+                        await relay.cluster.leave()
                 relay.lifecycle.close_all()
                 await relay.lifecycle.wait_closed()
             raise

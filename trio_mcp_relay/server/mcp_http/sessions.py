@@ -43,6 +43,10 @@ class RelayState(Protocol):
     dispatcher: Dispatcher
     limiter: FailureLimiter
 
+    def caller_count(self, agent: str) -> int:
+        """Callers of ``agent`` (over the whole cluster, in cluster mode)."""
+        ...
+
 
 def mint_session_id() -> str:
     """A new session id: 192 random bits, URL-safe (visible ASCII, as MCP requires)."""
@@ -88,7 +92,7 @@ class Sessions:
                 503, CONNECTION_ERROR, "the relay is shutting down", headers=(("retry-after", "1"),)
             )
         limit = config.max_callers_per_agent
-        if relay.router.caller_count(agent) >= limit and not self.make_room(agent):
+        if relay.caller_count(agent) >= limit and not self.make_room(agent):
             log.warning("%s: agent %s already has %d callers", remote, agent, limit)
             raise Refusal(429, LIMIT_EXCEEDED, f"too many callers for this agent (limit {limit})")
         if len(self._sessions) >= config.max_connections:

@@ -50,6 +50,11 @@ import coredis
 import coredis.exceptions
 import orjson
 import trio
+from coredis.retry import (
+    CompositeRetryPolicy,
+    ConstantRetryPolicy,
+    ExponentialBackoffRetryPolicy,
+)
 
 from ..._config import RelayConfig, redact_url
 from ..._frames import CONNECTION_ERROR
@@ -136,6 +141,7 @@ class ClusterNode:
         self._store: Store | None = None
         self._nursery: trio.Nursery | None = None
         self._subscribed = trio.Event()
+        self._listening = trio.CancelScope()
         self._resync = trio.Event()
         self._settle_until = 0.0
         self._idle_agents: set[str] = set()
@@ -204,6 +210,7 @@ class ClusterNode:
                 }
                 for name, n in sorted(nodes.items())
             },
+            "servers_elsewhere": len(self.directory.records),
             "tunnels": {
                 "to_servers": len(self.server_links),
                 "from_callers": len(self.caller_links),
@@ -254,11 +261,17 @@ class ClusterNode:
                 await trio.sleep(RETRY)
             except trio.Cancelled:
                 raise
-            except BaseException:
+            except BaseException as exc:
                 if trio.current_effective_deadline() == -math.inf:
                     # Being cancelled: coredis's teardown can raise on its closed streams.
                     await trio.lowlevel.checkpoint()  # raises Cancelled
-                raise
+                if not isinstance(exc, Exception):
+                    raise
+                # A fault of the cluster layer never takes the relay down: local traffic
+                # goes on, and the node joins again.
+                log.exception("cluster node %s: failed; joining again", self.node)
+                self._set_down(f"internal error: {_describe(exc)}")
+                await trio.sleep(RETRY)
 
     async def _heartbeat(self) -> None:
         store = self._store
@@ -268,9 +281,17 @@ class ClusterNode:
             try:
                 with trio.fail_after(self.heartbeat_interval * 2):
                     results = await store.heartbeat(self.node_record(), records)
+                    (listening,) = await store.publish([(self.node, b"")])
             except REDIS_ERRORS as exc:
                 self._set_down(_describe(exc))
             else:
+                if not listening:
+                    # Redis is up but this node's subscription is not: nothing sent to it
+                    # arrives. Subscribe again, and count as down until then.
+                    self._set_down("this node is not subscribed to its channel")
+                    if self._subscribed.is_set():
+                        self._subscribed = trio.Event()
+                        self._listening.cancel()
                 for record, result in zip(records, results, strict=True):
                     if result == 0 and self.local.get(_key(record)) is record:
                         self._mark(record.agent, record.identity)  # lapsed: claim it again
@@ -316,9 +337,27 @@ class ClusterNode:
             link.end(CLOSE_BUS_LOST, "cluster bus lost")
 
     async def _subscriber(self, client: coredis.Redis[bytes]) -> None:
+        """Read this node's channels; started again whenever the heartbeat finds nobody
+        listening on them (coredis re-subscribes by itself after a lost connection too)."""
+        while True:
+            with trio.CancelScope() as self._listening:
+                await self._subscribe(client)
+
+    async def _subscribe(self, client: coredis.Redis[bytes]) -> None:
         bus, events = self.keys.bus(self.node), self.keys.events
         subscriptions = 0
-        async with client.pubsub(channels=[bus, events]) as pubsub:
+        # Re-subscribe soon after Redis returns (coredis's default backs off up to 16 s).
+        retry = CompositeRetryPolicy(
+            ExponentialBackoffRetryPolicy(
+                (coredis.exceptions.ConnectionError,),
+                retries=None,
+                base_delay=0.1,
+                max_delay=RETRY,
+                jitter=False,
+            ),
+            ConstantRetryPolicy((TimeoutError,), retries=2, delay=0.1),
+        )
+        async with client.pubsub(channels=[bus, events], retry_policy=retry) as pubsub:
             async for message in pubsub:
                 kind = message["type"]
                 if kind == "subscribe":
@@ -336,6 +375,8 @@ class ClusterNode:
                     continue
                 data = message["data"]
                 assert isinstance(data, bytes)
+                if not data:
+                    continue  # the heartbeat's probe
                 try:
                     if message["channel"] == events:
                         self._on_event(data)
@@ -428,12 +469,12 @@ class ClusterNode:
             return
         record = ServerRecord.of(agent, view, server.server_id, self.node, version)
         self.local[key] = record
-        if not await store.claim(record):
+        holder = await store.claim(record)
+        if holder is not None:
             # A newer connection of this identity holds it elsewhere: ours is replaced.
             if self.local.get(key) is record:
                 del self.local[key]
-            newer = self.directory.get(agent, identity)
-            self._close_local(agent, identity, newer.node if newer else "another node")
+            self._close_local(agent, identity, holder)
 
     def _close_local(self, agent: str, identity: str, node: str) -> None:
         server = self._local_server(agent, identity)

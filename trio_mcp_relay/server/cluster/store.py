@@ -38,13 +38,14 @@ if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
 end
 return 0
 """
-#: Set a server's record unless a newer version of that identity holds the key.
+#: Set a server's record unless a newer version of that identity holds the key (then
+#: return its owner line).
 _CLAIM: Final = """
 local v = redis.call('GET', KEYS[1])
 if v then
   local line = string.match(v, '^[^\\n]*')
   local version = tonumber(string.match(line, ' (%d+)$'))
-  if version and version > tonumber(ARGV[2]) then return 0 end
+  if version and version > tonumber(ARGV[2]) then return line end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]); return 1
 """
@@ -68,17 +69,21 @@ class Store:
         self._claim = client.register_script(_CLAIM)
 
     async def next_version(self) -> int:
-        return int(await self.client.incr(self.keys.seq))
+        """A version later than any before, even across a restart of Redis that lost its
+        data: Redis's clock, in microseconds."""
+        now = await self.client.time()
+        return int(now.timestamp() * 1_000_000)
 
-    async def claim(self, record: ServerRecord) -> bool:
-        """Publish a server's record; False when a newer connection of that identity holds
-        it (this one is then replaced)."""
+    async def claim(self, record: ServerRecord) -> str | None:
+        """Publish a server's record; when a newer connection of that identity holds it
+        (this one is then replaced), the node holding it."""
         key = self.keys.server(record.agent, record.identity)
         data = record.encode()
         done: object = await self._claim(keys=[key], args=[data, record.version, self.lease_ms])
-        if done:
-            await self.client.publish(self.keys.events, b"u" + data)
-        return bool(done)
+        if isinstance(done, bytes):
+            return done.decode(errors="replace").partition(" ")[0]
+        await self.client.publish(self.keys.events, b"u" + data)
+        return None
 
     async def release(self, record: ServerRecord) -> None:
         """Withdraw a server's record (if this node still holds it) and say so."""

@@ -10,6 +10,7 @@ import trio
 from hypothesis import HealthCheck, settings
 
 from tests.helpers import RunningRelay, start_relay
+from tests.redis import redis  # noqa: F401  (a fixture: a real redis-server)
 
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.register_profile(

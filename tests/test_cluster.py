@@ -29,7 +29,7 @@ from tests.helpers import (
     send,
     start_relay,
 )
-from tests.redis import RedisServer, redis  # noqa: F401  (the fixture)
+from tests.redis import RedisServer
 
 GUARD = 30
 LEASE = 2.0
@@ -58,7 +58,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: fl
     """Poll ``check`` until it holds; how long that took."""
     start = trio.current_time()
     with trio.fail_after(within):
-        while not await check():
+        while not await check():  # noqa: ASYNC110 (a state of other processes, polled)
             await trio.sleep(0.02)
     return trio.current_time() - start
 

@@ -547,6 +547,19 @@ def endpoint_url(base_ws: str, endpoint: Endpoint, token: str) -> str:
     return _url(base_ws, path, "token", token)
 
 
+def routing_hint(agent_id: str) -> str:
+    """What cluster URLs carry as ``&route=``: the same for every URL of one agent (tool,
+    caller, xiaozhi and mcp, whatever their tokens), so that a load balancer hashing on it
+    sends an agent's connections to one node. 48 bits of BLAKE2s of the agent id: it does
+    not reveal the agent."""
+    return hashlib.blake2s(agent_id.encode(), digest_size=6).hexdigest()
+
+
+def with_route(url: str, agent_id: str) -> str:
+    """``url`` with the agent's :func:`routing_hint` (the relay ignores it)."""
+    return f"{url}{'&' if '?' in url else '?'}route={routing_hint(agent_id)}"
+
+
 def _url(base: str, path: str, param: str, value: str) -> str:
     return f"{base.rstrip('/')}{path}?{param}={quote(value, safe='')}"
 

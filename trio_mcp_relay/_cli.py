@@ -29,6 +29,7 @@ from trio_mcp_relay._auth import (
     endpoint_url,
     health_url,
     scoped_token,
+    with_route,
 )
 from trio_mcp_relay._config import ConfigError, RelayConfig, load_config, local_ip
 from trio_mcp_relay._logs import configured_logging
@@ -127,13 +128,19 @@ def banner(config: RelayConfig, port: int) -> list[str]:
     base = f"ws://{address}"
     tool_token = scoped_token(config.key, BANNER_AGENT, TokenRole.TOOL)
     caller_token = scoped_token(config.key, BANNER_AGENT, TokenRole.CALLER)
+
+    def url(base: str, endpoint: Endpoint, token: str) -> str:
+        # In a cluster, the agent's routing hint, for a load balancer to hash on.
+        minted = endpoint_url(base, endpoint, token)
+        return with_route(minted, BANNER_AGENT) if config.cluster else minted
+
     return [
         f"trio-mcp-relay listening on {config.host}:{port}",
         f"health:  {health_url(f'http://{address}', config.key)}",
-        f"tool:    {endpoint_url(base, Endpoint.TOOL, tool_token)}",
-        f"caller:  {endpoint_url(base, Endpoint.CALLER, caller_token)}",
-        f"xiaozhi: {endpoint_url(base, Endpoint.TOOL, caller_token)}",
-        f"mcp:     {endpoint_url(f'http://{address}', Endpoint.CALLER, caller_token)}",
+        f"tool:    {url(base, Endpoint.TOOL, tool_token)}",
+        f"caller:  {url(base, Endpoint.CALLER, caller_token)}",
+        f"xiaozhi: {url(base, Endpoint.TOOL, caller_token)}",
+        f"mcp:     {url(f'http://{address}', Endpoint.CALLER, caller_token)}",
     ]
 
 

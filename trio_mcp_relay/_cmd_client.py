@@ -22,6 +22,7 @@ from ._auth import (
     endpoint_url,
     scoped_token,
     tool_url,
+    with_route,
 )
 from ._config import ConfigError, RelayConfig, load_config, local_ip
 from ._endpoint import (
@@ -203,6 +204,15 @@ def url_command(
     role: RoleOption = None,
     expires: ExpiresOption = None,
     server_id: ServerIdOption = None,
+    route: Annotated[
+        bool | None,
+        typer.Option(
+            "--route/--no-route",
+            help="Add &route=HINT, the same for every URL of the agent, for a load balancer "
+            "in front of a cluster to hash on. Default: when cluster mode is configured.",
+            show_default=False,
+        ),
+    ] = None,
     key: KeyOption = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
@@ -222,22 +232,27 @@ def url_command(
     address = f"{host or local_ip()}:{port or cfg.port}"
     base = f"{'wss' if secure else 'ws'}://{address}"
     http_base = f"{'https' if secure else 'http'}://{address}"
+    routed = bool(cfg.cluster) if route is None else route
+
+    def show(label: str, url: str) -> None:
+        print(f"{label:<9}{with_route(url, agent_id) if routed else url}")
+
     if role is None:
         _mint(cfg, agent_id, role, expires, server_id, md5)  # the usage checks
-        print(f"tool:    {tool_url(base, cfg.key, agent_id, md5=md5)}")
-        print(f"caller:  {caller_url(base, cfg.key, agent_id, md5=md5)}")
-        print(f"mcp:     {caller_url(http_base, cfg.key, agent_id, md5=md5)}")
+        show("tool:", tool_url(base, cfg.key, agent_id, md5=md5))
+        show("caller:", caller_url(base, cfg.key, agent_id, md5=md5))
+        show("mcp:", caller_url(http_base, cfg.key, agent_id, md5=md5))
         return
     token = _mint(cfg, agent_id, role, expires, server_id, md5)
     parsed = TokenRole.from_label(role)
     if parsed is not TokenRole.CALLER:
-        print(f"tool:    {endpoint_url(base, Endpoint.TOOL, token)}")
+        show("tool:", endpoint_url(base, Endpoint.TOOL, token))
     if parsed is not TokenRole.TOOL:
-        print(f"caller:  {endpoint_url(base, Endpoint.CALLER, token)}")
+        show("caller:", endpoint_url(base, Endpoint.CALLER, token))
     if parsed is TokenRole.CALLER:
-        print(f"xiaozhi: {endpoint_url(base, Endpoint.TOOL, token)}")
+        show("xiaozhi:", endpoint_url(base, Endpoint.TOOL, token))
     if parsed is not TokenRole.TOOL:
-        print(f"mcp:     {endpoint_url(http_base, Endpoint.CALLER, token)}")
+        show("mcp:", endpoint_url(http_base, Endpoint.CALLER, token))
 
 
 # ------------------------------------------------------------------------- call

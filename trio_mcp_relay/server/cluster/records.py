@@ -29,6 +29,7 @@ from typing import Any, Final
 import attrs
 import orjson
 
+from ..._frames import FrameError, _loads, dumps
 from ...core.catalog import Kind, ServerView
 
 __all__ = [
@@ -127,14 +128,14 @@ class ServerRecord:
             "initialize": self.initialize,
             "items": {k: list(v) for k, v in self.items.items()},
         }
-        return self.owner() + orjson.dumps(body)
+        return self.owner() + dumps(body)  # exact: a schema may hold huge integers
 
     @classmethod
     def decode(cls, data: bytes) -> ServerRecord:
         """Raises ValueError for a value that is not a server record."""
         _, _, body = data.partition(b"\n")
         try:
-            obj = orjson.loads(body)
+            obj = _loads(body)
             items = obj["items"]
             record = cls(
                 str(obj["agent"]),
@@ -145,7 +146,7 @@ class ServerRecord:
                 dict(obj["initialize"]),
                 {k: tuple(v) for k, v in items.items() if isinstance(v, list)},
             )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (FrameError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a server record: {exc}") from None
         return record
 
@@ -286,7 +287,7 @@ class Directory:
                 changes.append(Change(key[0], key[1], None, before))
         for key, record in fresh.items():
             known = self.records.get(key)
-            if known is None or known.version != record.version:
+            if known != record:
                 self.records[key] = record
                 changes.append(Change(key[0], key[1], record, known))
         return changes

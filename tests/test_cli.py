@@ -17,7 +17,13 @@ import trio.testing
 from typer.testing import CliRunner
 
 from trio_mcp_relay import _cli
-from trio_mcp_relay._auth import Endpoint, TokenAuthenticator, TokenRole, xiaozhi_safe
+from trio_mcp_relay._auth import (
+    Endpoint,
+    TokenAuthenticator,
+    TokenRole,
+    routing_hint,
+    xiaozhi_safe,
+)
 from trio_mcp_relay._cli import app, banner, run_with_banner
 from trio_mcp_relay._config import CONFIG_FILE_NAME, RelayConfig
 
@@ -179,6 +185,22 @@ def test_banner_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "key" not in xiaozhi_url.lower() and "call" not in xiaozhi_url.lower()
     assert urlsplit(xiaozhi_url.replace("/mcp/", "/call/")).path == "/mcp_endpoint/call/"
     assert len(lines) == 6
+
+
+def test_a_cluster_banner_gives_every_url_the_agents_routing_hint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_cli, "local_ip", lambda: "192.0.2.10")
+    alone = banner(config(), 8123)
+    assert not any("route=" in line for line in alone)
+    lines = banner(attrs.evolve(config(), cluster="redis://127.0.0.1:6379/0"), 8123)
+    hints = {parse_qs(urlsplit(line.split(maxsplit=1)[1]).query)["route"][0] for line in lines[2:]}
+    assert hints == {routing_hint("single_module")}
+    # Same hint whatever the role of the token, and xiaozhi's /call/ keeps it.
+    xiaozhi_url = lines[4].removeprefix("xiaozhi: ").replace("/mcp/", "/call/")
+    assert parse_qs(urlsplit(xiaozhi_url).query)["route"] == [routing_hint("single_module")]
+    assert routing_hint("single_module") != routing_hint("another")
+    assert "single_module" not in lines[2]
 
 
 @pytest.mark.parametrize(

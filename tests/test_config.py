@@ -129,6 +129,9 @@ def test_field_names_and_defaults() -> None:
         "metrics_token": None,
         "metrics_agents": (),
         "metrics_top_agents": 10,
+        "cluster": "",
+        "cluster_lease": 10.0,
+        "cluster_node": "",
     }
 
 
@@ -655,3 +658,33 @@ def test_metrics_settings_from_every_source(tmp_path: Path) -> None:
     assert from_flags.metrics_top_agents == 5
     error = config_error(tmp_path, environ={"METRICS_TOP_AGENTS": "-1"})
     assert "METRICS_TOP_AGENTS (environment)" in error
+
+
+def test_cluster_settings_from_file_environment_and_flags(tmp_path: Path) -> None:
+    assert load(tmp_path).cluster == ""  # alone by default
+    write_cfg(
+        tmp_path,
+        f"[server]\nkey = {KEY}\n[cluster]\nredis = redis://:secret@r1:6379/2\nlease = 5\n"
+        "node = edge-1\n",
+    )
+    from_file = load(tmp_path)
+    assert (from_file.cluster, from_file.cluster_lease) == ("redis://:secret@r1:6379/2", 5.0)
+    assert from_file.cluster_node == "edge-1"
+    assert "secret" not in repr(from_file)  # the Redis password is redacted
+    env = {"CLUSTER": "redis://r2:6379/0", "CLUSTER_LEASE": "3", "CLUSTER_NODE": "edge-2"}
+    from_env = load(tmp_path, environ=env)
+    assert (from_env.cluster, from_env.cluster_lease, from_env.cluster_node) == (
+        "redis://r2:6379/0",
+        3.0,
+        "edge-2",
+    )
+    from_flags = load(tmp_path, environ=env, flags={"cluster": "rediss://r3:6380/1"})
+    assert from_flags.cluster == "rediss://r3:6380/1"
+    error = config_error(tmp_path, environ={"CLUSTER": "http://r:6379"})
+    assert "CLUSTER (environment)" in error and "redis://HOST:PORT/DB" in error
+    error = config_error(tmp_path, environ={"CLUSTER_LEASE": "0.5"})
+    assert "CLUSTER_LEASE (environment)" in error and "between 1 and 300" in error
+    error = config_error(tmp_path, flags={"cluster_node": "a b"})
+    assert "--cluster-node" in error
+    error = config_error(tmp_path, environ={"CLUSTER": "http://user:pw@r:6379"})
+    assert "pw" not in error

@@ -103,6 +103,10 @@ RESTART_SETTINGS: Final = frozenset(
         # Which agents get their own metrics label is fixed with the counters at start.
         "metrics_agents",
         "metrics_top_agents",
+        # A node joins its cluster once, under one name and one lease.
+        "cluster",
+        "cluster_lease",
+        "cluster_node",
     }
 )
 

@@ -197,8 +197,14 @@ def echo_tool(proto_ref: list[WsClient]) -> Callable[[bytes], None]:
                 result = ECHO_INITIALIZE
             else:
                 result = ECHO_TOOLS
-            proto_ref[0].send(orjson.dumps({"jsonrpc": "2.0", "id": frame["id"], "result": result}))
+            reply = orjson.dumps({"jsonrpc": "2.0", "id": frame["id"], "result": result})
+            if proto_ref:
+                proto_ref[0].send(reply)
+            else:  # the relay's initialize came with the upgrade, before connect() returned
+                early.append(reply)
 
+    early: list[bytes] = []
+    on_message.early = early  # type: ignore[attr-defined]
     return on_message
 
 
@@ -272,37 +278,55 @@ async def run_load(
     pid: int = 0,
     warm: int = 20,
     tag: str = "bench",
+    tool_ports: list[int] | None = None,
+    caller_ports: list[int] | None = None,
+    pids: list[int] | None = None,
+    settle: float = 0.2,
 ) -> Stats:
     """Connect each agent's tool and callers, warm up, then time ``n`` calls per caller.
 
     Connection set-up and the ``warm`` calls per caller are not counted; the relay's CPU
-    (``pid``) is read from /proc around the timed phase only.
+    (``pid``, or the sum over ``pids``: several relay processes) is read from /proc around
+    the timed phase only. Agent ``a``'s tool connects to ``tool_ports[a % len]`` and its
+    callers to ``caller_ports[a % len]`` (default: ``port``), so that a cluster's nodes can
+    share the agents, or an agent's tool and callers sit on different nodes; ``settle``
+    seconds are left between the tools and the callers for the relays to register them.
     """
     stats = Stats()
     tools: list[WsClient] = []
     all_callers: list[Caller] = []
+    tool_ports = tool_ports or [port]
+    caller_ports = caller_ports or [port]
+    processes = pids if pids is not None else ([pid] if pid else [])
     for a in range(agents):
         token = token_for(key, f"{tag}-agent-{a}")
         ref: list[WsClient] = []
-        tool = await connect(host, port, f"/mcp_endpoint/mcp/?token={token}", echo_tool(ref))
+        target = f"/mcp_endpoint/mcp/?token={token}"
+        answer = echo_tool(ref)
+        tool = await connect(host, tool_ports[a % len(tool_ports)], target, answer)
         ref.append(tool)
+        for reply in answer.early:  # type: ignore[attr-defined]
+            tool.send(reply)
         tools.append(tool)
-    await asyncio.sleep(0.2)  # let the relay register the tools
+    await asyncio.sleep(settle)  # let the relays register the tools
     for a in range(agents):
         token = token_for(key, f"{tag}-agent-{a}")
         for c in range(callers):
             caller = Caller(stats, window, size, f"a{a}c{c}")
             caller.proto = await connect(
-                host, port, f"/mcp_endpoint/call/?token={token}", caller.on_message
+                host,
+                caller_ports[a % len(caller_ports)],
+                f"/mcp_endpoint/call/?token={token}",
+                caller.on_message,
             )
             all_callers.append(caller)
     await asyncio.gather(*(c.run(warm) for c in all_callers))
     stats.timing = True
-    cpu0 = proc_cpu_seconds(pid) if pid else 0.0
+    cpu0 = sum(proc_cpu_seconds(p) for p in processes)
     started = time.perf_counter()
     await asyncio.gather(*(c.run(n) for c in all_callers))
     stats.wall = time.perf_counter() - started
-    stats.cpu = proc_cpu_seconds(pid) - cpu0 if pid else 0.0
+    stats.cpu = sum(proc_cpu_seconds(p) for p in processes) - cpu0
     for caller in all_callers:
         assert caller.proto is not None
         caller.proto.close()

@@ -72,8 +72,8 @@ from .records import (
     Keys,
     NodeRecord,
     ServerRecord,
-    decode_message,
-    encode_message,
+    decode_batch,
+    encode_batch,
 )
 from .store import Store
 
@@ -381,11 +381,14 @@ class ClusterNode:
                     if message["channel"] == events:
                         self._on_event(data)
                     else:
-                        self._on_bus(data)
+                        for one in decode_batch(data):
+                            self._on_bus(one)
                 except ValueError as exc:
                     log.debug("cluster node %s: ignored a message: %s", self.node, exc)
 
     async def _sender(self) -> None:
+        """Publish what the links send, in order: what queued meanwhile goes as one
+        message per node (one PUBLISH each, pipelined)."""
         store = self._store
         assert store is not None
         while True:
@@ -395,18 +398,25 @@ class ClusterNode:
                     batch.append(self._out.receive_nowait())
                 except trio.WouldBlock:
                     break
+            by_node: dict[str, list[Outgoing]] = {}
+            for item in batch:
+                by_node.setdefault(item[0], []).append(item)
+            groups = list(by_node.items())
+            payloads = [(to, encode_batch(m for _, m, _ in items)) for to, items in groups]
             try:
                 with trio.fail_after(self.heartbeat_interval * 2):
-                    reached = await store.publish((to, encode_message(m)) for to, m, _ in batch)
+                    reached = await store.publish(payloads)
             except REDIS_ERRORS as exc:
                 self._set_down(_describe(exc))
                 for _, _, failed in batch:
                     if failed is not None:
                         failed(self._down_reason)
                 continue
-            for (to, _, failed), count in zip(batch, reached, strict=True):
-                if count == 0 and failed is not None:
-                    failed(f"node {to} is not listening on the cluster bus")
+            for (to, items), count in zip(groups, reached, strict=True):
+                if count == 0:
+                    for _, _, failed in items:
+                        if failed is not None:
+                            failed(f"node {to} is not listening on the cluster bus")
 
     # ---------------------------------------------------------------- this node's servers
 
@@ -654,8 +664,7 @@ class ClusterNode:
         finally:
             forget()
 
-    def _on_bus(self, data: bytes) -> None:
-        message = decode_message(data)
+    def _on_bus(self, message: BusMessage) -> None:
         kind = message.kind
         if kind == TO_SERVER:
             key = (message.node, message.tunnel)

@@ -16,6 +16,8 @@ Bus messages are one header line (a JSON array) and the frame as it travels::
 
     [kind, from_node, tunnel, agent, identity]\\n<frame bytes>
 
+and what one PUBLISH carries is a batch of them, each after its length (4 bytes).
+
 ``kind`` is one of :data:`TO_SERVER` (a frame from the node of the callers to the node of
 the server), :data:`TO_CALLERS` (the way back), :data:`CLOSE_FROM_CALLERS` and
 :data:`CLOSE_FROM_SERVER` (the tunnel ends; no frame).
@@ -42,7 +44,9 @@ __all__ = [
     "Keys",
     "NodeRecord",
     "ServerRecord",
+    "decode_batch",
     "decode_message",
+    "encode_batch",
     "encode_message",
 ]
 
@@ -229,6 +233,34 @@ def decode_message(data: bytes) -> BusMessage:
     ):
         raise ValueError("not a bus message: bad header")
     return BusMessage(kind, node, tunnel, agent, identity, frame)
+
+
+def encode_batch(messages: Iterable[BusMessage]) -> bytes:
+    """Several messages for one node as one Redis message (one PUBLISH): each one's length
+    (4 bytes, big-endian), then the message."""
+    parts = []
+    for message in messages:
+        data = encode_message(message)
+        parts.append(len(data).to_bytes(4, "big"))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def decode_batch(data: bytes) -> list[BusMessage]:
+    """The messages of :func:`encode_batch`; raises ValueError for anything else."""
+    out = []
+    view = memoryview(data)
+    at = 0
+    while at < len(data):
+        if at + 4 > len(data):
+            raise ValueError("not a bus batch: cut short")
+        size = int.from_bytes(view[at : at + 4], "big")
+        at += 4
+        if at + size > len(data):
+            raise ValueError("not a bus batch: cut short")
+        out.append(decode_message(bytes(view[at : at + size])))
+        at += size
+    return out
 
 
 @attrs.frozen

@@ -1,0 +1,455 @@
+"""Cluster mode under faults, as the README reports it: 4 agents, 3 nodes, 8 callers.
+
+Starts a ``redis-server``, three nodes (``trio-mcp-relay serve --cluster``, processes), nginx
+in front of them (one port per node, the other nodes as its backups, so that a bridge that
+loses its node reconnects to another), and for each agent our ``pipe`` bridging an
+official-SDK stdio server (``tests/data/real/mcp_server.py``) through nginx: agents 0 and 3
+on node A, 1 on B, 2 on C. Two callers per agent connect straight to nodes (caller ``i``
+of all eight to node ``i % 3``), so most calls cross nodes. Each caller keeps one
+``tools/call`` in flight, with ids of every JSON type (huge integers included). Then:
+
+1. ``--traffic`` seconds (default 30) of traffic: every request must be answered exactly
+   once, with its own id;
+2. node A is killed (SIGKILL): each request routed to A must be answered ``-32003`` within
+   the lease + 1 s, and the agents whose server was on A must work again (the bridge
+   through nginx on another node) within the lease + 5 s; callers on A reconnect elsewhere;
+3. Redis is stopped for ``--outage`` seconds (default 10): calls whose caller and server
+   share a node must go on; cross-node calls are answered ``-32002``; after Redis returns,
+   cross-node calls must work again within 5 s.
+
+    python scripts/cluster_faults.py                 # lease 10 s (the default)
+    python scripts/cluster_faults.py --lease 3 --traffic 10 --outage 5
+
+Prints what it measured and exits 1 if any of it failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import coredis
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+
+from loadgen import free_port, start  # noqa: E402
+
+from trio_mcp_relay._auth import caller_url, tool_url  # noqa: E402
+
+SERVER = ROOT / "tests" / "data" / "real" / "mcp_server.py"
+NAMES = ("alpha", "beta", "gamma", "delta")
+HOME = {0: "A", 1: "B", 2: "C", 3: "A"}  # which node each agent's bridge goes to first
+NODES = ("A", "B", "C")
+INIT = {
+    "protocolVersion": "2025-06-18",
+    "capabilities": {},
+    "clientInfo": {"name": "f", "version": "1"},
+}
+
+
+@dataclass
+class Outcome:
+    agent: int
+    caller: int
+    node: str  # the caller's node when it sent the request
+    sent: float
+    answered: float | None = None
+    kind: str = ""  # "result", or the error code
+
+
+@dataclass
+class Run:
+    key: str
+    ports: dict[str, int]
+    lease: float
+    outcomes: list[Outcome] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    wrong: list[str] = field(default_factory=list)
+    lost: int = 0  # in flight on a caller connection that died with its node
+    dead: set[str] = field(default_factory=set)
+    stop: bool = False
+
+
+def ids() -> Any:
+    for n in itertools.count(1):
+        yield (n, f"s-{n}", 2**70 + n, n + 0.5)[n % 4]
+
+
+async def caller(run: Run, agent: int, index: int) -> None:
+    """One caller: calls in a loop, reconnecting to the next live node when its own dies."""
+    order = [NODES[(index + k) % 3] for k in range(3)]
+    source = ids()
+    while not run.stop:
+        node = next((n for n in order if n not in run.dead), None)
+        if node is None:
+            return
+        url = caller_url(f"ws://127.0.0.1:{run.ports[node]}", run.key, f"agent-{agent}")
+        try:
+            async with open_websocket_url(url) as ws:
+                await ws.send_message(
+                    json.dumps(
+                        {"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": INIT}
+                    )
+                )
+                while json.loads(await ws.get_message()).get("id") != "init":
+                    pass
+                while not run.stop:
+                    rid = next(source)
+                    outcome = Outcome(agent, index, node, time.monotonic())
+                    run.outcomes.append(outcome)
+                    call = {"name": f"{NAMES[agent]}_add", "arguments": {"a": 1, "b": 2}}
+                    await ws.send_message(
+                        json.dumps(
+                            {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": call}
+                        )
+                    )
+                    while True:
+                        message = json.loads(await ws.get_message())
+                        if "method" in message:
+                            continue  # list_changed and the like
+                        got = message.get("id")
+                        if type(got) is not type(rid) or got != rid:
+                            run.wrong.append(f"caller {index}: sent {rid!r}, got {got!r}")
+                            continue
+                        if outcome.answered is not None:
+                            run.duplicates.append(f"caller {index}: {rid!r} answered twice")
+                        outcome.answered = time.monotonic()
+                        if "result" in message:
+                            outcome.kind = "result"
+                        else:
+                            outcome.kind = str(message["error"]["code"])
+                        break
+                    if outcome.kind != "result":
+                        await trio.sleep(0.05)
+        except (ConnectionClosed, HandshakeError, OSError):
+            if run.outcomes and run.outcomes[-1].caller == index:
+                pass
+            for outcome in run.outcomes:
+                if outcome.caller == index and outcome.agent == agent and outcome.answered is None:
+                    outcome.kind = "lost"
+                    outcome.answered = time.monotonic()
+                    run.lost += 1
+            await trio.sleep(0.2)
+
+
+async def stuck_call(run: Run, agent: int, directory: Path, stuck: dict[int, Outcome]) -> None:
+    """From node B, a call to agent ``agent`` its tool holds until a file appears (never)."""
+    url = caller_url(f"ws://127.0.0.1:{run.ports['B']}", run.key, f"agent-{agent}")
+    async with open_websocket_url(url) as ws:
+        path = directory / f"stuck-{agent}"
+        call = {"name": f"{NAMES[agent]}_wait_for", "arguments": {"path": str(path)}}
+        outcome = Outcome(agent, 100 + agent, "B", time.monotonic())
+        request = {"jsonrpc": "2.0", "id": "stuck", "method": "tools/call", "params": call}
+        await ws.send_message(json.dumps(request))
+        stuck[agent] = outcome
+        while True:
+            message = json.loads(await ws.get_message())
+            if message.get("id") == "stuck":
+                outcome.answered = time.monotonic()
+                outcome.kind = "result" if "result" in message else str(message["error"]["code"])
+                return
+
+
+async def servers_by_agent(redis_port: int) -> dict[int, str]:
+    """Which node holds each agent's server now, as Redis says."""
+    client: coredis.Redis[bytes] = coredis.Redis(port=redis_port, decode_responses=False)
+    out: dict[int, str] = {}
+    async with client:
+        async for key in client.scan_iter(match=b"trio-mcp-relay:srv:*"):
+            value = await client.get(key)
+            if value:
+                record = json.loads(value.partition(b"\n")[2])
+                out[int(record["agent"].split("-")[1])] = record["node"]
+    return out
+
+
+def nginx_config(directory: Path, ports: dict[str, int], front: dict[str, int]) -> str:
+    blocks = []
+    for node, listen in front.items():
+        servers = [f"  server 127.0.0.1:{ports[node]} max_fails=1 fail_timeout=60s;"]
+        servers += [f"  server 127.0.0.1:{ports[o]} backup;" for o in NODES if o != node]
+        blocks.append(
+            f" upstream to_{node} {{\n" + "\n".join(servers) + "\n }\n"
+            f" server {{\n  listen 127.0.0.1:{listen};\n  location /mcp_endpoint/ {{\n"
+            f"   proxy_pass http://to_{node};\n   proxy_http_version 1.1;\n"
+            "   proxy_set_header Upgrade $http_upgrade;\n"
+            '   proxy_set_header Connection "upgrade";\n'
+            "   proxy_read_timeout 3600s;\n   proxy_connect_timeout 1s;\n  }\n }\n"
+        )
+    return (
+        f"daemon off;\npid {directory}/nginx.pid;\nerror_log {directory}/error.log;\n"
+        f"events {{}}\nhttp {{\n access_log off;\n client_body_temp_path {directory}/b;\n"
+        f" proxy_temp_path {directory}/p;\n" + "".join(blocks) + "}\n"
+    )
+
+
+def summary(outcomes: list[Outcome], since: float, until: float) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        if since <= o.sent < until:
+            counts[o.kind or "unanswered"] = counts.get(o.kind or "unanswered", 0) + 1
+    return counts
+
+
+async def main(args: argparse.Namespace) -> int:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        key = "0123456789abcdef0123456789abcdef"
+        redis_port = free_port()
+        redis_cmd = [
+            "redis-server",
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tmp,
+        ]
+        processes: dict[str, subprocess.Popen[bytes]] = {"redis": start(redis_cmd, redis_port)}
+        ports = {n: free_port() for n in NODES}
+        front = {n: free_port() for n in NODES}
+        try:
+            for n in NODES:
+                command = [
+                    sys.executable,
+                    "-m",
+                    "trio_mcp_relay",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ports[n]),
+                    "--key",
+                    key,
+                    "--data-dir",
+                    f"{tmp}/{n}",
+                    "--cluster",
+                    f"redis://127.0.0.1:{redis_port}/0",
+                    "--cluster-node",
+                    n,
+                    "--cluster-lease",
+                    str(args.lease),
+                    "--log-level",
+                    "WARNING",
+                    "--init-timeout",
+                    "30",
+                ]
+                log = (directory / f"node-{n}.log").open("wb")
+                processes[n] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+            (directory / "nginx.conf").write_text(nginx_config(directory, ports, front))
+            processes["nginx"] = subprocess.Popen(
+                [nginx, "-p", tmp, "-c", str(directory / "nginx.conf")], stderr=subprocess.DEVNULL
+            )
+            for n in NODES:
+                start(["true"], ports[n])
+                start(["true"], front[n])
+            for agent, name in enumerate(NAMES):
+                config = directory / f"mcp_config_{agent}.json"
+                config.write_text(
+                    json.dumps(
+                        {
+                            "mcpServers": {
+                                name: {"command": sys.executable, "args": [str(SERVER), name]}
+                            }
+                        }
+                    )
+                )
+                url = tool_url(f"ws://127.0.0.1:{front[HOME[agent]]}", key, f"agent-{agent}")
+                processes[f"bridge-{agent}"] = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "trio_mcp_relay",
+                        "pipe",
+                        "--config",
+                        str(config),
+                        "--endpoint",
+                        url,
+                        "--backoff-initial",
+                        "0.2",
+                        "--backoff-max",
+                        "1",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=(directory / f"bridge-{agent}.log").open("wb"),
+                )
+            print("waiting for the 4 servers to be ready on their nodes ...")
+            await trio.sleep(6)
+            run = Run(key, ports, args.lease)
+            async with trio.open_nursery() as nursery:
+                for index in range(8):
+                    nursery.start_soon(caller, run, index % 4, index)
+                t0 = time.monotonic()
+                await trio.sleep(args.traffic)
+                # 1. steady traffic
+                steady = summary(run.outcomes, t0, time.monotonic() - 1)  # answered by now
+                print(f"1. {args.traffic:g} s of traffic: {steady}")
+                if set(steady) - {"result"} or run.duplicates or run.wrong:
+                    failures.append(
+                        f"steady traffic: {steady}, {run.duplicates[:3]}, {run.wrong[:3]}"
+                    )
+                # 2. kill node A, with a request that cannot finish in flight to each of its
+                # servers from a caller on B (the tool waits for a file that never appears).
+                routed_to_a = {0, 3}
+                stuck: dict[int, Outcome] = {}
+                for agent in sorted(routed_to_a):
+                    nursery.start_soon(stuck_call, run, agent, directory, stuck)
+                with trio.fail_after(10):
+                    while len(stuck) < 2 or not all(
+                        (directory / f"stuck-{a}.started").exists() for a in routed_to_a
+                    ):
+                        await trio.sleep(0.02)
+                processes["A"].send_signal(signal.SIGKILL)
+                killed = time.monotonic()
+                run.dead.add("A")
+                print("2. node A killed (SIGKILL)")
+                await trio.sleep(args.lease + 6)
+                in_flight = [
+                    o
+                    for o in run.outcomes
+                    if o.sent <= killed
+                    and o.node != "A"
+                    and o.agent in routed_to_a
+                    and (o.answered is None or o.answered > killed)
+                    # not an answer that was already on its way
+                    and not (o.kind == "result" and (o.answered or 0) - killed < 0.05)
+                ]
+                in_flight += list(stuck.values())
+                late = [
+                    o
+                    for o in in_flight
+                    if o.kind != "-32003"
+                    or o.answered is None
+                    or o.answered - killed > args.lease + 1
+                ]
+                waits = [o.answered - killed for o in in_flight if o.answered is not None]
+                print(
+                    f"   {len(in_flight)} requests in flight to A from other nodes: "
+                    f"{sorted({o.kind for o in in_flight})}, answered {min(waits, default=0):.2f}-{max(waits, default=0):.2f} s after the kill"
+                )
+                if late or not in_flight:
+                    failures.append(
+                        f"requests routed to A: {[(o.kind, o.answered and o.answered - killed) for o in late]}"
+                    )
+                for agent in sorted(routed_to_a):
+                    back = min(
+                        (
+                            o.answered
+                            for o in run.outcomes
+                            if o.agent == agent
+                            and o.sent > killed
+                            and o.kind == "result"
+                            and o.answered
+                        ),
+                        default=None,
+                    )
+                    took = None if back is None else back - killed
+                    print(
+                        f"   agent {agent} (server was on A): calls succeed again {took if took is None else round(took, 2)} s after the kill"
+                    )
+                    if took is None or took > args.lease + 5:
+                        failures.append(f"agent {agent} did not resume within lease + 5 s")
+                print(f"   requests lost with their caller's connection to A: {run.lost}")
+                # 3. Redis outage (where each agent's server is now, from Redis itself)
+                server_node = await servers_by_agent(redis_port)
+                print(f"   servers now on: {server_node}")
+                t3 = time.monotonic()
+                processes["redis"].kill()
+                processes["redis"].wait()
+                print(f"3. Redis stopped for {args.outage:g} s")
+                await trio.sleep(args.outage)
+                processes["redis"] = start(redis_cmd, redis_port)
+                back = time.monotonic()
+                await trio.sleep(6)
+                run.stop = True
+                stopped = time.monotonic()
+                nursery.cancel_scope.cancel()
+            during = [o for o in run.outcomes if t3 + 1 <= o.sent < back]
+            local = [o for o in during if o.node == server_node[o.agent]]
+            cross = [o for o in during if o.node != server_node[o.agent]]
+            print(
+                f"   during the outage: same-node calls {summary(local, 0, 1e18)}, cross-node calls {summary(cross, 0, 1e18)}"
+            )
+            gaps = []
+            for index in range(8):
+                mine = sorted(
+                    o.answered
+                    for o in local
+                    if o.caller == index and o.kind == "result" and o.answered
+                )
+                gaps += [b - a for a, b in itertools.pairwise(mine)]
+            print(
+                f"   longest pause of a same-node caller during the outage: {max(gaps, default=0):.2f} s"
+            )
+            if not local or any(o.kind != "result" for o in local) or max(gaps, default=0) > 1:
+                failures.append("same-node traffic stopped during the Redis outage")
+            if (
+                not cross
+                or any(o.kind not in ("-32002", "result") for o in cross)
+                or "-32002" not in {o.kind for o in cross}
+            ):
+                failures.append(f"cross-node calls during the outage: {summary(cross, 0, 1e18)}")
+            resumed = min(
+                (
+                    o.answered
+                    for o in run.outcomes
+                    if o.sent >= back
+                    and o.node != server_node[o.agent]
+                    and o.kind == "result"
+                    and o.answered
+                ),
+                default=None,
+            )
+            took = None if resumed is None else resumed - back
+            print(
+                f"   cross-node calls succeed again {took if took is None else round(took, 2)} s after Redis returned"
+            )
+            if took is None or took > 5:
+                failures.append("cross-node traffic did not resume within 5 s")
+            total = len([o for o in run.outcomes if o.kind != "lost"])
+            unanswered = [o for o in run.outcomes if o.answered is None and o.sent < stopped - 1]
+            print(
+                f"requests: {total} answered, {len(unanswered)} unanswered, {len(run.duplicates)} answered twice, {len(run.wrong)} with another id"
+            )
+            if run.duplicates or run.wrong:
+                failures.append("an answer was duplicated or carried another id")
+        finally:
+            for process in processes.values():
+                if process.poll() is None:
+                    process.terminate()
+            for process in processes.values():
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    print("all checks passed" if not failures else f"{len(failures)} checks failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lease", type=float, default=10.0)
+    parser.add_argument("--traffic", type=float, default=30.0)
+    parser.add_argument("--outage", type=float, default=10.0)
+    sys.exit(trio.run(main, parser.parse_args()))

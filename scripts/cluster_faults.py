@@ -254,9 +254,11 @@ async def main(args: argparse.Namespace) -> int:
                     "30",
                 ]
                 log = (directory / f"node-{n}.log").open("wb")
-                processes[n] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+                processes[n] = subprocess.Popen(  # noqa: ASYNC220 (before any traffic)
+                    command, stdout=subprocess.DEVNULL, stderr=log
+                )
             (directory / "nginx.conf").write_text(nginx_config(directory, ports, front))
-            processes["nginx"] = subprocess.Popen(
+            processes["nginx"] = subprocess.Popen(  # noqa: ASYNC220
                 [nginx, "-p", tmp, "-c", str(directory / "nginx.conf")], stderr=subprocess.DEVNULL
             )
             for n in NODES:
@@ -274,7 +276,7 @@ async def main(args: argparse.Namespace) -> int:
                     )
                 )
                 url = tool_url(f"ws://127.0.0.1:{front[HOME[agent]]}", key, f"agent-{agent}")
-                processes[f"bridge-{agent}"] = subprocess.Popen(
+                processes[f"bridge-{agent}"] = subprocess.Popen(  # noqa: ASYNC220
                     [
                         sys.executable,
                         "-m",
@@ -293,7 +295,10 @@ async def main(args: argparse.Namespace) -> int:
                     stderr=(directory / f"bridge-{agent}.log").open("wb"),
                 )
             print("waiting for the 4 servers to be ready on their nodes ...")
-            await trio.sleep(6)
+            with trio.fail_after(60):
+                while len(await servers_by_agent(redis_port)) < len(NAMES):  # noqa: ASYNC110
+                    await trio.sleep(0.2)
+            await trio.sleep(1)  # every node's directory has them
             run = Run(key, ports, args.lease)
             async with trio.open_nursery() as nursery:
                 for index in range(8):
@@ -314,7 +319,7 @@ async def main(args: argparse.Namespace) -> int:
                 for agent in sorted(routed_to_a):
                     nursery.start_soon(stuck_call, run, agent, directory, stuck)
                 with trio.fail_after(10):
-                    while len(stuck) < 2 or not all(
+                    while len(stuck) < 2 or not all(  # noqa: ASYNC110 (files of another process)
                         (directory / f"stuck-{a}.started").exists() for a in routed_to_a
                     ):
                         await trio.sleep(0.02)
@@ -344,11 +349,13 @@ async def main(args: argparse.Namespace) -> int:
                 waits = [o.answered - killed for o in in_flight if o.answered is not None]
                 print(
                     f"   {len(in_flight)} requests in flight to A from other nodes: "
-                    f"{sorted({o.kind for o in in_flight})}, answered {min(waits, default=0):.2f}-{max(waits, default=0):.2f} s after the kill"
+                    f"{sorted({o.kind for o in in_flight})}, answered "
+                    f"{min(waits, default=0):.2f}-{max(waits, default=0):.2f} s after the kill"
                 )
                 if late or not in_flight:
                     failures.append(
-                        f"requests routed to A: {[(o.kind, o.answered and o.answered - killed) for o in late]}"
+                        "requests routed to A: "
+                        + repr([(o.kind, o.answered and o.answered - killed) for o in late])
                     )
                 for agent in sorted(routed_to_a):
                     back = min(
@@ -364,7 +371,8 @@ async def main(args: argparse.Namespace) -> int:
                     )
                     took = None if back is None else back - killed
                     print(
-                        f"   agent {agent} (server was on A): calls succeed again {took if took is None else round(took, 2)} s after the kill"
+                        f"   agent {agent} (server was on A): calls succeed again "
+                        f"{took if took is None else round(took, 2)} s after the kill"
                     )
                     if took is None or took > args.lease + 5:
                         failures.append(f"agent {agent} did not resume within lease + 5 s")
@@ -387,7 +395,8 @@ async def main(args: argparse.Namespace) -> int:
             local = [o for o in during if o.node == server_node[o.agent]]
             cross = [o for o in during if o.node != server_node[o.agent]]
             print(
-                f"   during the outage: same-node calls {summary(local, 0, 1e18)}, cross-node calls {summary(cross, 0, 1e18)}"
+                f"   during the outage: same-node calls {summary(local, 0, 1e18)},"
+                f" cross-node calls {summary(cross, 0, 1e18)}"
             )
             gaps = []
             for index in range(8):
@@ -398,7 +407,8 @@ async def main(args: argparse.Namespace) -> int:
                 )
                 gaps += [b - a for a, b in itertools.pairwise(mine)]
             print(
-                f"   longest pause of a same-node caller during the outage: {max(gaps, default=0):.2f} s"
+                f"   longest pause of a same-node caller during"
+                f" the outage: {max(gaps, default=0):.2f} s"
             )
             if not local or any(o.kind != "result" for o in local) or max(gaps, default=0) > 1:
                 failures.append("same-node traffic stopped during the Redis outage")
@@ -421,16 +431,23 @@ async def main(args: argparse.Namespace) -> int:
             )
             took = None if resumed is None else resumed - back
             print(
-                f"   cross-node calls succeed again {took if took is None else round(took, 2)} s after Redis returned"
+                f"   cross-node calls succeed again {took if took is None else round(took, 2)}"
+                f" s after Redis returned"
             )
             if took is None or took > 5:
                 failures.append("cross-node traffic did not resume within 5 s")
             total = len([o for o in run.outcomes if o.kind != "lost"])
             unanswered = [o for o in run.outcomes if o.answered is None and o.sent < stopped - 1]
             print(
-                f"requests: {total} answered, {len(unanswered)} unanswered, {len(run.duplicates)} answered twice, {len(run.wrong)} with another id"
+                f"requests: {total} answered, {len(unanswered)} unanswered, {len(run.duplicates)}"
+                f" answered twice, {len(run.wrong)} with another id"
             )
-            if run.duplicates or run.wrong:
+            for o in unanswered:
+                print(
+                    f"   unanswered: agent {o.agent} caller {o.caller} on {o.node}, sent at "
+                    f"{o.sent - t0:.2f} s"
+                )
+            if run.duplicates or run.wrong or unanswered:
                 failures.append("an answer was duplicated or carried another id")
         finally:
             for process in processes.values():

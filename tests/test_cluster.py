@@ -30,6 +30,7 @@ from tests.helpers import (
     start_relay,
 )
 from tests.redis import RedisServer
+from tests.test_metrics import scrape, value
 
 GUARD = 30
 LEASE = 2.0
@@ -169,6 +170,12 @@ async def test_a_caller_on_one_node_lists_and_calls_a_tool_on_another_with_progr
                         "result": {"content": [], "isError": False},
                     }
                     assert len(to_a) == 1  # the call, and nothing else
+                    metrics = await scrape(b)
+                    assert value(metrics, "cluster_bus_up") == 1
+                    assert value(metrics, "cluster_nodes") == 2
+                    assert value(metrics, "cluster_tunnels", direction="to_servers") == 1
+                    assert value(metrics, "cluster_bus_frames_total", direction="sent") == 1
+                    assert value(metrics, "cluster_bus_frames_total", direction="received") == 3
                 counts = await connections(b)
                 assert counts["tool_connections"] == 1  # the cluster's: the tool is on A
                 assert counts["cluster"]["nodes"]["A"]["tool_connections"] == 1

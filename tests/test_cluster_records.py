@@ -162,6 +162,9 @@ class DirectoryMachine(RuleBasedStateMachine):
     @invariant()
     def same(self) -> None:
         assert self.directory.records == self.model
+        for agent in {a for a, _ in self.model} | {"a", "b"}:
+            mine = {r.identity: r for (a, _), r in self.model.items() if a == agent}
+            assert {r.identity: r for r in self.directory.of_agent(agent)} == mine
 
 
 DirectoryMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=10)

@@ -71,6 +71,7 @@ class RelayCollector(Collector):
         dispatcher: the peers (queues) and the shell's counters.
         uptime: seconds since the relay started.
         http_sessions: open HTTP sessions by transport (``streamable``, ``sse``), if any.
+        cluster: this node's cluster figures (see ``ClusterNode.metrics``), None when alone.
     """
 
     def __init__(
@@ -79,11 +80,13 @@ class RelayCollector(Collector):
         dispatcher: Dispatcher,
         uptime: Callable[[], float],
         http_sessions: Callable[[], dict[str, int]] | None = None,
+        cluster: Callable[[], dict[str, int] | None] | None = None,
     ) -> None:
         self.router = router
         self.dispatcher = dispatcher
         self.uptime = uptime
         self.http_sessions = http_sessions
+        self.cluster = cluster
 
     def collect(self) -> Iterator[Metric]:
         router, tally = self.router, self.router.tally
@@ -126,6 +129,9 @@ class RelayCollector(Collector):
             for transport, open_sessions in sorted(self.http_sessions().items()):
                 sessions.add_metric([transport], open_sessions)
             yield sessions
+        view = self.cluster() if self.cluster is not None else None
+        if view is not None:
+            yield from _cluster_metrics(view)
         yield GaugeMetricFamily(
             PREFIX + "agents", "Agents with at least one connection.", value=len(agents)
         )
@@ -319,3 +325,36 @@ class MetricsRoute:
             head_only=request.method == "HEAD",
             content_type=CONTENT_TYPE,
         )
+
+
+def _cluster_metrics(view: dict[str, int]) -> Iterator[Metric]:
+    """Cluster mode: this node's bus, its view of the cluster, and its tunnels."""
+    yield GaugeMetricFamily(
+        PREFIX + "cluster_bus_up",
+        "1 while this node reaches the cluster's Redis (0: cross-node requests get -32002).",
+        value=view["bus_up"],
+    )
+    yield GaugeMetricFamily(
+        PREFIX + "cluster_nodes", "Nodes holding a lease, this one included.", value=view["nodes"]
+    )
+    yield GaugeMetricFamily(
+        PREFIX + "cluster_servers_elsewhere",
+        "Servers on other nodes this node knows of (from Redis).",
+        value=view["servers_elsewhere"],
+    )
+    tunnels = GaugeMetricFamily(
+        PREFIX + "cluster_tunnels",
+        "Open tunnels to servers on other nodes, and from callers on other nodes.",
+        labels=["direction"],
+    )
+    tunnels.add_metric(["to_servers"], view["to_servers"])
+    tunnels.add_metric(["from_callers"], view["from_callers"])
+    yield tunnels
+    frames = CounterMetricFamily(
+        PREFIX + "cluster_bus_frames",
+        "Frames this node sent to and received from other nodes over Redis.",
+        labels=["direction"],
+    )
+    frames.add_metric(["sent"], view["frames_sent"])
+    frames.add_metric(["received"], view["frames_received"])
+    yield frames

@@ -142,7 +142,11 @@ class _Relay:
         )
         started = trio.current_time()
         collector = RelayCollector(
-            router, self.dispatcher, lambda: trio.current_time() - started, self._http_sessions
+            router,
+            self.dispatcher,
+            lambda: trio.current_time() - started,
+            self._http_sessions,
+            lambda: None if self.cluster is None else self.cluster.metrics(),
         )
         #: This relay's own Prometheus registry (never the global one).
         self.metrics_registry = relay_registry(collector)

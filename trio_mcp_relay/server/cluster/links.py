@@ -74,6 +74,8 @@ class Bus(Protocol):
         self, to: str, message: BusMessage, failed: Callable[[str], None] | None = None
     ) -> None: ...
 
+    def lost(self, link: CallerLink) -> None: ...
+
 
 def _peek(data: bytes) -> tuple[str | None, Any, Any]:
     """``(method, id, params)`` of a frame (``MISSING`` where absent); exact for huge
@@ -304,7 +306,10 @@ class CallerLink(_Link):
         if self.closed:
             raise ConnectionClosed(*(self.inbox.closed or (1000, "")))
         if not self.bus.up:
-            return  # the other node answers its requests itself when the bus fails
+            # Dropped: this tunnel ends, and its other end is told when the bus is up (it
+            # answers what it awaits), unless its node saw the bus fail too and did already.
+            self.bus.lost(self)
+            return
         for data in messages:
             await self.bus.send(self.node, self._message(TO_CALLERS, data))
 

@@ -145,7 +145,12 @@ class ClusterNode:
         self._resync = trio.Event()
         self._settle_until = 0.0
         self._idle_agents: set[str] = set()
+        #: Tunnels from other nodes ended while the bus was down, whose other ends do not
+        #: know yet: (node, tunnel, agent, identity).
+        self._untold: set[tuple[str, int, str, str]] = set()
         self.draining = False
+        self.frames_sent = 0
+        self.frames_received = 0
         router = self.router
         router.watch = self._watch
         router.elsewhere = lambda agent: self.directory.tool_requests_elsewhere(agent, self.node)
@@ -215,6 +220,18 @@ class ClusterNode:
                 "to_servers": len(self.server_links),
                 "from_callers": len(self.caller_links),
             },
+        }
+
+    def metrics(self) -> dict[str, int]:
+        """What ``/metrics`` shows of cluster mode."""
+        return {
+            "bus_up": int(self._up),
+            "nodes": len(set(self.directory.nodes) | {self.node}),
+            "servers_elsewhere": len(self.directory.records),
+            "to_servers": len(self.server_links),
+            "from_callers": len(self.caller_links),
+            "frames_sent": self.frames_sent,
+            "frames_received": self.frames_received,
         }
 
     def totals(self) -> dict[str, Any]:
@@ -306,6 +323,9 @@ class ClusterNode:
         self._settle_until = trio.current_time() + 2 * self.heartbeat_interval
         for agent, identity in self._ready_local_servers():
             self._mark(agent, identity)
+        untold, self._untold = self._untold, set()
+        for node, tunnel, agent, identity in sorted(untold):
+            self._tell_closed(node, tunnel, agent, identity, "the cluster bus was lost")
         self._resync.set()
 
     def _set_down(self, reason: str) -> None:
@@ -320,21 +340,28 @@ class ClusterNode:
 
     def _drop_tunnels(self, why: str, tell: bool = False) -> None:
         """Answer every request in flight over the bus here, and end every tunnel from other
-        nodes (their requests are cancelled at the tools)."""
+        nodes (their requests are cancelled at the tools). The other ends are told now
+        (``tell``), or once the bus is up again."""
         for server in list(self.server_links.values()):
             server.fail_inflight(why)
         for link in list(self.caller_links.values()):
             if tell:
-                message = BusMessage(
-                    CLOSE_FROM_SERVER,
-                    self.node,
-                    link.tunnel,
-                    link.agent,
-                    link.identity,
-                    why.encode(),
-                )
-                self._send_nowait(link.node, message)
+                self._tell_closed(link.node, link.tunnel, link.agent, link.identity, why)
+            else:
+                self._untold.add((link.node, link.tunnel, link.agent, link.identity))
             link.end(CLOSE_BUS_LOST, "cluster bus lost")
+
+    def _tell_closed(self, node: str, tunnel: int, agent: str, identity: str, why: str) -> None:
+        """The other end of a tunnel from ``node``: what it awaits will not come (it answers
+        ``-32003``)."""
+        message = BusMessage(CLOSE_FROM_SERVER, self.node, tunnel, agent, identity, why.encode())
+        self._send_nowait(node, message)
+
+    def lost(self, link: CallerLink) -> None:
+        """``link`` could not send while the bus was down: end it, and tell its other end
+        once the bus is up, so that nothing waits there for an answer that was dropped."""
+        self._untold.add((link.node, link.tunnel, link.agent, link.identity))
+        link.end(CLOSE_BUS_LOST, "cluster bus lost")
 
     async def _subscriber(self, client: coredis.Redis[bytes]) -> None:
         """Read this node's channels; started again whenever the heartbeat finds nobody
@@ -412,6 +439,7 @@ class ClusterNode:
                     if failed is not None:
                         failed(self._down_reason)
                 continue
+            self.frames_sent += len(batch)
             for (to, items), count in zip(groups, reached, strict=True):
                 if count == 0:
                     for _, _, failed in items:
@@ -665,12 +693,16 @@ class ClusterNode:
             forget()
 
     def _on_bus(self, message: BusMessage) -> None:
+        self.frames_received += 1
         kind = message.kind
         if kind == TO_SERVER:
             key = (message.node, message.tunnel)
             caller: CallerLink | None = self.caller_links.get(key)
             if caller is None:
-                if self._nursery is None:
+                if self._nursery is None or not self._up:
+                    # Its answers could not be sent: the other end hears so when we are up.
+                    tunnel = (message.node, message.tunnel, message.agent, message.identity)
+                    self._untold.add(tunnel)
                     return
                 caller = CallerLink(
                     self, message.node, message.tunnel, message.agent, message.identity

@@ -281,24 +281,38 @@ class Directory:
     Fed by events (:meth:`up`, :meth:`down`), by full reads of Redis (:meth:`replace`) and by
     node liveness (:meth:`nodes_alive`); each returns the :class:`Change` values it made, for
     the node to act on. A stale event (a lower version than what is known) changes nothing.
+    Records are also indexed by agent: a caller's arrival looks up its agent's only.
     """
 
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], ServerRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
+        self._by_agent: dict[str, dict[str, ServerRecord]] = {}
 
     def of_agent(self, agent: str) -> list[ServerRecord]:
-        return [r for (a, _), r in self.records.items() if a == agent]
+        return list(self._by_agent.get(agent, {}).values())
 
     def get(self, agent: str, identity: str) -> ServerRecord | None:
         return self.records.get((agent, identity))
+
+    def _put(self, record: ServerRecord) -> None:
+        self.records[(record.agent, record.identity)] = record
+        self._by_agent.setdefault(record.agent, {})[record.identity] = record
+
+    def _drop(self, key: tuple[str, str]) -> ServerRecord:
+        record = self.records.pop(key)
+        servers = self._by_agent[key[0]]
+        del servers[key[1]]
+        if not servers:
+            del self._by_agent[key[0]]
+        return record
 
     def up(self, record: ServerRecord) -> list[Change]:
         key = (record.agent, record.identity)
         before = self.records.get(key)
         if before is not None and before.version >= record.version:
             return []
-        self.records[key] = record
+        self._put(record)
         return [Change(record.agent, record.identity, record, before)]
 
     def down(self, agent: str, identity: str, version: int) -> list[Change]:
@@ -306,33 +320,27 @@ class Directory:
         before = self.records.get(key)
         if before is None or before.version != version:
             return []
-        del self.records[key]
+        self._drop(key)
         return [Change(agent, identity, None, before)]
 
     def replace(self, records: Iterable[ServerRecord]) -> list[Change]:
         """Redis holds exactly ``records``: newer ones replace, missing ones leave."""
         fresh = {(r.agent, r.identity): r for r in records}
         changes: list[Change] = []
-        for key, before in list(self.records.items()):
-            if key not in fresh:
-                del self.records[key]
-                changes.append(Change(key[0], key[1], None, before))
+        for key in [k for k in self.records if k not in fresh]:
+            changes.append(Change(key[0], key[1], None, self._drop(key)))
         for key, record in fresh.items():
             known = self.records.get(key)
             if known != record:
-                self.records[key] = record
+                self._put(record)
                 changes.append(Change(key[0], key[1], record, known))
         return changes
 
     def nodes_alive(self, nodes: Mapping[str, NodeRecord]) -> list[Change]:
         """These nodes hold a lease now; the servers of any other node leave."""
         self.nodes = dict(nodes)
-        changes: list[Change] = []
-        for key, before in list(self.records.items()):
-            if before.node not in nodes:
-                del self.records[key]
-                changes.append(Change(key[0], key[1], None, before))
-        return changes
+        gone = [key for key, record in self.records.items() if record.node not in nodes]
+        return [Change(key[0], key[1], None, self._drop(key)) for key in gone]
 
     def callers_elsewhere(self, agent: str, me: str) -> int:
         return sum(n.callers.get(agent, 0) for name, n in self.nodes.items() if name != me)

@@ -26,6 +26,7 @@ Prints what it measured and exits 1 if any of it failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import shutil
@@ -160,6 +161,53 @@ async def stuck_call(run: Run, agent: int, directory: Path, stuck: dict[int, Out
             if message.get("id") == "stuck":
                 outcome.answered = time.monotonic()
                 outcome.kind = "result" if "result" in message else str(message["error"]["code"])
+                return
+
+
+async def held_tool(run: Run, ready: trio.Event, got_call: trio.Event) -> None:
+    """A second server of agent 0 on node A that never comes back once A dies: it holds every
+    call it gets (so its callers' answers can only come from A's lease lapsing)."""
+    url = tool_url(f"ws://127.0.0.1:{run.ports['A']}", run.key, "agent-0") + "&server_id=held"
+    with contextlib.suppress(ConnectionClosed, OSError):
+        async with open_websocket_url(url) as ws:
+            while True:
+                frame = json.loads(await ws.get_message())
+                if frame.get("method") == "initialize":
+                    result: Any = {
+                        "protocolVersion": "2025-06-18",
+                        "capabilities": {"tools": {}},
+                        "serverInfo": {"name": "held", "version": "1"},
+                    }
+                elif frame.get("method") == "tools/list":
+                    result = {
+                        "tools": [{"name": "held_forever", "inputSchema": {"type": "object"}}]
+                    }
+                elif frame.get("method") == "tools/call":
+                    got_call.set()
+                    continue
+                else:
+                    continue
+                await ws.send_message(
+                    json.dumps({"jsonrpc": "2.0", "id": frame["id"], "result": result})
+                )
+                if frame["method"] == "tools/list":
+                    ready.set()
+
+
+async def held_call(run: Run, outcome: list[Outcome]) -> None:
+    """From node C, a call to the held server: answered only when A's lease lapses."""
+    url = caller_url(f"ws://127.0.0.1:{run.ports['C']}", run.key, "agent-0")
+    async with open_websocket_url(url) as ws:
+        outcome.append(Outcome(0, 200, "C", time.monotonic()))
+        call = {"name": "held_forever", "arguments": {}}
+        await ws.send_message(
+            json.dumps({"jsonrpc": "2.0", "id": "held", "method": "tools/call", "params": call})
+        )
+        while True:
+            message = json.loads(await ws.get_message())
+            if message.get("id") == "held":
+                outcome[0].answered = time.monotonic()
+                outcome[0].kind = "result" if "result" in message else str(message["error"]["code"])
                 return
 
 
@@ -318,6 +366,14 @@ async def main(args: argparse.Namespace) -> int:
                 stuck: dict[int, Outcome] = {}
                 for agent in sorted(routed_to_a):
                     nursery.start_soon(stuck_call, run, agent, directory, stuck)
+                held_ready, held_called = trio.Event(), trio.Event()
+                nursery.start_soon(held_tool, run, held_ready, held_called)
+                held: list[Outcome] = []
+                with trio.fail_after(10):
+                    await held_ready.wait()
+                    await trio.sleep(1)  # C's directory has it
+                    nursery.start_soon(held_call, run, held)
+                    await held_called.wait()
                 with trio.fail_after(10):
                     while len(stuck) < 2 or not all(  # noqa: ASYNC110 (files of another process)
                         (directory / f"stuck-{a}.started").exists() for a in routed_to_a
@@ -376,6 +432,14 @@ async def main(args: argparse.Namespace) -> int:
                     )
                     if took is None or took > args.lease + 5:
                         failures.append(f"agent {agent} did not resume within lease + 5 s")
+                took = held[0].answered - killed if held[0].answered else None
+                print(
+                    "   a request to a server of A that never comes back: "
+                    f"{held[0].kind or 'unanswered'} {took if took is None else round(took, 2)} s"
+                    f" after the kill (lease {args.lease:g} s)"
+                )
+                if held[0].kind != "-32003" or took is None or took > args.lease + 1:
+                    failures.append("the held request was not answered -32003 within lease + 1 s")
                 print(f"   requests lost with their caller's connection to A: {run.lost}")
                 # 3. Redis outage (where each agent's server is now, from Redis itself)
                 server_node = await servers_by_agent(redis_port)

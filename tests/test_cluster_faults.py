@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,12 +31,11 @@ from tests.test_http_clients import exercise
 from tests.test_real_clients import CALLER, child_env, expect_ready, spawn, write_config
 from trio_mcp_relay._auth import caller_url, tool_url, with_route
 
+README = (Path(__file__).parent.parent / "README.md").read_text()
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = [
     # Under CI (.ci/run installs nginx) a missing nginx fails the tests instead.
-    pytest.mark.skipif(
-        NGINX is None and not os.environ.get("CI"), reason="nginx is not installed"
-    ),
+    pytest.mark.skipif(NGINX is None and not os.environ.get("CI"), reason="nginx is not installed"),
     # The SDK's HTTP client leaves its SSE iterators to the garbage collector (as in
     # test_http_clients.py): a ResourceWarning of the client, not of the relay.
     pytest.mark.filterwarnings("ignore:Async generator 'httpx2.:ResourceWarning"),
@@ -119,20 +119,27 @@ async def nodes(
 
 @contextlib.asynccontextmanager
 async def nginx(nursery: trio.Nursery, tmp_path: Path, ports: list[int]) -> AsyncIterator[int]:
-    """nginx in front of the nodes, as the README configures it; yields its port."""
+    """nginx in front of the nodes with the README's cluster configuration (its addresses
+    replaced by the nodes', TLS left out); yields its port."""
     assert NGINX is not None
     listen = free_port()
-    servers = "".join(f"  server 127.0.0.1:{p} max_fails=1 fail_timeout=30s;\n" for p in ports)
+    match = re.search(r"```nginx-cluster\n(.*?)```", README, re.S)
+    assert match, "README lost its cluster nginx configuration"
+    config = match.group(1)
+    servers = re.findall(r"^\s*server 10\.0\.0\.\d+:8004 .*$", config, re.M)
+    assert len(servers) == 2, config
+    config = config.replace(servers[1] + "\n", "")
+    config = config.replace(
+        servers[0],
+        "\n".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;" for p in ports),
+    )
+    config = config.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen};")
+    assert "hash $arg_route consistent;" in config
     (tmp_path / "nginx.conf").write_text(
         f"daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
         f"events {{}}\nhttp {{\n access_log {tmp_path}/access.log;\n"
         f" client_body_temp_path {tmp_path}/body;\n proxy_temp_path {tmp_path}/proxy;\n"
-        f" upstream relays {{\n  hash $arg_route consistent;\n{servers} }}\n"
-        f" server {{\n  listen 127.0.0.1:{listen};\n  location /mcp_endpoint/ {{\n"
-        "   proxy_pass http://relays;\n   proxy_http_version 1.1;\n"
-        "   proxy_set_header Upgrade $http_upgrade;\n"
-        '   proxy_set_header Connection "upgrade";\n'
-        "   proxy_read_timeout 3600s;\n   proxy_connect_timeout 1s;\n  }\n }\n}\n"
+        f"{config}}}\n"
     )
     command = [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
     process = await nursery.start(

@@ -127,7 +127,9 @@ async def test_a_caller_on_one_node_lists_and_calls_a_tool_on_another_with_progr
             async with peer(a.tool_url(AGENT)) as tool:
                 await initialize_tool(tool, name="calc", tools=["add", "mul"])
                 await knows_servers(b, 1)
-                async with bus_spy(redis, "A") as to_a, peer(b.caller_url(AGENT)) as caller:
+                node_a = (await connections(a))["cluster"]["node"]
+                assert node_a.startswith("A~")  # the name, and this process's own suffix
+                async with bus_spy(redis, node_a) as to_a, peer(b.caller_url(AGENT)) as caller:
                     init = await initialized_caller(caller)
                     assert init["result"]["serverInfo"]["name"] == "calc"
                     await send(caller, request(1, "tools/list", {}))
@@ -178,7 +180,8 @@ async def test_a_caller_on_one_node_lists_and_calls_a_tool_on_another_with_progr
                     assert value(metrics, "cluster_bus_frames_total", direction="received") == 3
                 counts = await connections(b)
                 assert counts["tool_connections"] == 1  # the cluster's: the tool is on A
-                assert counts["cluster"]["nodes"]["A"]["tool_connections"] == 1
+                nodes = counts["cluster"]["nodes"]
+                assert nodes[node_a]["name"] == "A" and nodes[node_a]["tool_connections"] == 1
             nursery.cancel_scope.cancel()
 
 
@@ -411,4 +414,31 @@ async def test_the_callers_per_agent_limit_holds_for_the_cluster(redis: RedisSer
                         except ConnectionClosed as exc:
                             assert exc.reason.code == 4002
                 del one, two
+            nursery.cancel_scope.cancel()
+
+
+async def test_each_node_serves_its_own_embedded_tools_and_a_restart_is_a_new_node(
+    redis: RedisServer,
+) -> None:
+    """``serve --tools`` runs on every node: each node's callers use its own copy (never
+    claimed, so the copies do not replace each other); two processes of one name are two
+    nodes (nothing meant for one reaches the other)."""
+    from tests.test_embedded import echo_tool
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            a = await start_node(nursery, redis, "A", embedded_tools={AGENT: echo_tool})
+            b = await start_node(nursery, redis, "B", embedded_tools={AGENT: echo_tool})
+            again = await start_node(nursery, redis, "A")
+            ids = [(await connections(r))["cluster"] for r in (a, again)]
+            assert [c["name"] for c in ids] == ["A", "A"] and ids[0]["node"] != ids[1]["node"]
+            await trio.sleep(2 * LEASE)  # heartbeats and full reads have run meanwhile
+            for relay in (a, b):
+                cluster = (await connections(relay))["cluster"]
+                assert cluster["servers_elsewhere"] == 0
+                async with peer(relay.caller_url(AGENT)) as caller:
+                    await initialized_caller(caller)
+                    await send(caller, request(1, "tools/call", {"name": "echo"}))
+                    assert (await answer_of(caller, 1))["result"]["embedded"] is True
+                assert (await connections(relay))["cluster"]["tunnels"]["to_servers"] == 0
             nursery.cancel_scope.cancel()

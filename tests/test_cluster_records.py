@@ -152,6 +152,26 @@ class DirectoryMachine(RuleBasedStateMachine):
         self.model = {(r.agent, r.identity): r for r in fresh}
         self.check(before, self.directory.replace(fresh))
 
+    @rule(
+        fresh=st.lists(
+            records(st.sampled_from("ab"), st.sampled_from("xy"), st.integers(0, 2)), max_size=4
+        ),
+        news=records(st.sampled_from("ab"), st.sampled_from("xy"), st.integers(0, 2)),
+    )
+    def replace_read_across_an_event(self, fresh: list[ServerRecord], news: ServerRecord) -> None:
+        """A full read that started before an event: the event's server keeps what the event
+        said, the others become what the read found."""
+        since = self.directory.generation
+        self.up(news)
+        before = dict(self.model)
+        touched = {(news.agent, news.identity)} if self.directory.generation > since else set()
+        found = {(r.agent, r.identity): r for r in fresh}
+        self.model = {k: r for k, r in found.items() if k not in touched}
+        for key in touched:
+            if key in before:
+                self.model[key] = before[key]
+        self.check(before, self.directory.replace(fresh, since))
+
     @rule(alive=st.sets(nodes))
     def nodes_alive(self, alive: set[str]) -> None:
         before = dict(self.model)

@@ -57,6 +57,8 @@ class Lifecycle:
         #: Awaited once in-flight requests are done, before peers are closed (cluster mode:
         #: this node's leases are released, so no other node waits for them to lapse).
         self.before_close: Callable[[], Awaitable[None]] | None = None
+        #: The connections of embedded tools (each node of a cluster runs its own).
+        self.embedded_conns: set[int] = set()
 
     def wake_timer(self) -> None:
         """The router's next deadline may have moved earlier."""
@@ -134,6 +136,7 @@ class Lifecycle:
             identity: list[str] = []
             async with trio.open_nursery() as nursery:
                 conn = await nursery.start(self._run_embedded_peer, relay_end, agent)
+                self.embedded_conns.add(conn)
                 nursery.start_soon(self._learn_identity, conn, identity)
                 task_status.started()  # the first time only: the relay may start accepting
                 task_status = trio.TASK_STATUS_IGNORED
@@ -142,6 +145,7 @@ class Lifecycle:
                 except Exception:
                     log.exception("agent %s: embedded tool failed", agent)
                 finally:
+                    self.embedded_conns.discard(conn)
                     with trio.CancelScope(shield=True):
                         await tool_end.close(1000, "embedded tool ended")
                     nursery.cancel_scope.cancel()

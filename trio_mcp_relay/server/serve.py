@@ -167,7 +167,11 @@ class _Relay:
                 "pip install 'trio-mcp-relay[cluster]'"
             ) from None
         self.cluster = ClusterNode(
-            self.config, self.dispatcher, address, lambda: len(self.http.sessions)
+            self.config,
+            self.dispatcher,
+            address,
+            lambda: len(self.http.sessions),
+            self.lifecycle.embedded_conns.__contains__,
         )
         self.lifecycle.before_close = self.cluster.leave
 

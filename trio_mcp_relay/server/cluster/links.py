@@ -143,6 +143,8 @@ class _Link:
         self.remote = "cluster"
         #: Called once when the link ends, whoever ends it (the node forgets it).
         self.on_end: Callable[[], None] | None = None
+        #: The other end knows this end is gone: it closed the tunnel, or was told.
+        self.settled = False
 
     @property
     def closed(self) -> bool:
@@ -167,6 +169,11 @@ class _Link:
             self.inbox.end(code, reason)
             if self.on_end is not None:
                 self.on_end()
+
+    def answer(self, frame: bytes) -> None:
+        """A frame for the relay made here; a full inbox ends the link (what is in flight
+        on it is then answered ``-32003`` by the relay: nothing goes unanswered)."""
+        _Link.deliver(self, frame)
 
     def deliver(self, frame: bytes) -> None:
         """A frame from the other end."""
@@ -220,14 +227,14 @@ class ServerLink(_Link):
                     "protocolVersion": asked if isinstance(asked, str) else RELAY_PROTOCOL_VERSION,
                     **self.record.initialize,
                 }
-                self.inbox.put(result_frame(rid, result))
+                self.answer(result_frame(rid, result))
                 return
             kind = _LISTS.get(method)
             if kind is not None:
-                self.inbox.put(result_frame(rid, self.record.list_result(kind)))
+                self.answer(result_frame(rid, self.record.list_result(kind)))
                 return
             if method == "ping":
-                self.inbox.put(result_frame(rid, {}))
+                self.answer(result_frame(rid, {}))
                 return
         elif method == "notifications/initialized":
             return
@@ -250,7 +257,7 @@ class ServerLink(_Link):
 
     def _fail(self, rid: Any, why: str, code: int = FORWARD_FAILED) -> None:
         message = "Forward failed" if code == FORWARD_FAILED else "Connection error"
-        self.inbox.put(error_frame(rid, code, message, why))
+        self.answer(error_frame(rid, code, message, why))
 
     def deliver(self, frame: bytes) -> None:
         """A frame from the server's node: a response clears its request."""
@@ -276,12 +283,13 @@ class ServerLink(_Link):
             method = (Kind.RESOURCE_TEMPLATES if kind is Kind.RESOURCES else kind).list_changed
             if method not in seen:
                 seen.add(method)
-                self.inbox.put(notification(method))
+                self.answer(notification(method))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """The relay closes this server (replaced, shut down, the agent left this node):
         the other end is told, and cancels what it still runs for us."""
-        if not self.closed and self.bus.up:
+        if not self.closed and not self.settled and self.bus.up:
+            self.settled = True
             await self.bus.send(self.record.node, self._message(CLOSE_FROM_CALLERS))
         self.end(code, reason)
 
@@ -316,6 +324,7 @@ class CallerLink(_Link):
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """The relay closes this caller (shutdown, the bus lost): the other end answers
         what it still awaits."""
-        if not self.closed and self.bus.up:
+        if not self.closed and not self.settled and self.bus.up:
+            self.settled = True
             await self.bus.send(self.node, self._message(CLOSE_FROM_SERVER, reason.encode()))
         self.end(code, reason)

@@ -36,7 +36,6 @@ makes several nodes one endpoint:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -103,6 +102,8 @@ class ClusterNode:
         dispatcher: the relay's dispatcher (links are connections it runs).
         address: where this node listens (for the status page).
         http_sessions: how many HTTP sessions are open here (for the cluster's counts).
+        embedded: whether a tool connection is an embedded tool (``serve --tools``): every
+            node runs its own, so those are never claimed in Redis nor replaced from it.
     """
 
     def __init__(
@@ -111,12 +112,16 @@ class ClusterNode:
         dispatcher: Dispatcher,
         address: str,
         http_sessions: Callable[[], int] = lambda: 0,
+        embedded: Callable[[int], bool] = lambda conn: False,
     ) -> None:
         self.url = config.cluster
         self.lease = config.cluster_lease
-        suffix = secrets.token_hex(3)
         port = address.rpartition(":")[2]
-        self.node = config.cluster_node or f"{socket.gethostname()}-{port}-{suffix}"
+        #: The name operators gave (or host and port), and this process's own id in the
+        #: cluster: a node restarted under the same name is another node, so nothing meant
+        #: for the old process (tunnel numbers, answers) reaches the new one.
+        self.name = config.cluster_node or f"{socket.gethostname()}-{port}"
+        self.node = f"{self.name}~{secrets.token_hex(4)}"
         self.address = address
         self.dispatcher = dispatcher
         self.router: Router = dispatcher.router
@@ -127,8 +132,17 @@ class ClusterNode:
         self.poll_interval = min(0.5, self.lease / 4)
         self.resync_interval = max(2.0, self.lease / 2)
         self._http_sessions = http_sessions
+        self._embedded = embedded
+        #: Control messages that found the outgoing queue full: sent first, never dropped.
+        self._urgent: list[Outgoing] = []
         #: Servers of this node claimed in Redis, by (agent, identity).
         self.local: dict[tuple[str, str], ServerRecord] = {}
+        #: The connection each claim is for, and its version.
+        self._versions: dict[tuple[str, str], tuple[int, int]] = {}
+        #: Tell the others that frames sent to this node may have been lost (it re-subscribed
+        #: or came back): they answer what they await from it.
+        self._reset_pending = False
+        self._was_up = False
         self.server_links: dict[int, ServerLink] = {}  # by tunnel
         self.links_by_key: dict[tuple[str, str], ServerLink] = {}
         self.caller_links: dict[tuple[str, int], CallerLink] = {}  # by (node, tunnel)
@@ -172,8 +186,10 @@ class ClusterNode:
         await self._out_send.send((to, message, failed))
 
     def _send_nowait(self, to: str, message: BusMessage) -> None:
-        with contextlib.suppress(trio.WouldBlock):
+        try:
             self._out_send.send_nowait((to, message, None))
+        except trio.WouldBlock:
+            self._urgent.append((to, message, None))  # the sender is busy: it comes back
 
     # ---------------------------------------------------------------- counts and limits
 
@@ -193,6 +209,7 @@ class ClusterNode:
             self.router.tool_requests_by_agent(),
             stats["tool_connections"],
             self._http_sessions(),
+            self.name,
         )
 
     def status(self) -> dict[str, Any]:
@@ -201,12 +218,14 @@ class ClusterNode:
         nodes[self.node] = self.node_record()
         return {
             "node": self.node,
+            "name": self.name,
             "redis": redact_url(self.url),
             "bus": "up" if self._up else "down",
             **({} if self._up else {"down_reason": self._down_reason}),
             "lease_seconds": self.lease,
             "nodes": {
                 name: {
+                    "name": n.name,
                     "address": n.address,
                     "draining": n.draining,
                     "tool_connections": n.tools,
@@ -257,12 +276,17 @@ class ClusterNode:
         """Run until cancelled; links run in ``nursery`` (the relay's connections')."""
         self._nursery = nursery
         log.info("cluster node %s on %s (lease %g s)", self.node, redact_url(self.url), self.lease)
-        client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            self.url,
-            decode_responses=False,
-            connect_timeout=min(1.0, self.heartbeat_interval),
-            stream_timeout=max(1.0, self.heartbeat_interval * 2),
-        )
+        try:
+            client: coredis.Redis[bytes] = coredis.Redis.from_url(
+                self.url,
+                decode_responses=False,
+                connect_timeout=min(1.0, self.heartbeat_interval),
+                stream_timeout=max(1.0, self.heartbeat_interval * 2),
+            )
+        except Exception as exc:  # a URL coredis cannot use: alone, and say why
+            self._set_down(f"cannot use {redact_url(self.url)}: {_describe(exc)}")
+            log.error("cluster node %s: %s", self.node, self._down_reason)
+            await trio.sleep_forever()
         while True:
             try:
                 async with client:
@@ -284,10 +308,16 @@ class ClusterNode:
                     await trio.lowlevel.checkpoint()  # raises Cancelled
                 if not isinstance(exc, Exception):
                     raise
-                # A fault of the cluster layer never takes the relay down: local traffic
-                # goes on, and the node joins again.
-                log.exception("cluster node %s: failed; joining again", self.node)
-                self._set_down(f"internal error: {_describe(exc)}")
+                redis, rest = (
+                    exc.split(REDIS_ERRORS) if isinstance(exc, ExceptionGroup) else (None, exc)
+                )
+                if rest is None and redis is not None:  # Redis failed, in a task of ours
+                    self._set_down(_describe(_leaf(redis)))
+                else:
+                    # A fault of the cluster layer never takes the relay down: local traffic
+                    # goes on, and the node joins again.
+                    log.exception("cluster node %s: failed; joining again", self.node)
+                    self._set_down(f"internal error: {_describe(exc)}")
                 await trio.sleep(RETRY)
 
     async def _heartbeat(self) -> None:
@@ -299,6 +329,9 @@ class ClusterNode:
                 with trio.fail_after(self.heartbeat_interval * 2):
                     results = await store.heartbeat(self.node_record(), records)
                     (listening,) = await store.publish([(self.node, b"")])
+                    if self._reset_pending and listening:
+                        await store.reset(self.node)
+                        self._reset_pending = False
             except REDIS_ERRORS as exc:
                 self._set_down(_describe(exc))
             else:
@@ -323,6 +356,9 @@ class ClusterNode:
         self._settle_until = trio.current_time() + 2 * self.heartbeat_interval
         for agent, identity in self._ready_local_servers():
             self._mark(agent, identity)
+        if self._was_up:  # back after a loss: frames sent to it meanwhile may be lost
+            self._reset_pending = True
+        self._was_up = True
         untold, self._untold = self._untold, set()
         for node, tunnel, agent, identity in sorted(untold):
             self._tell_closed(node, tunnel, agent, identity, "the cluster bus was lost")
@@ -395,6 +431,7 @@ class ClusterNode:
                             why = "the node's connection to Redis was lost; frames may be lost"
                             log.warning("cluster node %s: %s", self.node, why)
                             self._drop_tunnels(f"cross-node request failed: {why}", tell=True)
+                            self._reset_pending = True
                             self._resync.set()
                         self._subscribed.set()
                     continue
@@ -419,12 +456,24 @@ class ClusterNode:
         store = self._store
         assert store is not None
         while True:
-            batch = [await self._out.receive()]
+            batch = [] if self._urgent else [await self._out.receive()]
             while len(batch) < BATCH:
                 try:
                     batch.append(self._out.receive_nowait())
                 except trio.WouldBlock:
                     break
+            if self._urgent:
+                batch += self._urgent
+                self._urgent = []
+            if not self._up:
+                # Requests queued before the bus went down were answered -32002 then: they
+                # must not run at their tool now.
+                for _, _, failed in batch:
+                    if failed is not None:
+                        failed(self._down_reason)
+                batch = [item for item in batch if item[2] is None]
+                if not batch:
+                    continue
             by_node: dict[str, list[Outgoing]] = {}
             for item in batch:
                 by_node.setdefault(item[0], []).append(item)
@@ -458,7 +507,7 @@ class ClusterNode:
     def _local_server(self, agent: str, identity: str) -> Any:
         session = self.router.session(agent)
         server = session.by_identity.get(identity) if session is not None else None
-        if server is None or server.remote or not server.ready:
+        if server is None or server.remote or not server.ready or self._embedded(server.conn):
             return None
         return server
 
@@ -492,8 +541,13 @@ class ClusterNode:
         server = self._local_server(agent, identity)
         old = self.local.get(key)
         if server is None or self.draining:
+            session = self.router.session(agent)
+            coming = session.by_identity.get(identity) if session is not None else None
+            if coming is not None and not coming.remote and not self.draining:
+                return  # reconnecting here: the claim stays until the new one is ready
             if old is not None:
                 del self.local[key]
+                self._versions.pop(key, None)
                 await store.release(old)
             return
         session = self.router.session(agent)
@@ -501,17 +555,24 @@ class ClusterNode:
         view = session.catalog.server(identity)
         if view is None:
             return
-        version = await store.next_version()
+        revision = await store.next_version()
         if self._local_server(agent, identity) is not server:
             self._mark(agent, identity)  # it changed meanwhile: once more
             return
-        record = ServerRecord.of(agent, view, server.server_id, self.node, version)
+        # The version names the connection (drawn once for it: what decides which of two
+        # connections of one identity is newer); the revision its latest lists.
+        conn, version = self._versions.get(key, (None, 0))
+        if conn != server.conn:
+            version = revision
+            self._versions[key] = (server.conn, version)
+        record = ServerRecord.of(agent, view, server.server_id, self.node, version, revision)
         self.local[key] = record
         holder = await store.claim(record)
         if holder is not None:
             # A newer connection of this identity holds it elsewhere: ours is replaced.
             if self.local.get(key) is record:
                 del self.local[key]
+                self._versions.pop(key, None)
             self._close_local(agent, identity, holder)
 
     def _close_local(self, agent: str, identity: str, node: str) -> None:
@@ -545,22 +606,46 @@ class ClusterNode:
             record = ServerRecord.decode(body)
             if record.node != self.node:
                 self._react(self.directory.up(record))
+        elif kind == b"r":
+            node = body.decode(errors="replace")
+            if node != self.node:
+                self._node_reset(node)
         elif kind == b"d":
             agent, identity, node, version = orjson.loads(body)
             if node != self.node:
                 self._react(self.directory.down(str(agent), str(identity), int(version)))
+
+    def _node_reset(self, node: str) -> None:
+        """``node`` may have lost frames sent to it: what this node awaits from it over the
+        bus is answered here (``-32003``), and later frames open new tunnels."""
+        for link in list(self.server_links.values()):
+            if link.node == node:
+                link.fail_inflight(
+                    f"node {node} lost its connection to Redis; retry", CONNECTION_ERROR
+                )
+                # Whatever it still holds of the old tunnel, it lets go.
+                old = BusMessage(
+                    CLOSE_FROM_CALLERS, self.node, link.tunnel, link.agent, link.identity
+                )
+                self._send_nowait(node, old)
+                del self.server_links[link.tunnel]
+                link.tunnel = next(self._tunnels)
+                link.settled = False
+                self.server_links[link.tunnel] = link
 
     async def _poller(self) -> None:
         store = self._store
         assert store is not None
         last = -float("inf")
         while True:
+            if not self._up:
+                await trio.sleep(self.poll_interval)  # the heartbeat brings it up
+                continue
             with trio.move_on_after(self.poll_interval):
                 await self._resync.wait()
-            if not self._up:
-                continue
             try:
                 with trio.fail_after(self.heartbeat_interval * 2):
+                    since = self.directory.generation
                     nodes = await store.live_nodes()
                     now = trio.current_time()
                     if self._resync.is_set() or now - last >= self.resync_interval:
@@ -568,7 +653,7 @@ class ClusterNode:
                         last = now
                         records = [r for r in await store.servers() if r.node != self.node]
                         if now >= self._settle_until:
-                            self._react(self.directory.replace(records))
+                            self._react(self.directory.replace(records, since))
                         else:
                             self._react([c for r in records for c in self.directory.up(r)])
             except REDIS_ERRORS as exc:
@@ -576,13 +661,25 @@ class ClusterNode:
                 continue
             nodes.pop(self.node, None)
             if trio.current_time() >= self._settle_until:
-                self._react(self.directory.nodes_alive(nodes))
+                self._react(self.directory.nodes_alive(nodes, since))
                 for (node, _), link in list(self.caller_links.items()):
                     if node not in nodes:
                         link.end(CLOSE_NODE_GONE, f"node {node} left the cluster")
             else:
                 self.directory.nodes.update(nodes)
             self._sweep()
+            self._mend_links()
+
+    def _mend_links(self) -> None:
+        """Every agent with a caller here has a link to each of its servers elsewhere (one
+        that ended for a reason of its own is made again)."""
+        if self._nursery is None:
+            return
+        for agent in self.router.stats()["robot_connections_by_agent"]:
+            for record in self.directory.of_agent(agent):
+                key = (agent, record.identity)
+                if key not in self.links_by_key and not self.router.has_server(*key):
+                    self._nursery.start_soon(self._run_server_link, self._new_link(record))
 
     def _sweep(self) -> None:
         """Close the links of agents with no caller here for two polls in a row."""
@@ -612,12 +709,15 @@ class ClusterNode:
                 if mine.version > record.version:
                     continue  # ours is newer: theirs is being replaced
                 del self.local[key]
+                self._versions.pop(key, None)
                 self._close_local(change.agent, change.identity, record.node)
             if link is not None:
                 if link.node == record.node:
                     link.update(record)
                     continue
                 self._close_link(link, CLOSE_REPLACED, f"server moved to node {record.node}")
+            if self.router.has_server(change.agent, change.identity):
+                continue  # a connection of that identity here, still initializing: newer
             if self.router.caller_count(change.agent) and self._nursery is not None:
                 self._nursery.start_soon(self._run_server_link, self._new_link(record))
 
@@ -627,6 +727,7 @@ class ClusterNode:
         """Let the agent's servers on other nodes join its session here (no network)."""
         if self._nursery is None:
             return
+        self._idle_agents.discard(agent)  # the sweep must not take its links meanwhile
         for record in self.directory.of_agent(agent):
             key = (agent, record.identity)
             if key in self.links_by_key or self._local_server(agent, record.identity):
@@ -662,8 +763,17 @@ class ClusterNode:
                 remote_server=True,
                 task_status=task_status,
             )
+        except Exception:
+            # One tunnel's failure ends that tunnel, never the relay.
+            log.exception("cluster node %s: link to %s failed", self.node, link.identity)
         finally:
             self._forget(link)
+            if not link.settled:  # it ended without telling: the other end lets go too
+                link.settled = True
+                message = BusMessage(
+                    CLOSE_FROM_CALLERS, self.node, link.tunnel, link.agent, link.identity
+                )
+                self._send_nowait(link.node, message)
 
     def _close_link(self, link: ServerLink, code: int, reason: str) -> None:
         self._forget(link)
@@ -689,8 +799,17 @@ class ClusterNode:
                 target=link.identity,
                 remote=f"cluster node {link.node}",
             )
+        except Exception:
+            log.exception("cluster node %s: tunnel from %s failed", self.node, link.node)
         finally:
             forget()
+            if not link.settled:  # it ended without telling: what the other end awaits
+                link.settled = True  # will not come, and it must hear so
+                tunnel = (link.node, link.tunnel, link.agent, link.identity)
+                if self._up:
+                    self._tell_closed(*tunnel, "the tunnel ended")
+                else:
+                    self._untold.add(tunnel)
 
     def _on_bus(self, message: BusMessage) -> None:
         self.frames_received += 1
@@ -698,6 +817,12 @@ class ClusterNode:
         if kind == TO_SERVER:
             key = (message.node, message.tunnel)
             caller: CallerLink | None = self.caller_links.get(key)
+            if caller is not None and (caller.agent, caller.identity) != (
+                message.agent,
+                message.identity,
+            ):
+                caller.end(1000, "tunnel reused")  # never another agent's frames
+                caller = None
             if caller is None:
                 if self._nursery is None or not self._up:
                     # Its answers could not be sent: the other end hears so when we are up.
@@ -712,7 +837,7 @@ class ClusterNode:
             caller.deliver(message.frame)
         elif kind == TO_CALLERS:
             link = self.server_links.get(message.tunnel)
-            if link is None or link.node != message.node:
+            if link is None or link.node != message.node or link.agent != message.agent:
                 # A tunnel this node no longer has: the other end lets go of it.
                 self._send_nowait(
                     message.node,
@@ -729,10 +854,12 @@ class ClusterNode:
         elif kind == CLOSE_FROM_CALLERS:
             gone = self.caller_links.pop((message.node, message.tunnel), None)
             if gone is not None:
+                gone.settled = True
                 gone.end(1000, f"node {message.node} closed the tunnel")
         elif kind == CLOSE_FROM_SERVER:
             link = self.server_links.get(message.tunnel)
             if link is not None and link.node == message.node:
+                link.settled = False  # the next frame opens a new tunnel: not yet told
                 why = message.frame.decode(errors="replace") or "closed"
                 link.fail_inflight(
                     f"node {message.node} closed the tunnel: {why}", CONNECTION_ERROR
@@ -745,6 +872,13 @@ class ClusterNode:
 
 def _key(record: ServerRecord) -> tuple[str, str]:
     return (record.agent, record.identity)
+
+
+def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 def _describe(exc: BaseException) -> str:

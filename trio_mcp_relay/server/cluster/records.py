@@ -104,10 +104,23 @@ class ServerRecord:
     server_id: str | None
     initialize: Mapping[str, Any]
     items: Mapping[str, tuple[Any, ...]]
+    #: Orders the records one connection publishes (it lists again): ``version`` names
+    #: the connection (a newer one replaces it), ``revision`` its latest lists.
+    revision: int = 0
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.version, self.revision)
 
     @classmethod
     def of(
-        cls, agent: str, view: ServerView, server_id: str | None, node: str, version: int
+        cls,
+        agent: str,
+        view: ServerView,
+        server_id: str | None,
+        node: str,
+        version: int,
+        revision: int = 0,
     ) -> ServerRecord:
         """The record of a ready server from the catalog's view of it."""
         result: dict[str, Any] = {"capabilities": dict(view.capabilities)}
@@ -116,7 +129,7 @@ class ServerRecord:
         if view.instructions is not None:
             result["instructions"] = view.instructions
         items = {kind.value: tuple(view.items.get(kind, ())) for kind in Kind}
-        return cls(agent, view.identity, node, version, server_id, result, items)
+        return cls(agent, view.identity, node, version, server_id, result, items, revision)
 
     def owner(self) -> bytes:
         """The first line of the stored value: who holds the lease, at which version."""
@@ -131,6 +144,7 @@ class ServerRecord:
             "server_id": self.server_id,
             "initialize": self.initialize,
             "items": {k: list(v) for k, v in self.items.items()},
+            "revision": self.revision,
         }
         return self.owner() + dumps(body)  # exact: a schema may hold huge integers
 
@@ -149,6 +163,7 @@ class ServerRecord:
                 obj["server_id"] if isinstance(obj["server_id"], str) else None,
                 dict(obj["initialize"]),
                 {k: tuple(v) for k, v in items.items() if isinstance(v, list)},
+                int(obj.get("revision", 0)),
             )
         except (FrameError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a server record: {exc}") from None
@@ -178,6 +193,8 @@ class NodeRecord:
     tool_requests: Mapping[str, int] = attrs.field(factory=dict)
     tools: int = 0
     http_sessions: int = 0
+    #: The name operators gave it (``node`` is that, and a suffix of its process).
+    name: str = ""
 
     def encode(self) -> bytes:
         return orjson.dumps(attrs.asdict(self))
@@ -195,6 +212,7 @@ class NodeRecord:
                 {str(k): int(v) for k, v in obj.get("tool_requests", {}).items()},
                 int(obj.get("tools", 0)),
                 int(obj.get("http_sessions", 0)),
+                str(obj.get("name", "")),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a node record: {exc}") from None
@@ -288,6 +306,10 @@ class Directory:
         self.records: dict[tuple[str, str], ServerRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self._by_agent: dict[str, dict[str, ServerRecord]] = {}
+        #: Ticks on each event applied; when each server was last changed by one. A full
+        #: read started before an event must not undo it.
+        self.generation = 0
+        self._stamps: dict[tuple[str, str], int] = {}
 
     def of_agent(self, agent: str) -> list[ServerRecord]:
         return list(self._by_agent.get(agent, {}).values())
@@ -307,39 +329,62 @@ class Directory:
             del self._by_agent[key[0]]
         return record
 
+    def _stamp(self, key: tuple[str, str]) -> None:
+        self.generation += 1
+        self._stamps[key] = self.generation
+
+    def _fresh(self, key: tuple[str, str], since: int | None) -> bool:
+        """Whether an event changed ``key`` after generation ``since``."""
+        return since is not None and self._stamps.get(key, 0) > since
+
     def up(self, record: ServerRecord) -> list[Change]:
+        """An event: ``record`` was claimed (ignored if not newer than what is known)."""
         key = (record.agent, record.identity)
         before = self.records.get(key)
-        if before is not None and before.version >= record.version:
+        if before is not None and before.order >= record.order:
             return []
         self._put(record)
+        self._stamp(key)
         return [Change(record.agent, record.identity, record, before)]
 
     def down(self, agent: str, identity: str, version: int) -> list[Change]:
+        """An event: the claim of this version was released."""
         key = (agent, identity)
         before = self.records.get(key)
         if before is None or before.version != version:
             return []
         self._drop(key)
+        self._stamp(key)
         return [Change(agent, identity, None, before)]
 
-    def replace(self, records: Iterable[ServerRecord]) -> list[Change]:
-        """Redis holds exactly ``records``: newer ones replace, missing ones leave."""
+    def replace(self, records: Iterable[ServerRecord], since: int | None = None) -> list[Change]:
+        """Redis holds exactly ``records`` (read from generation ``since`` on): others
+        leave, differing ones replace ours, except where an event applied during the read
+        knows better."""
         fresh = {(r.agent, r.identity): r for r in records}
         changes: list[Change] = []
-        for key in [k for k in self.records if k not in fresh]:
+        for key in [k for k in self.records if k not in fresh and not self._fresh(k, since)]:
             changes.append(Change(key[0], key[1], None, self._drop(key)))
         for key, record in fresh.items():
             known = self.records.get(key)
-            if known != record:
+            if known != record and not self._fresh(key, since):
                 self._put(record)
                 changes.append(Change(key[0], key[1], record, known))
+        if since is not None:  # stamps older than this read are of no more use
+            self._stamps = {k: g for k, g in self._stamps.items() if g > since}
         return changes
 
-    def nodes_alive(self, nodes: Mapping[str, NodeRecord]) -> list[Change]:
-        """These nodes hold a lease now; the servers of any other node leave."""
+    def nodes_alive(
+        self, nodes: Mapping[str, NodeRecord], since: int | None = None
+    ) -> list[Change]:
+        """These nodes hold a lease now (read from generation ``since`` on); the servers of
+        any other node leave, unless an event brought them during the read."""
         self.nodes = dict(nodes)
-        gone = [key for key, record in self.records.items() if record.node not in nodes]
+        gone = [
+            key
+            for key, record in self.records.items()
+            if record.node not in nodes and not self._fresh(key, since)
+        ]
         return [Change(key[0], key[1], None, self._drop(key)) for key in gone]
 
     def callers_elsewhere(self, agent: str, me: str) -> int:

@@ -92,6 +92,10 @@ class Store:
             event = [record.agent, record.identity, record.node, record.version]
             await self.client.publish(self.keys.events, b"d" + orjson.dumps(event))
 
+    async def reset(self, node: str) -> None:
+        """Tell every node that frames sent to ``node`` may have been lost."""
+        await self.client.publish(self.keys.events, b"r" + node.encode())
+
     async def heartbeat(self, node: NodeRecord, records: Sequence[ServerRecord]) -> list[int]:
         """Renew this node's lease and its servers'; per record, 1 renewed, 0 lapsed (put it
         again), -1 another node holds it now."""

@@ -442,3 +442,38 @@ async def test_each_node_serves_its_own_embedded_tools_and_a_restart_is_a_new_no
                     assert (await answer_of(caller, 1))["result"]["embedded"] is True
                 assert (await connections(relay))["cluster"]["tunnels"]["to_servers"] == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_the_tool_requests_limit_holds_for_the_cluster(redis: RedisServer) -> None:
+    """``max_tool_requests`` (requests of an agent's servers awaiting a caller) counts those
+    awaiting on every node: one waits on A, so a second, on B, is refused -32007."""
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            a = await start_node(nursery, redis, "A", max_tool_requests=1)
+            b = await start_node(nursery, redis, "B", max_tool_requests=1)
+            sampling = {**INIT, "capabilities": {"sampling": {}}}
+            async with (
+                peer(a.tool_url(AGENT) + "&server_id=one") as one,
+                peer(b.tool_url(AGENT) + "&server_id=two") as two,
+                peer(a.caller_url(AGENT)) as on_a,
+                peer(b.caller_url(AGENT)) as on_b,
+            ):
+                await initialize_tool(one, name="one", tools=["one_wait"])
+                await initialize_tool(two, name="two", tools=["two_wait"])
+                await knows_servers(a, 1)
+                await knows_servers(b, 1)
+                for caller in (on_a, on_b):
+                    await send(caller, request(0, "initialize", sampling))
+                    await answer_of(caller, 0)
+                await send(on_a, request("a", "tools/call", {"name": "one_wait"}))
+                await one.get_message()
+                await send(one, request("s1", "sampling/createMessage", {"messages": []}))
+                assert (await recv(on_a))["method"] == "sampling/createMessage"  # unanswered
+
+                await trio.sleep(2 * LEASE / 3)  # A's next heartbeats carry its count
+                await send(on_b, request("b", "tools/call", {"name": "two_wait"}))
+                await two.get_message()
+                await send(two, request("s2", "sampling/createMessage", {"messages": []}))
+                refused = json.loads(await two.get_message())
+                assert refused["id"] == "s2" and refused["error"]["code"] == -32007, refused
+            nursery.cancel_scope.cancel()

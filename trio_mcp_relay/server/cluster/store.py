@@ -11,11 +11,24 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 import coredis
+import coredis.exceptions
 import orjson
+import trio
 
 from .records import Keys, NodeRecord, ServerRecord
 
-__all__ = ["Store"]
+__all__ = ["REDIS_ERRORS", "Store", "describe"]
+
+#: What a Redis command raises when Redis cannot be reached (or answers too late).
+REDIS_ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
+
+
+def describe(exc: BaseException) -> str:
+    """An error of Redis, in words for logs and JSON-RPC errors."""
+    if isinstance(exc, trio.TooSlowError):
+        return "Redis did not answer in time"
+    return str(exc) or type(exc).__name__
+
 
 #: Renew each key whose value starts with its expected owner line; 1 renewed, 0 missing,
 #: -1 held by another node now.

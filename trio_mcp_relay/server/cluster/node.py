@@ -10,16 +10,17 @@ makes several nodes one endpoint:
   the new one.
 * **Leases** (:mod:`.claims`). A server that becomes ready on a node is *claimed* in Redis:
   a key holding its record (identity, ``initialize`` result, every list), with a version
-  drawn for its connection and a revision for each listing. A heartbeat every ``min(1, lease/3)`` s renews it with the node's own lease; a node that
-  dies stops renewing, and its keys lapse after ``--cluster-lease`` seconds. A newer claim
-  of the same identity (a tool that reconnected elsewhere) replaces the older, which its
-  node closes ``4001``, as one node does for two connections of one identity.
+  drawn for its connection and a revision for each listing. A heartbeat every
+  ``min(1, lease/3)`` s renews it with the node's own lease; a node that dies stops
+  renewing, and its keys lapse after ``--cluster-lease`` seconds. A newer claim of the same
+  identity (a tool that reconnected elsewhere) replaces the older, which its node closes
+  ``4001``, as one node does for two connections of one identity.
 * **The directory.** Every node mirrors every record: from the ``events`` channel as they
   change, and from a full read every ``max(2, lease/2)`` s that catches what an event
   missed. A node polls the node leases every ``min(0.5, lease/4)`` s; the servers of a node
   whose lease lapsed leave its directory at once.
-* **Links** (:mod:`.tunnels`). When a caller of an agent arrives, the agent's servers on other nodes join its
-  session here first, each as a :class:`~.links.ServerLink` (answered ``initialize`` and
+* **Links** (:mod:`.tunnels`). When a caller of an agent arrives, the agent's servers on
+  other nodes join its session here first, each as a :class:`~.links.ServerLink` (answered ``initialize`` and
   lists from its record: no frame leaves the node for ``tools/list``). Frames for a server
   elsewhere go over the bus to a :class:`~.links.CallerLink` there, created on the first
   frame of each tunnel. A server that leaves the directory closes its links: their requests

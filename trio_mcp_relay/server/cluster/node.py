@@ -20,8 +20,9 @@ makes several nodes one endpoint:
   missed. A node polls the node leases every ``min(0.5, lease/4)`` s; the servers of a node
   whose lease lapsed leave its directory at once.
 * **Links** (:mod:`.tunnels`). When a caller of an agent arrives, the agent's servers on
-  other nodes join its session here first, each as a :class:`~.links.ServerLink` (answered ``initialize`` and
-  lists from its record: no frame leaves the node for ``tools/list``). Frames for a server
+  other nodes join its session here first, each as a :class:`~.links.ServerLink`
+  (answered ``initialize`` and lists from its record: no frame leaves the node for
+  ``tools/list``). Frames for a server
   elsewhere go over the bus to a :class:`~.links.CallerLink` there, created on the first
   frame of each tunnel. A server that leaves the directory closes its links: their requests
   in flight are answered ``-32003`` and callers get ``list_changed``.

@@ -27,6 +27,7 @@ from trio_websocket import WebSocketConnection
 
 from tests.helpers import KEY, http_get, initialize_tool, peer, recv, request, send
 from tests.redis import RedisServer, free_port
+from tests.test_cluster import INIT
 from tests.test_http_clients import exercise
 from tests.test_real_clients import CALLER, child_env, expect_ready, spawn, write_config
 from trio_mcp_relay._auth import caller_url, tool_url, with_route
@@ -44,11 +45,6 @@ pytestmark = [
 
 LEASE = 2.0
 AGENT = "faults-agent"
-INIT = {
-    "protocolVersion": "2025-06-18",
-    "capabilities": {},
-    "clientInfo": {"name": "t", "version": "1"},
-}
 #: The SDK server takes about 1.5 s to start; a loaded machine gets room.
 INIT_TIMEOUT = "30"
 

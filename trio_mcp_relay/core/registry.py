@@ -39,9 +39,20 @@ from .middleware import Middleware
 from .session import AgentFilters, Caller, Deadlines, Policy, Server, Session
 from .tally import Tally
 
-__all__ = ["Router"]
+__all__ = ["Router", "reference_counts"]
 
 log = logging.getLogger("trio_mcp_relay.routing")
+
+
+def reference_counts(tools: int, callers_by_agent: dict[str, int]) -> dict[str, Any]:
+    """Connection counts in the reference server's health-check shape."""
+    callers = sum(callers_by_agent.values())
+    return {
+        "tool_connections": tools,
+        "robot_connections": callers,
+        "total_connections": tools + callers,
+        "robot_connections_by_agent": callers_by_agent,
+    }
 
 
 def _own_callers(session: Session) -> int:
@@ -205,13 +216,7 @@ class Router:
         sessions = self._sessions.values()
         by_agent = {s.name: n for s in sessions if (n := _own_callers(s))}
         tools = sum(1 for s in sessions for server in s.servers.values() if not server.remote)
-        callers = sum(by_agent.values())
-        return {
-            "tool_connections": tools,
-            "robot_connections": callers,
-            "total_connections": tools + callers,
-            "robot_connections_by_agent": by_agent,
-        }
+        return reference_counts(tools, by_agent)
 
     def servers(self) -> dict[str, list[dict[str, Any]]]:
         """Per agent that has servers, each server's identity (None while unknown), ready,

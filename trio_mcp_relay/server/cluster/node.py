@@ -64,6 +64,7 @@ from coredis.retry import (
 
 from ..._config import RelayConfig, redact_url
 from ..._routing import CLOSE_REPLACED, Router
+from ...core.registry import reference_counts
 from ..dispatch import Dispatcher
 from .claims import Claims
 from .links import CallerLink
@@ -253,14 +254,7 @@ class ClusterNode:
         for n in nodes.values():
             for agent, count in n.callers.items():
                 by_agent[agent] = by_agent.get(agent, 0) + count
-        tools = sum(n.tools for n in nodes.values())
-        callers = sum(by_agent.values())
-        return {
-            "tool_connections": tools,
-            "robot_connections": callers,
-            "total_connections": tools + callers,
-            "robot_connections_by_agent": by_agent,
-        }
+        return reference_counts(sum(n.tools for n in nodes.values()), by_agent)
 
     # ---------------------------------------------------------------- running
 

@@ -220,7 +220,8 @@ async def servers_by_agent(redis_port: int) -> dict[int, str]:
             value = await client.get(key)
             if value:
                 record = json.loads(value.partition(b"\n")[2])
-                out[int(record["agent"].split("-")[1])] = record["node"]
+                # A node's id is its name and a suffix of its process.
+                out[int(record["agent"].split("-")[1])] = record["node"].partition("~")[0]
     return out
 
 

@@ -198,11 +198,18 @@ class RecordingBus:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, BusMessage]] = []
+        self.wanted: list[Any] = []
         self.up = True
         self.down_reason = "the cluster bus is unreachable (Redis at redis://r: refused)"
 
-    async def send(self, to: str, message: BusMessage, failed: Any = None) -> None:
+    async def send(
+        self, to: str, message: BusMessage, failed: Any = None, wanted: Any = None
+    ) -> None:
         self.sent.append((to, message))
+        self.wanted.append(wanted)
+
+    def lost(self, link: Any) -> None:
+        raise AssertionError("only caller links are lost")
 
 
 def calc(node: str = "A", version: int = 1, tools: tuple[str, ...] = ("add",)) -> ServerRecord:
@@ -268,8 +275,12 @@ async def test_a_server_link_forwards_the_rest_and_answers_it_itself_when_the_bu
             ("A", TO_SERVER, 7, cancel),
         ]
         assert list(link.inflight) == [5]
-        # The bus goes down: what is in flight is answered here, -32002 with the cause.
+        # Request 6 was cancelled before it left: it is not sent at all (its cancellation is).
+        assert [w() for w in bus.wanted] == [True, False, True]
+        # The bus goes down: what is in flight is answered here, -32002 with the cause,
+        # and a request still queued then is not wanted any more (it must not run).
         link.fail_inflight(bus.down_reason)
+        assert [w() for w in bus.wanted] == [False, False, True]
         (failed,) = await frames(link)
         assert failed["id"] == 5 and failed["error"]["code"] == -32002
         assert "Redis" in failed["error"]["data"]

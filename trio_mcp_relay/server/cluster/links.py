@@ -71,7 +71,11 @@ class Bus(Protocol):
     def down_reason(self) -> str: ...
 
     async def send(
-        self, to: str, message: BusMessage, failed: Callable[[str], None] | None = None
+        self,
+        to: str,
+        message: BusMessage,
+        failed: Callable[[str], None] | None = None,
+        wanted: Callable[[], bool] | None = None,
     ) -> None: ...
 
     def lost(self, link: CallerLink) -> None: ...
@@ -247,13 +251,21 @@ class ServerLink(_Link):
         elif method == CANCELLED and isinstance(params, dict):
             self.inflight.pop(params.get("requestId"), None)
 
+        request = method is not None and rid is not MISSING
+        tunnel = self.tunnel
+
         def failed(why: str) -> None:
-            if method is not None and rid is not MISSING and rid in self.inflight:
+            if request and rid in self.inflight:
                 del self.inflight[rid]
                 self._fail(rid, f"cross-node request failed: {why}")
 
+        def wanted() -> bool:
+            # Not on a tunnel renumbered meanwhile (its other end is gone), and not a
+            # request answered here meanwhile (it must not run at the tool any more).
+            return self.tunnel == tunnel and (not request or rid in self.inflight)
+
         self.sent += 1
-        await self.bus.send(self.record.node, self._message(TO_SERVER, data), failed)
+        await self.bus.send(self.record.node, self._message(TO_SERVER, data), failed, wanted)
 
     def _fail(self, rid: Any, why: str, code: int = FORWARD_FAILED) -> None:
         message = "Forward failed" if code == FORWARD_FAILED else "Connection error"
@@ -319,7 +331,13 @@ class CallerLink(_Link):
             self.bus.lost(self)
             return
         for data in messages:
-            await self.bus.send(self.node, self._message(TO_CALLERS, data))
+            await self.bus.send(self.node, self._message(TO_CALLERS, data), self._unheard)
+
+    def _unheard(self, why: str) -> None:
+        """The callers' node did not get a frame (it is not listening): end the tunnel, so
+        that what ran for it is cancelled at the tools and nothing waits for it."""
+        log.info("agent %s: cluster tunnel from %s ends: %s", self.agent, self.node, why)
+        self.end(1011, "the callers' node is not listening")
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """The relay closes this caller (shutdown, the bus lost): the other end answers

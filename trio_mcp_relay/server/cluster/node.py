@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+import attrs
 import coredis
 import coredis.exceptions
 import orjson
@@ -69,6 +70,8 @@ from ..dispatch import Dispatcher
 from .claims import Claims
 from .links import CallerLink
 from .records import (
+    CLOSE_FROM_CALLERS,
+    CLOSE_FROM_SERVER,
     BusMessage,
     Change,
     Directory,
@@ -94,7 +97,20 @@ RETRY: Final = 0.5
 CLOSE_NODE_GONE: Final = 1001
 CLOSE_BUS_LOST: Final = 1011
 
-Outgoing = tuple[str, BusMessage, Callable[[str], None] | None]
+
+@attrs.define(slots=True)
+class Outgoing:
+    """A message for another node, waiting to be published."""
+
+    to: str
+    message: BusMessage
+    #: Told why, when it could not be delivered (a request is then answered here).
+    failed: Callable[[str], None] | None = None
+    #: Asked just before publishing: False drops it (its tunnel was renumbered, or its
+    #: request answered meanwhile: it must not run at the tool any more).
+    wanted: Callable[[], bool] | None = None
+    #: Took one of the queue's places (a link's frame; control messages take none).
+    counted: bool = False
 
 
 class ClusterNode:
@@ -135,15 +151,18 @@ class ClusterNode:
         self.poll_interval = min(0.5, self.lease / 4)
         self.resync_interval = max(2.0, self.lease / 2)
         self._http_sessions = http_sessions
-        #: Control messages that found the outgoing queue full: sent first, never dropped.
-        self._urgent: list[Outgoing] = []
+        #: Close messages that could not be published: sent when the bus is up again.
+        self._unsent: list[tuple[str, BusMessage]] = []
         #: Tell the others that frames sent to this node may have been lost (it re-subscribed
         #: or came back): they answer what they await from it.
         self._reset_pending = False
         self._was_up = False
         self._up = False
         self._down_reason = "not connected to Redis yet"
-        self._out_send, self._out = trio.open_memory_channel[Outgoing](OUTGOING_SIZE)
+        # One queue in order; links' frames wait for room (at most OUTGOING_SIZE), control
+        # messages never wait and are never dropped.
+        self._out_send, self._out = trio.open_memory_channel[Outgoing](math.inf)
+        self._room = trio.Semaphore(OUTGOING_SIZE)
         self._store: Store | None = None
         self._nursery: trio.Nursery | None = None
         self._subscribed = trio.Event()
@@ -171,18 +190,21 @@ class ClusterNode:
         return self._down_reason
 
     async def send(
-        self, to: str, message: BusMessage, failed: Callable[[str], None] | None = None
+        self,
+        to: str,
+        message: BusMessage,
+        failed: Callable[[str], None] | None = None,
+        wanted: Callable[[], bool] | None = None,
     ) -> None:
-        await self._out_send.send((to, message, failed))
+        await self._room.acquire()
+        self._out_send.send_nowait(Outgoing(to, message, failed, wanted, counted=True))
 
     def lost(self, link: CallerLink) -> None:
         self.tunnels.lost(link)
 
     def send_nowait(self, to: str, message: BusMessage) -> None:
-        try:
-            self._out_send.send_nowait((to, message, None))
-        except trio.WouldBlock:
-            self._urgent.append((to, message, None))  # the sender is busy: it comes back
+        """A control message (a tunnel's close): queued in order, never waits."""
+        self._out_send.send_nowait(Outgoing(to, message))
 
     # ---------------------------------------------------------------- counts and limits
 
@@ -334,6 +356,13 @@ class ClusterNode:
                         self.claims.mark(record.agent, record.identity)  # lapsed: claim it again
                 if not self._up and self._subscribed.is_set():
                     self._come_up()
+                    if self._reset_pending:  # at once: others may send to us already
+                        try:
+                            with trio.fail_after(self.heartbeat_interval * 2):
+                                await store.reset(self.node)
+                            self._reset_pending = False
+                        except REDIS_ERRORS as exc:
+                            self._set_down(describe(exc))
             await trio.sleep(self.heartbeat_interval)
 
     def _come_up(self) -> None:
@@ -341,12 +370,16 @@ class ClusterNode:
         log.info("cluster node %s: connected to Redis; the bus is up", self.node)
         # Others may still be claiming theirs again: judge node leases after a while.
         self._settle_until = trio.current_time() + 2 * self.heartbeat_interval
-        for agent, identity in self.claims.ready():
+        # Everything claimed or to claim: those that left meanwhile are released now.
+        for agent, identity in {*self.claims.ready(), *self.claims.local}:
             self.claims.mark(agent, identity)
         if self._was_up:  # back after a loss: frames sent to it meanwhile may be lost
             self._reset_pending = True
         self._was_up = True
         self.tunnels.tell_untold()
+        unsent, self._unsent = self._unsent, []
+        for to, message in unsent:
+            self.send_nowait(to, message)
         self._resync.set()
 
     def _set_down(self, reason: str) -> None:
@@ -407,7 +440,7 @@ class ClusterNode:
                     else:
                         for one in decode_batch(data):
                             self.tunnels.on_bus(one)
-                except ValueError as exc:
+                except (ValueError, TypeError, KeyError) as exc:
                     log.debug("cluster node %s: ignored a message: %s", self.node, exc)
 
     async def _sender(self) -> None:
@@ -416,44 +449,49 @@ class ClusterNode:
         store = self._store
         assert store is not None
         while True:
-            batch = [] if self._urgent else [await self._out.receive()]
+            batch = [await self._out.receive()]
             while len(batch) < BATCH:
                 try:
                     batch.append(self._out.receive_nowait())
                 except trio.WouldBlock:
                     break
-            if self._urgent:
-                batch += self._urgent
-                self._urgent = []
+            for item in batch:
+                if item.counted:
+                    self._room.release()
+            batch = [item for item in batch if item.wanted is None or item.wanted()]
             if not self._up:
                 # Requests queued before the bus went down were answered -32002 then: they
-                # must not run at their tool now.
-                for _, _, failed in batch:
-                    if failed is not None:
-                        failed(self._down_reason)
-                batch = [item for item in batch if item[2] is None]
-                if not batch:
-                    continue
+                # must not run at their tool now; closes wait for the bus.
+                self._undelivered(batch, self._down_reason)
+                continue
+            if not batch:
+                continue
             by_node: dict[str, list[Outgoing]] = {}
             for item in batch:
-                by_node.setdefault(item[0], []).append(item)
+                by_node.setdefault(item.to, []).append(item)
             groups = list(by_node.items())
-            payloads = [(to, encode_batch(m for _, m, _ in items)) for to, items in groups]
+            payloads = [(to, encode_batch(i.message for i in items)) for to, items in groups]
             try:
                 with trio.fail_after(self.heartbeat_interval * 2):
                     reached = await store.publish(payloads)
             except REDIS_ERRORS as exc:
                 self._set_down(describe(exc))
-                for _, _, failed in batch:
-                    if failed is not None:
-                        failed(self._down_reason)
+                self._undelivered(batch, self._down_reason)
                 continue
             self.frames_sent += len(batch)
             for (to, items), count in zip(groups, reached, strict=True):
                 if count == 0:
-                    for _, _, failed in items:
-                        if failed is not None:
-                            failed(f"node {to} is not listening on the cluster bus")
+                    for item in items:
+                        if item.failed is not None:
+                            item.failed(f"node {to} is not listening on the cluster bus")
+
+    def _undelivered(self, items: list[Outgoing], why: str) -> None:
+        """These could not be published: requests are answered, closes kept for later."""
+        for item in items:
+            if item.failed is not None:
+                item.failed(why)
+            elif item.message.kind in (CLOSE_FROM_CALLERS, CLOSE_FROM_SERVER):
+                self._unsent.append((item.to, item.message))
 
     # ---------------------------------------------------------------- the directory
 
@@ -494,7 +532,11 @@ class ClusterNode:
                     if self._resync.is_set() or now - last >= self.resync_interval:
                         self._resync = trio.Event()
                         last = now
-                        records = [r for r in await store.servers() if r.node != self.node]
+                        records = [
+                            r
+                            for r in await store.servers()
+                            if r.node != self.node and r.node in nodes  # a dead node's last
+                        ]
                         if now >= self._settle_until:
                             self._react(self.directory.replace(records, since))
                         else:
@@ -528,6 +570,9 @@ class ClusterNode:
             if mine is not None:
                 if mine.version > record.version:
                     continue  # ours is newer: theirs is being replaced
+                if mine.version == record.version and self.node > record.node:
+                    self.claims.mark(change.agent, change.identity)  # a tie: ours, again
+                    continue
                 del self.claims.local[key]
                 self.claims.versions.pop(key, None)
                 self.claims.close_local(change.agent, change.identity, record.node)

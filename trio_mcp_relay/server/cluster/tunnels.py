@@ -41,6 +41,8 @@ log = logging.getLogger("trio_mcp_relay.cluster")
 
 CLOSE_NODE_GONE: Final = 1001
 CLOSE_BUS_LOST: Final = 1011
+#: Ended tunnels remembered per node (a late frame of an older one would open it again).
+ENDED_KEPT: Final = 4096
 
 
 class Tunnels:
@@ -67,8 +69,17 @@ class Tunnels:
         #: know yet: (node, tunnel, agent, identity).
         self._untold: set[tuple[str, int, str, str]] = set()
         self.frames_received = 0
+        #: Per node, the tunnels from it that ended here (never opened again by a late
+        #: frame); the most recent ENDED_KEPT of each.
+        self._ended: dict[str, dict[tuple[str, int], None]] = {}
         #: Where links run (the relay's connections nursery), once the node runs.
         self.nursery: trio.Nursery | None = None
+
+    def _ended_tunnel(self, node: str, tunnel: int) -> None:
+        ended = self._ended.setdefault(node, {})
+        ended[(node, tunnel)] = None
+        if len(ended) > ENDED_KEPT:
+            del ended[next(iter(ended))]
 
     def tell_untold(self) -> None:
         """The bus is up again: the tunnels that ended while it was down are told."""
@@ -81,6 +92,8 @@ class Tunnels:
         for (node, _), link in list(self.caller_links.items()):
             if node not in alive:
                 link.end(CLOSE_NODE_GONE, f"node {node} left the cluster")
+        for node in [n for n in self._ended if n not in alive]:
+            del self._ended[node]
 
     def drop(self, why: str, tell: bool = False) -> None:
         """Answer every request in flight over the bus here, and end every tunnel from other
@@ -90,6 +103,7 @@ class Tunnels:
             server.fail_inflight(why)
         for link in list(self.caller_links.values()):
             if tell:
+                link.settled = True
                 self.tell_closed(link.node, link.tunnel, link.agent, link.identity, why)
             else:
                 self._untold.add((link.node, link.tunnel, link.agent, link.identity))
@@ -226,13 +240,11 @@ class Tunnels:
             log.exception("cluster node %s: tunnel from %s failed", self.node, link.node)
         finally:
             forget()
+            self._ended_tunnel(link.node, link.tunnel)
             if not link.settled:  # it ended without telling: what the other end awaits
-                link.settled = True  # will not come, and it must hear so
-                tunnel = (link.node, link.tunnel, link.agent, link.identity)
-                if self.cluster.up:
-                    self.tell_closed(*tunnel, "the tunnel ended")
-                else:
-                    self._untold.add(tunnel)
+                link.settled = True  # will not come, and it must hear so (now, or when the
+                # bus is up again: the sender keeps closes it could not publish)
+                self.tell_closed(link.node, link.tunnel, link.agent, link.identity, "ended")
 
     def on_bus(self, message: BusMessage) -> None:
         self.frames_received += 1
@@ -246,6 +258,11 @@ class Tunnels:
             ):
                 caller.end(1000, "tunnel reused")  # never another agent's frames
                 caller = None
+            if caller is None and key in self._ended.get(message.node, ()):
+                # A frame sent before the other end heard this tunnel had ended: it must
+                # not open it again (its request was answered there already).
+                self.tell_closed(*key, message.agent, message.identity, "the tunnel ended")
+                return
             if caller is None:
                 if self.nursery is None or not self.cluster.up:
                     # Its answers could not be sent: the other end hears so when we are up.
@@ -276,6 +293,7 @@ class Tunnels:
             link.deliver(message.frame)
         elif kind == CLOSE_FROM_CALLERS:
             gone = self.caller_links.pop((message.node, message.tunnel), None)
+            self._ended_tunnel(message.node, message.tunnel)
             if gone is not None:
                 gone.settled = True
                 gone.end(1000, f"node {message.node} closed the tunnel")

@@ -294,8 +294,8 @@ async def test_a_server_connecting_on_another_node_replaces_the_older_connection
                             while True:
                                 await old.get_message()
                         except ConnectionClosed as exc:
-                            assert exc.reason.code == 4001
-                            assert "on node B" in (exc.reason.reason or "")
+                            assert exc.reason.code == 4001, exc.reason
+                            assert "on node B" in (exc.reason.reason or ""), exc.reason
                     # The caller on A now reaches the server on B.
                     nursery.start_soon(tool_answers, new, lambda f: {"content": [], "node": "B"})
 

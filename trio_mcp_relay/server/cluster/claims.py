@@ -11,6 +11,7 @@ tools are never claimed: every node runs its own.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -53,6 +54,14 @@ class Claims:
         self.draining = False
 
     def watch(self, agent: str, identity: str) -> None:
+        """The routing core's watcher: a server changed. A connection seen ready for the
+        first time gets its version now, from this machine's clock, so that of two
+        connections of one identity the one that came later wins even when its claim
+        reaches Redis first (this node's bus was down, say)."""
+        server = self.local_server(agent, identity)
+        key = (agent, identity)
+        if server is not None and self.versions.get(key, (None, 0))[0] != server.conn:
+            self.versions[key] = (server.conn, time.time_ns() // 1000)
         self.mark(agent, identity)
 
     def mark(self, agent: str, identity: str) -> None:
@@ -114,11 +123,12 @@ class Claims:
         if self.local_server(agent, identity) is not server:
             self.mark(agent, identity)  # it changed meanwhile: once more
             return
-        # The version names the connection (drawn once for it: what decides which of two
-        # connections of one identity is newer); the revision its latest lists.
+        # The version names the connection (given once, when it was first ready: what
+        # decides which of two connections of one identity is newer); the revision (Redis's
+        # clock) its latest lists.
         conn, version = self.versions.get(key, (None, 0))
         if conn != server.conn:
-            version = revision
+            version = time.time_ns() // 1000
             self.versions[key] = (server.conn, version)
         record = ServerRecord.of(
             agent, view, server.server_id, self.cluster.node, version, revision

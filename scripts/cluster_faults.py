@@ -46,7 +46,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 
-from loadgen import free_port, start  # noqa: E402
+from loadgen import free_port, relay_command, start  # noqa: E402
 
 from trio_mcp_relay._auth import caller_url, tool_url  # noqa: E402
 
@@ -279,28 +279,9 @@ async def main(args: argparse.Namespace) -> int:
         try:
             for n in NODES:
                 command = [
-                    sys.executable,
-                    "-m",
-                    "trio_mcp_relay",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(ports[n]),
-                    "--key",
-                    key,
-                    "--data-dir",
-                    f"{tmp}/{n}",
-                    "--cluster",
-                    f"redis://127.0.0.1:{redis_port}/0",
-                    "--cluster-node",
-                    n,
-                    "--cluster-lease",
-                    str(args.lease),
-                    "--log-level",
-                    "WARNING",
-                    "--init-timeout",
-                    "30",
+                    *relay_command(ports[n], key),  # on 127.0.0.1, quiet, a data dir of its own
+                    *["--cluster", f"redis://127.0.0.1:{redis_port}/0", "--cluster-node", n],
+                    *["--cluster-lease", str(args.lease), "--init-timeout", "30"],
                 ]
                 log = (directory / f"node-{n}.log").open("wb")
                 processes[n] = subprocess.Popen(  # noqa: ASYNC220 (before any traffic)

@@ -50,6 +50,11 @@ async def start_node(
     )
 
 
+async def two_nodes(nursery: trio.Nursery, redis: RedisServer) -> tuple[RunningRelay, RunningRelay]:
+    """Nodes A and B of one cluster, in this process."""
+    return await start_node(nursery, redis, "A"), await start_node(nursery, redis, "B")
+
+
 async def connections(relay: RunningRelay) -> dict[str, Any]:
     response = await http_get(relay.port, f"/mcp_endpoint/health?key={KEY}")
     return response.json()["result"]["connections"]  # type: ignore[no-any-return]
@@ -122,8 +127,7 @@ async def test_a_caller_on_one_node_lists_and_calls_a_tool_on_another_with_progr
 ) -> None:
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            a = await start_node(nursery, redis, "A")
-            b = await start_node(nursery, redis, "B")
+            a, b = await two_nodes(nursery, redis)
             async with peer(a.tool_url(AGENT)) as tool:
                 await initialize_tool(tool, name="calc", tools=["add", "mul"])
                 await knows_servers(b, 1)
@@ -188,8 +192,7 @@ async def test_a_caller_on_one_node_lists_and_calls_a_tool_on_another_with_progr
 async def test_tool_requests_cancellation_and_list_changed_cross_nodes(redis: RedisServer) -> None:
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            a = await start_node(nursery, redis, "A")
-            b = await start_node(nursery, redis, "B")
+            a, b = await two_nodes(nursery, redis)
             async with peer(a.tool_url(AGENT)) as tool:
                 await initialize_tool(tool, name="calc", tools=["slow"])
                 await knows_servers(b, 1)
@@ -257,8 +260,7 @@ async def test_a_caller_leaving_cancels_its_requests_at_a_tool_on_another_node(
 ) -> None:
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            a = await start_node(nursery, redis, "A")
-            b = await start_node(nursery, redis, "B")
+            a, b = await two_nodes(nursery, redis)
             async with peer(a.tool_url(AGENT)) as tool:
                 await initialize_tool(tool, name="calc", tools=["slow"])
                 await knows_servers(b, 1)
@@ -282,8 +284,7 @@ async def test_a_server_connecting_on_another_node_replaces_the_older_connection
 ) -> None:
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            a = await start_node(nursery, redis, "A")
-            b = await start_node(nursery, redis, "B")
+            a, b = await two_nodes(nursery, redis)
             async with peer(a.tool_url(AGENT)) as old, peer(a.caller_url(AGENT)) as caller:
                 await initialize_tool(old, name="calc", tools=["add"])
                 await initialized_caller(caller)
@@ -315,8 +316,7 @@ async def test_redis_stopped_keeps_local_traffic_and_fails_cross_node_requests_t
 ) -> None:
     with trio.fail_after(GUARD + 20):
         async with trio.open_nursery() as nursery:
-            a = await start_node(nursery, redis, "A")
-            b = await start_node(nursery, redis, "B")
+            a, b = await two_nodes(nursery, redis)
             async with (
                 peer(a.tool_url(AGENT)) as tool,
                 peer(a.caller_url(AGENT)) as local,

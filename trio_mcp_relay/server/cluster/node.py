@@ -338,7 +338,9 @@ class ClusterNode:
                 with trio.fail_after(self.heartbeat_interval * 2):
                     results = await store.heartbeat(self.node_record(), records)
                     (listening,) = await store.publish([(self.node, b"")])
-                    if self._reset_pending and listening:
+                    if listening and not self._up and self._subscribed.is_set():
+                        self._come_up()
+                    if listening and self._reset_pending:  # at once: others send to us now
                         await store.reset(self.node)
                         self._reset_pending = False
             except REDIS_ERRORS as exc:
@@ -354,15 +356,6 @@ class ClusterNode:
                 for record, result in zip(records, results, strict=True):
                     if result == 0 and self.claims.local.get(_key(record)) is record:
                         self.claims.mark(record.agent, record.identity)  # lapsed: claim it again
-                if not self._up and self._subscribed.is_set():
-                    self._come_up()
-                    if self._reset_pending:  # at once: others may send to us already
-                        try:
-                            with trio.fail_after(self.heartbeat_interval * 2):
-                                await store.reset(self.node)
-                            self._reset_pending = False
-                        except REDIS_ERRORS as exc:
-                            self._set_down(describe(exc))
             await trio.sleep(self.heartbeat_interval)
 
     def _come_up(self) -> None:
@@ -376,7 +369,6 @@ class ClusterNode:
         if self._was_up:  # back after a loss: frames sent to it meanwhile may be lost
             self._reset_pending = True
         self._was_up = True
-        self.tunnels.tell_untold()
         unsent, self._unsent = self._unsent, []
         for to, message in unsent:
             self.send_nowait(to, message)
@@ -423,7 +415,7 @@ class ClusterNode:
                             # Re-subscribed after a lost connection: frames meanwhile are lost.
                             why = "the node's connection to Redis was lost; frames may be lost"
                             log.warning("cluster node %s: %s", self.node, why)
-                            self.tunnels.drop(f"cross-node request failed: {why}", tell=True)
+                            self.tunnels.drop(f"cross-node request failed: {why}")
                             self._reset_pending = True
                             self._resync.set()
                         self._subscribed.set()

@@ -65,9 +65,6 @@ class Tunnels:
         self.caller_links: dict[tuple[str, int], CallerLink] = {}  # by (node, tunnel)
         self._tunnels = itertools.count(1)
         self._idle_agents: set[str] = set()
-        #: Tunnels from other nodes ended while the bus was down, whose other ends do not
-        #: know yet: (node, tunnel, agent, identity).
-        self._untold: set[tuple[str, int, str, str]] = set()
         self.frames_received = 0
         #: Per node, the tunnels from it that ended here (never opened again by a late
         #: frame); the most recent ENDED_KEPT of each.
@@ -81,12 +78,6 @@ class Tunnels:
         if len(ended) > ENDED_KEPT:
             del ended[next(iter(ended))]
 
-    def tell_untold(self) -> None:
-        """The bus is up again: the tunnels that ended while it was down are told."""
-        untold, self._untold = self._untold, set()
-        for node, tunnel, agent, identity in sorted(untold):
-            self.tell_closed(node, tunnel, agent, identity, "the cluster bus was lost")
-
     def end_from(self, alive: set[str] | dict[str, Any]) -> None:
         """End the tunnels from nodes that left the cluster."""
         for (node, _), link in list(self.caller_links.items()):
@@ -95,30 +86,25 @@ class Tunnels:
         for node in [n for n in self._ended if n not in alive]:
             del self._ended[node]
 
-    def drop(self, why: str, tell: bool = False) -> None:
+    def drop(self, why: str) -> None:
         """Answer every request in flight over the bus here, and end every tunnel from other
-        nodes (their requests are cancelled at the tools). The other ends are told now
-        (``tell``), or once the bus is up again."""
+        nodes (their requests are cancelled at the tools; each tells its other end as it
+        ends, see :meth:`run_caller_link`)."""
         for server in list(self.server_links.values()):
             server.fail_inflight(why)
         for link in list(self.caller_links.values()):
-            if tell:
-                link.settled = True
-                self.tell_closed(link.node, link.tunnel, link.agent, link.identity, why)
-            else:
-                self._untold.add((link.node, link.tunnel, link.agent, link.identity))
             link.end(CLOSE_BUS_LOST, "cluster bus lost")
 
     def tell_closed(self, node: str, tunnel: int, agent: str, identity: str, why: str) -> None:
         """The other end of a tunnel from ``node``: what it awaits will not come (it answers
-        ``-32003``)."""
+        ``-32003``). Sent now, or when the bus is up again (the sender keeps the closes it
+        could not publish)."""
         message = BusMessage(CLOSE_FROM_SERVER, self.node, tunnel, agent, identity, why.encode())
         self.cluster.send_nowait(node, message)
 
     def lost(self, link: CallerLink) -> None:
-        """``link`` could not send while the bus was down: end it, and tell its other end
-        once the bus is up, so that nothing waits there for an answer that was dropped."""
-        self._untold.add((link.node, link.tunnel, link.agent, link.identity))
+        """``link`` could not send while the bus was down: end it (its other end is told as
+        it ends), so that nothing waits there for an answer that was dropped."""
         link.end(CLOSE_BUS_LOST, "cluster bus lost")
 
     def node_reset(self, node: str) -> None:
@@ -242,8 +228,7 @@ class Tunnels:
             forget()
             self._ended_tunnel(link.node, link.tunnel)
             if not link.settled:  # it ended without telling: what the other end awaits
-                link.settled = True  # will not come, and it must hear so (now, or when the
-                # bus is up again: the sender keeps closes it could not publish)
+                link.settled = True  # will not come, and it must hear so
                 self.tell_closed(link.node, link.tunnel, link.agent, link.identity, "ended")
 
     def on_bus(self, message: BusMessage) -> None:
@@ -265,9 +250,8 @@ class Tunnels:
                 return
             if caller is None:
                 if self.nursery is None or not self.cluster.up:
-                    # Its answers could not be sent: the other end hears so when we are up.
-                    tunnel = (message.node, message.tunnel, message.agent, message.identity)
-                    self._untold.add(tunnel)
+                    # Its answers could not be sent: the other end hears so.
+                    self.tell_closed(*key, message.agent, message.identity, "bus down")
                     return
                 caller = CallerLink(
                     self.cluster, message.node, message.tunnel, message.agent, message.identity

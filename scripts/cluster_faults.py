@@ -146,22 +146,28 @@ async def caller(run: Run, agent: int, index: int) -> None:
             await trio.sleep(0.2)
 
 
-async def stuck_call(run: Run, agent: int, directory: Path, stuck: dict[int, Outcome]) -> None:
-    """From node B, a call to agent ``agent`` its tool holds until a file appears (never)."""
-    url = caller_url(f"ws://127.0.0.1:{run.ports['B']}", run.key, f"agent-{agent}")
+async def one_call(
+    run: Run, node: str, agent: int, call: dict[str, Any], outcome: Outcome, sent: trio.Event
+) -> None:
+    """From ``node``, one call that the tool holds: ``outcome`` records its answer."""
+    url = caller_url(f"ws://127.0.0.1:{run.ports[node]}", run.key, f"agent-{agent}")
     async with open_websocket_url(url) as ws:
-        path = directory / f"stuck-{agent}"
-        call = {"name": f"{NAMES[agent]}_wait_for", "arguments": {"path": str(path)}}
-        outcome = Outcome(agent, 100 + agent, "B", time.monotonic())
-        request = {"jsonrpc": "2.0", "id": "stuck", "method": "tools/call", "params": call}
+        outcome.sent = time.monotonic()
+        request = {"jsonrpc": "2.0", "id": "held", "method": "tools/call", "params": call}
         await ws.send_message(json.dumps(request))
-        stuck[agent] = outcome
+        sent.set()
         while True:
             message = json.loads(await ws.get_message())
-            if message.get("id") == "stuck":
+            if message.get("id") == "held":
                 outcome.answered = time.monotonic()
                 outcome.kind = "result" if "result" in message else str(message["error"]["code"])
                 return
+
+
+def wait_for_call(agent: int, directory: Path) -> dict[str, Any]:
+    """A call the agent's SDK server holds until a file appears (it never does)."""
+    path = directory / f"stuck-{agent}"
+    return {"name": f"{NAMES[agent]}_wait_for", "arguments": {"path": str(path)}}
 
 
 async def held_tool(run: Run, ready: trio.Event, got_call: trio.Event) -> None:
@@ -192,23 +198,6 @@ async def held_tool(run: Run, ready: trio.Event, got_call: trio.Event) -> None:
                 )
                 if frame["method"] == "tools/list":
                     ready.set()
-
-
-async def held_call(run: Run, outcome: list[Outcome]) -> None:
-    """From node C, a call to the held server: answered only when A's lease lapses."""
-    url = caller_url(f"ws://127.0.0.1:{run.ports['C']}", run.key, "agent-0")
-    async with open_websocket_url(url) as ws:
-        outcome.append(Outcome(0, 200, "C", time.monotonic()))
-        call = {"name": "held_forever", "arguments": {}}
-        await ws.send_message(
-            json.dumps({"jsonrpc": "2.0", "id": "held", "method": "tools/call", "params": call})
-        )
-        while True:
-            message = json.loads(await ws.get_message())
-            if message.get("id") == "held":
-                outcome[0].answered = time.monotonic()
-                outcome[0].kind = "result" if "result" in message else str(message["error"]["code"])
-                return
 
 
 async def servers_by_agent(redis_port: int) -> dict[int, str]:
@@ -347,17 +336,21 @@ async def main(args: argparse.Namespace) -> int:
                 routed_to_a = {0, 3}
                 stuck: dict[int, Outcome] = {}
                 for agent in sorted(routed_to_a):
-                    nursery.start_soon(stuck_call, run, agent, directory, stuck)
+                    stuck[agent] = Outcome(agent, 100 + agent, "B", time.monotonic())
+                    call = wait_for_call(agent, directory)
+                    nursery.start_soon(one_call, run, "B", agent, call, stuck[agent], trio.Event())
                 held_ready, held_called = trio.Event(), trio.Event()
                 nursery.start_soon(held_tool, run, held_ready, held_called)
-                held: list[Outcome] = []
+                held = [Outcome(0, 200, "C", time.monotonic())]
+                held_sent = trio.Event()
                 with trio.fail_after(10):
                     await held_ready.wait()
                     await trio.sleep(1)  # C's directory has it
-                    nursery.start_soon(held_call, run, held)
+                    forever = {"name": "held_forever", "arguments": {}}
+                    nursery.start_soon(one_call, run, "C", 0, forever, held[0], held_sent)
                     await held_called.wait()
                 with trio.fail_after(10):
-                    while len(stuck) < 2 or not all(  # noqa: ASYNC110 (files of another process)
+                    while not all(  # noqa: ASYNC110 (files of another process)
                         (directory / f"stuck-{a}.started").exists() for a in routed_to_a
                     ):
                         await trio.sleep(0.02)

@@ -42,6 +42,9 @@ class RedisServer:
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if (code := self.process.poll()) is not None:  # its port was taken meanwhile
+                self.process = None
+                raise RuntimeError(f"redis-server exited ({code}) on port {self.port}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")

@@ -54,11 +54,11 @@ class Node:
 
     def __init__(self, name: str, redis: RedisServer, directory: Path, lease: float) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = 0  # the node binds port 0; :meth:`started` reads the port from its log
         self.log = directory / f"node-{name}.log"
         self.command = [
             *[sys.executable, "-m", "trio_mcp_relay", "serve", "--host", "127.0.0.1"],
-            *["--port", str(self.port), "--key", KEY, "--data-dir", str(directory / name)],
+            *["--port", "0", "--key", KEY, "--data-dir", str(directory / name)],
             *["--cluster", redis.url, "--cluster-lease", str(lease), "--cluster-node", name],
             *["--init-timeout", INIT_TIMEOUT, "--shutdown-grace", "10"],
         ]
@@ -76,6 +76,21 @@ class Node:
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
+
+    async def started(self) -> None:
+        """Wait until the node listens (its port, from its log) and its bus is up."""
+        assert self.process is not None
+        while not self.port:
+            if found := re.search(r"listening on 127\.0\.0\.1:(\d+)", self.stderr()):
+                self.port = int(found.group(1))
+            else:
+                assert self.process.returncode is None, f"node {self.name}: {self.stderr()}"
+                await trio.sleep(0.05)
+        while True:
+            with trio.move_on_after(2):  # one slow answer is retried, not waited on for ever
+                if (await self.health())["cluster"]["bus"] == "up":
+                    return
+            await trio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -98,14 +113,11 @@ async def nodes(
                 )
             started[name] = node
         for node in started.values():
-            with trio.fail_after(20):
-                while True:
-                    try:
-                        if (await node.health())["cluster"]["bus"] == "up":
-                            break
-                    except OSError:
-                        pass
-                    await trio.sleep(0.05)
+            try:
+                with trio.fail_after(30):
+                    await node.started()
+            except trio.TooSlowError:
+                raise AssertionError(f"node {node.name} did not start: {node.stderr()}") from None
         yield started
     finally:
         for node in started.values():

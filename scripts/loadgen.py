@@ -208,19 +208,44 @@ def echo_tool(proto_ref: list[WsClient]) -> Callable[[bytes], None]:
     return on_message
 
 
+INITIALIZE: Final = {
+    "jsonrpc": "2.0",
+    "id": "initialize",
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2024-11-05",
+        "capabilities": {},
+        "clientInfo": {"name": "loadgen", "version": "1"},
+    },
+}
+INITIALIZED: Final = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+
+
 class Caller:
     """A caller keeping ``window`` calls in flight, with ids equal across callers."""
 
-    def __init__(self, stats: Stats, window: int, size: int, name: str) -> None:
-        self.stats, self.window, self.name = stats, window, name
+    def __init__(
+        self, stats: Stats, window: int, size: int, name: str, method: str = "tools/call"
+    ) -> None:
+        self.stats, self.window, self.name, self.method = stats, window, name, method
         self.text = "x" * max(0, size - 100)
         self.sent: dict[int, float] = {}
         self.next_id = 1
         self.limit = 0
         self.proto: WsClient | None = None
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.initialized: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def initialize(self) -> asyncio.Future[None]:
+        """The MCP handshake, as xiaozhi-server makes it (a real tool behind a forwarding relay
+        answers nothing before it); the future is done when ``initialize`` is answered."""
+        assert self.proto is not None
+        self.proto.send_many([orjson.dumps(INITIALIZE), orjson.dumps(INITIALIZED)])
+        return self.initialized
 
     def request(self, rid: int) -> bytes:
+        if self.method == "tools/list":
+            return orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "tools/list"})
         arguments = {"who": self.name, "text": self.text}
         return orjson.dumps(
             {
@@ -249,11 +274,17 @@ class Caller:
     def on_message(self, data: bytes) -> None:
         frame: dict[str, Any] = orjson.loads(data)
         rid = frame.get("id")
+        if rid == INITIALIZE["id"] and not self.initialized.done():
+            self.initialized.set_result(None)
+            return
         started = self.sent.pop(rid, None) if type(rid) is int else None
         if started is None or "result" not in frame:
             self.stats.errors.append(f"{self.name}: unexpected {data[:120]!r}")
             return
-        if frame["result"]["content"][0]["text"] != self.name:
+        if self.method == "tools/list":
+            if not frame["result"].get("tools"):
+                self.stats.errors.append(f"{self.name}: no tools listed: {data[:120]!r}")
+        elif frame["result"]["content"][0]["text"] != self.name:
             self.stats.errors.append(f"{self.name}: got another caller's response")
         if self.stats.timing:
             self.stats.latencies.append(time.perf_counter() - started)
@@ -282,6 +313,8 @@ async def run_load(
     caller_ports: list[int] | None = None,
     pids: list[int] | None = None,
     settle: float = 0.2,
+    method: str = "tools/call",
+    echo: bool = True,
 ) -> Stats:
     """Connect each agent's tool and callers, warm up, then time ``n`` calls per caller.
 
@@ -291,6 +324,8 @@ async def run_load(
     callers to ``caller_ports[a % len]`` (default: ``port``), so that a cluster's nodes can
     share the agents, or an agent's tool and callers sit on different nodes; ``settle``
     seconds are left between the tools and the callers for the relays to register them.
+    ``method`` is what the callers call (``tools/call`` or ``tools/list``); without ``echo``
+    no echo tool connects (agent 0's tool is already there, a real one).
     """
     stats = Stats()
     tools: list[WsClient] = []
@@ -298,7 +333,7 @@ async def run_load(
     tool_ports = tool_ports or [port]
     caller_ports = caller_ports or [port]
     processes = pids if pids is not None else ([pid] if pid else [])
-    for a in range(agents):
+    for a in range(agents if echo else 0):
         token = token_for(key, f"{tag}-agent-{a}")
         ref: list[WsClient] = []
         target = f"/mcp_endpoint/mcp/?token={token}"
@@ -312,7 +347,7 @@ async def run_load(
     for a in range(agents):
         token = token_for(key, f"{tag}-agent-{a}")
         for c in range(callers):
-            caller = Caller(stats, window, size, f"a{a}c{c}")
+            caller = Caller(stats, window, size, f"a{a}c{c}", method)
             caller.proto = await connect(
                 host,
                 caller_ports[a % len(caller_ports)],
@@ -320,6 +355,8 @@ async def run_load(
                 caller.on_message,
             )
             all_callers.append(caller)
+    if method != "tools/call":
+        await asyncio.gather(*(c.initialize() for c in all_callers))
     await asyncio.gather(*(c.run(warm) for c in all_callers))
     stats.timing = True
     cpu0 = sum(proc_cpu_seconds(p) for p in processes)

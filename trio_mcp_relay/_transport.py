@@ -41,6 +41,8 @@ __all__ = [
 ABNORMAL_CLOSURE: Final = 1006
 MESSAGE_TOO_BIG: Final = 1009
 _READ_SIZE: Final = 65536
+#: Reads that found bytes at once, in a row, between two checkpoints (see _read_socket).
+_READS_PER_CHECKPOINT: Final = 16
 
 
 class ConnectionClosed(Exception):
@@ -111,6 +113,7 @@ class ServerWebSocket:
         "_direct",
         "_events",
         "_parser",
+        "_ready_reads",
         "_rest",
         "_socket",
         "_state",
@@ -144,6 +147,7 @@ class ServerWebSocket:
         self._direct = self._socket is not None or hasattr(stream, "try_write")
         # What a direct write (send_now) left of a frame: written ahead of anything else.
         self._rest = b""
+        self._ready_reads = 0
         #: trio.current_time() of the last pong received (None: none yet).
         self.last_pong: float | None = None
 
@@ -237,7 +241,7 @@ class ServerWebSocket:
         return len(self._rest)
 
     async def receive(self) -> str | bytes:
-        """The next whole message (str for text, bytes for binary frames)."""
+        """The next whole message, as bytes (a text message's are valid UTF-8)."""
         while True:
             if self._closed is not None:
                 raise self._closed
@@ -260,10 +264,14 @@ class ServerWebSocket:
             await self._read()
 
     async def _read(self) -> None:
-        try:
-            data = await self._stream.receive_some(_READ_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
+        data: bytes | bytearray
+        if self._socket is not None:
+            data = await self._read_socket(self._socket)
+        else:
+            try:
+                data = await self._stream.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
         if not data:
             self._state = _CLOSED
             self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "")
@@ -276,6 +284,35 @@ class ServerWebSocket:
             self._events = deque([*exc.events_before, exc])
         else:
             self._events = deque(events) if events else None
+
+    async def _read_socket(self, sock: trio.socket.SocketType) -> bytes:
+        """Read what the socket holds, waiting only when it holds nothing (``b""``: it ended).
+
+        ``SocketStream.receive_some`` yields to the scheduler even when the bytes are there
+        already, and its wrappers cost more than the read itself; this reads first. A read
+        that did not wait is followed by a checkpoint every ``_READS_PER_CHECKPOINT`` times,
+        so a peer that always has bytes ready cannot keep the other tasks from running.
+        """
+        while True:
+            fd = sock.fileno()  # asked each time: -1 once closed, never a reused number
+            if fd < 0:
+                return b""
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                self._ready_reads = 0
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    return b""
+                continue
+            except OSError:
+                return b""
+            self._ready_reads += 1
+            if self._ready_reads >= _READS_PER_CHECKPOINT:
+                self._ready_reads = 0
+                await trio.lowlevel.checkpoint()
+            return data
 
     async def _on_close(self, event: wsframes.Close) -> None:
         if self._state == _OPEN:

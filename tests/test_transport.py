@@ -4,7 +4,8 @@ No sockets: each test connects a :class:`ServerWebSocket` to one end of
 ``trio.testing.memory_stream_pair()`` (or ``lockstep_stream_pair()``, where every write waits
 for the reader, to show that nothing needs unbounded buffering) and plays the client with
 wsproto directly, or with hand-made frames where wsproto would refuse to send something
-invalid. Time is virtual (``autojump_clock``) where it matters.
+invalid. Time is virtual (``autojump_clock``) where it matters. The last tests use a socket
+pair instead: reading a socket is a path of its own (it reads before it waits).
 """
 
 from __future__ import annotations
@@ -384,3 +385,31 @@ def test_encode_text_frame_headers() -> None:
     assert encode_text_frame(b"a" * 126)[:4] == b"\x81\x7e\x00\x7e"
     assert encode_text_frame(b"a" * 65535)[:4] == b"\x81\x7e\xff\xff"
     assert encode_text_frame(b"a" * 65536)[:10] == b"\x81\x7f" + (65536).to_bytes(8, "big")
+
+
+# --- On a real socket: the read that does not wait --------------------------------------
+
+
+async def test_a_peer_that_always_has_bytes_ready_cannot_keep_other_tasks_from_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a socket, receive() reads before it waits, so while bytes keep coming it may not
+    yield at each read; it still checkpoints every 16 reads that did not wait, so a
+    cancellation (and the scheduler) gets in long before the peer's bytes run out."""
+    monkeypatch.setattr("trio_mcp_relay._transport._READ_SIZE", 1024)
+    ours, theirs = trio.socket.socketpair()
+    frame = client_frame(OP_TEXT, b"x" * 200)
+    count = 200  # 41 KB waiting in the socket: 41 reads of 1 KB
+    with trio.fail_after(TIMEOUT), theirs:
+        await theirs.send(frame * count)
+        server = ServerWebSocket(trio.SocketStream(ours), remote="", max_message_size=1 << 20)
+        received = 0
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            while True:
+                await server.receive()
+                received += 1
+        # Cancelled at the 16th read at the latest: 16 KB, about 80 of the 200 messages.
+        assert scope.cancelled_caught
+        assert 0 < received <= 16 * 1024 // len(frame) + 1, received
+        await server.aclose()

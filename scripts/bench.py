@@ -255,8 +255,10 @@ def main() -> None:
                 print(lines[-1], flush=True)
     print()
     print("\n".join(lines))
-    print(f"\nmedian of {args.runs} runs each, alternating; {os.cpu_count()} cores; "
-          f"{time.strftime('%Y-%m-%d')}")
+    print(
+        f"\nmedian of {args.runs} runs each, alternating; {os.cpu_count()} cores; "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
 
 
 if __name__ == "__main__":

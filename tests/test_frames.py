@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.strategies import frames, ids, json_values, typed
+from tests.strategies import floats, frames, ids, ints, json_values, typed
 from trio_mcp_relay import testing
 from trio_mcp_relay._frames import (
     INVALID_REQUEST,
@@ -88,7 +88,7 @@ def test_not_json_is_a_parse_error(data: str | bytes) -> None:
         # a surrogate written as raw UTF-8 bytes (CESU-8) is not UTF-8 either
         b'{"jsonrpc":"2.0","method":"\xed\xa0\x80"}',
         # the same with a long digit run, which takes the exact-integer parser
-        b'{"jsonrpc":"2.0","method":"\xff","id":12345678901234567890}',
+        b'{"jsonrpc":"2.0","method":"\xff","id":123456789012345678901234567890}',
         b"\xef\xbb\xbf" + frame(method="m"),
     ],
 )
@@ -104,14 +104,14 @@ def test_text_with_a_lone_surrogate_is_a_parse_error() -> None:
 @pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "a\\ud83d", "\\ude00\\ud83d"])
 def test_escaped_lone_surrogate_is_a_parse_error(escape: str, long_digits: bool) -> None:
     # Such a string cannot be written back as UTF-8; both parsers must refuse it the same way.
-    id_text = "12345678901234567890" if long_digits else "1"
+    id_text = "123456789012345678901234567890" if long_digits else "1"
     data = f'{{"jsonrpc":"2.0","id":{id_text},"method":"m","params":"{escape}"}}'
     assert_rejected(data, PARSE_ERROR)
 
 
 @pytest.mark.parametrize("long_digits", [False, True])
 def test_escaped_surrogate_pair_is_accepted(long_digits: bool) -> None:
-    id_text = "12345678901234567890" if long_digits else "1"
+    id_text = "123456789012345678901234567890" if long_digits else "1"
     data = f'{{"jsonrpc":"2.0","id":{id_text},"method":"m","params":"\\ud83d\\ude00"}}'
     parsed = parse_frame(data)
     assert isinstance(parsed, Request)
@@ -122,7 +122,7 @@ def test_escaped_surrogate_pair_is_accepted(long_digits: bool) -> None:
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
 @pytest.mark.parametrize("long_digits", [False, True])
 def test_non_finite_numbers_are_a_parse_error(constant: str, long_digits: bool) -> None:
-    extra = ',"n":12345678901234567890' if long_digits else ""
+    extra = ',"n":123456789012345678901234567890' if long_digits else ""
     data = f'{{"jsonrpc":"2.0","method":"m","params":[{constant}]{extra}}}'
     assert_rejected(data, PARSE_ERROR)
     assert_rejected(f'{{"jsonrpc":"2.0","id":{constant},"method":"m"{extra}}}', PARSE_ERROR)
@@ -135,8 +135,8 @@ def test_non_finite_numbers_are_a_parse_error(constant: str, long_digits: bool) 
         b"[" * 100_000 + b"]" * 100_000,
         b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
         # with a long digit run, which takes the stdlib parser
-        b"[" * 100_000 + b"12345678901234567890" + b"]" * 100_000,
-        b'{"jsonrpc":"2.0","method":"m","n":12345678901234567890,"params":'
+        b"[" * 100_000 + b"123456789012345678901234567890" + b"]" * 100_000,
+        b'{"jsonrpc":"2.0","method":"m","n":123456789012345678901234567890,"params":'
         + b"[" * 5000
         + b"]" * 5000
         + b"}",
@@ -152,7 +152,7 @@ def test_deeply_nested_json_is_a_parse_error(data: bytes) -> None:
 def test_any_accepted_frame_can_be_written_back(depth: int, long_digits: bool) -> None:
     # Whatever nesting parse_frame accepts, dumps must be able to write (the router forwards
     # every frame it accepts), whatever the depth of the Python stack at that point.
-    extra = ',"n":12345678901234567890' if long_digits else ""
+    extra = ',"n":123456789012345678901234567890' if long_digits else ""
     data = (
         b'{"jsonrpc":"2.0","id":1,"method":"m","params":'
         + b"[" * depth
@@ -178,7 +178,7 @@ def _nested(depth: int, *, objects: bool, long_digits: bool) -> bytes:
     """A frame whose deepest value sits ``depth`` containers down (the frame itself is one)."""
     inner = depth - 1
     opening, closing = (b'{"a":', b"}") if objects else (b"[", b"]")
-    extra = b',"n":12345678901234567890' if long_digits else b""
+    extra = b',"n":123456789012345678901234567890' if long_digits else b""
     return (
         b'{"jsonrpc":"2.0","method":"m"'
         + extra
@@ -563,3 +563,87 @@ def test_the_public_hostile_frames_are_all_refused(data: str | bytes) -> None:
 def test_the_public_well_formed_frames_all_parse(obj: dict[str, Any]) -> None:
     parsed = parse_frame(json.dumps(obj))
     assert typed(json.loads(dumps(parsed.to_json()))) == typed(obj)
+
+
+# ------------------------------------------------ large frames: the walk and the scan
+
+
+def standard_library(data: bytes) -> Any:
+    """What the frame means: the standard library's exact reading."""
+    return json.loads(data)
+
+
+#: Floats of every size, those beyond 2**63 included (orjson's rounded integers look so).
+wide_floats = st.one_of(floats, st.floats(min_value=2.0**63, max_value=1e300), st.just(-1e19))
+large_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), ints, wide_floats, st.text(max_size=40)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=8),
+        st.dictionaries(st.text(max_size=8), children, max_size=6),
+    ),
+    max_leaves=40,
+)
+
+
+@given(
+    value=large_values,
+    pad=st.integers(0, 4000),
+    many=st.integers(0, 600),
+    where=st.sampled_from(["params", "result"]),
+)
+@example(value=2**64, pad=600, many=0, where="params")  # a rounded integer found by the walk
+@example(value=2**64, pad=0, many=600, where="result")  # ... and by the scan
+@example(value=-(2**63) - 1, pad=600, many=0, where="params")
+@example(value=1e19, pad=600, many=0, where="result")  # a true float that large
+@example(value=2**64 - 1, pad=600, many=0, where="params")  # orjson keeps it exact
+@example(value="12345678901234567890123", pad=600, many=600, where="params")
+def test_any_frame_parses_to_what_the_standard_library_reads(
+    value: Any, pad: int, many: int, where: str
+) -> None:
+    """Whichever way a frame is checked (a small one scanned for digit runs, a large one's
+    values walked, or scanned when it holds too many of them), it parses to exactly what the
+    standard library reads, integers of any size and the JSON type of every number kept."""
+    body = {"value": value, "pad": "x" * pad, "many": [0] * many}
+    frame_json: dict[str, Any] = {"jsonrpc": "2.0", "id": 1}
+    if where == "params":
+        frame_json |= {"method": "m", "params": body}
+    else:
+        frame_json["result"] = body
+    data = json.dumps(frame_json, ensure_ascii=False).encode()
+    parsed = parse_frame(data)
+    assert typed(parsed.to_json()) == typed(standard_library(data))
+    assert typed(json.loads(dumps(parsed.to_json()))) == typed(standard_library(data))
+
+
+@pytest.mark.parametrize("filler", ["none", "values", "text"])
+@pytest.mark.parametrize("objects", [False, True])
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_nesting_limit_holds_in_large_frames_however_they_are_checked(
+    filler: str, objects: bool, exact: bool
+) -> None:
+    """MAX_DEPTH nests, one more is -32700, whichever check decides: padded with text (the
+    walk has the budget to reach the bottom), with many values (past its budget: the bracket
+    count, then dumps), or neither; with an integer beyond 64 bits (the standard library's
+    parse, then its own walk) or not."""
+    many = b",".join([b"0"] * 2000) if filler == "values" else b""
+    text = b"x" * 20_000 if filler == "text" else b""
+    for depth, accepted in ((MAX_DEPTH, True), (MAX_DEPTH + 1, False)):
+        inner = depth - 1
+        opening, closing = (b'{"a":', b"}") if objects else (b"[", b"]")
+        data = (
+            b'{"jsonrpc":"2.0","method":"m","many":['
+            + many
+            + b'],"text":"'
+            + text
+            + (b'","n":123456789012345678901234567890' if exact else b'"')
+            + b',"params":'
+            + opening * inner
+            + (b"1" if objects else b"")
+            + closing * inner
+            + b"}"
+        )
+        if accepted:
+            parsed = parse_frame(data)
+            assert typed(parsed.to_json()) == typed(standard_library(data))
+        else:
+            assert "nested" in assert_rejected(data, PARSE_ERROR).reason

@@ -14,9 +14,14 @@ object). ``params``, ``result``, ``error.data`` and unknown top-level members ar
 parsed and written back untouched. An absent member is :data:`MISSING`, which is not the same
 as JSON ``null``.
 
-Exactness: orjson turns integers outside the 64-bit range into floats, and refuses to write
-them. A frame whose text holds a run of 19 or more digits is therefore parsed (and written)
-with the standard library instead, so huge integer ids and arguments survive unchanged.
+Exactness: orjson turns integers outside [-2**63, 2**64) into floats, and refuses to write
+them. Such a frame is parsed (and written) with the standard library instead, so huge integer
+ids and arguments survive unchanged. Which frames: a small one (up to 508 bytes) when its text
+holds a run of 19 or more digits (a scan that costs less than a microsecond at that size); a
+larger one when orjson's result holds a float of magnitude 2**63 or more (what a rounded
+integer becomes), found by one walk of its values that also measures its nesting, so that a
+frame of mostly text, as MCP frames are, is never scanned byte by byte. A frame with more
+values than a thirty-second of its bytes is scanned instead (the walk would cost more).
 Both parsers must accept exactly the frames :func:`dumps` can write back: nesting deeper than
 orjson writes (:data:`MAX_DEPTH`) and strings holding a lone UTF-16 surrogate (the stdlib
 parser takes ``"\\ud800"``, but no UTF-8 text can hold it) are ``-32700``.
@@ -217,7 +222,7 @@ def _finite_float(text: str) -> float:
 def _nested_too_deeply(obj: Any, exact: bool) -> bool:
     if not exact:
         # What orjson parsed without a long digit run, only the depth can stop it writing,
-        # and trying is ten times faster than walking the tree in Python.
+        # and trying is ten times faster than walking a large tree in Python.
         try:
             orjson.dumps(obj)
         except orjson.JSONEncodeError:
@@ -236,29 +241,98 @@ def _nested_too_deeply(obj: Any, exact: bool) -> bool:
     return bool(level)
 
 
+_FITS: Final = 0  # the tree is exact and shallow enough
+_TOO_DEEP: Final = 1
+_INEXACT: Final = 2  # a float orjson may have made of an integer beyond 64 bits
+_TOO_MANY: Final = 3  # more values than the walk may visit: check by scanning instead
+#: orjson keeps every integer of [-2**63, 2**64) exact and turns the others into floats, all
+#: at least this large: only such a float can stand for an integer the stdlib keeps exact.
+_BIG_FLOAT: Final = 9223372036854775808.0  # 2**63
+
+
+def _check_tree(obj: Any, budget: int) -> int:
+    """What orjson parsed, checked in one walk of its values (level by level): nesting
+    deeper than :data:`MAX_DEPTH`, or a float that may be a rounded integer. Gives up after
+    ``budget`` values, so a frame of many small values costs no more than a byte scan."""
+    if type(obj) is not dict and type(obj) is not list:
+        return _INEXACT if type(obj) is float and not -_BIG_FLOAT < obj < _BIG_FLOAT else _FITS
+    level: list[Any] = [obj]
+    depth = 1
+    while True:
+        below: list[Any] = []
+        for container in level:
+            values = container.values() if type(container) is dict else container
+            budget -= len(values)
+            if budget < 0:
+                return _TOO_MANY
+            for value in values:
+                kind = type(value)
+                if kind is dict or kind is list:
+                    below.append(value)
+                elif kind is float and not -_BIG_FLOAT < value < _BIG_FLOAT:
+                    return _INEXACT
+        if not below:
+            return _FITS
+        depth += 1
+        if depth > MAX_DEPTH:
+            return _TOO_DEEP
+        level = below
+
+
+def _has_long_digit_run(data: bytes) -> bool:
+    return _LONG_DIGIT_RUN in data.translate(_DIGIT_TABLE)
+
+
+def _exact_loads(data: bytes) -> Any:
+    """The standard library's parse: integers of any size stay exact."""
+    try:
+        return json.loads(
+            data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except UnicodeDecodeError:
+        raise FrameError(PARSE_ERROR, "not UTF-8 text") from None
+    except RecursionError:
+        raise FrameError(PARSE_ERROR, "not JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
+
+
 def _loads(data: bytes) -> Any:
-    """Parse JSON exactly: orjson normally, the stdlib for integers orjson would round."""
-    exact = _LONG_DIGIT_RUN in data.translate(_DIGIT_TABLE)
+    """Parse JSON exactly: orjson normally, the stdlib for integers orjson would round.
+
+    Small frames are scanned for a run of 19 digits first (cheap at that size); a larger
+    one is parsed by orjson and its values walked once for depth and for floats that may
+    be rounded integers (cheap when its bytes are mostly strings, as MCP frames are), with
+    the scan as the fallback when it holds too many values for the walk.
+    """
+    exact = False
+    if len(data) <= 2 * MAX_DEPTH:  # nesting deeper than MAX_DEPTH takes 2 bytes a level
+        exact = _has_long_digit_run(data)
     if not exact:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
-    else:
-        try:
-            obj = json.loads(
-                data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
-            )
-        except UnicodeDecodeError:
-            raise FrameError(PARSE_ERROR, "not UTF-8 text") from None
-        except RecursionError:
-            raise FrameError(PARSE_ERROR, "not JSON: nested too deeply") from None
-        except ValueError as exc:
-            raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
-    # Nesting deeper than MAX_DEPTH takes more than two bytes a level.
-    if len(data) > 2 * MAX_DEPTH and _nested_too_deeply(obj, exact):
+        if len(data) <= 2 * MAX_DEPTH:
+            return obj
+        verdict = _check_tree(obj, len(data) >> 5)
+        if verdict == _FITS:
+            return obj
+        if verdict == _TOO_DEEP:
+            raise FrameError(PARSE_ERROR, "not JSON: nested too deeply")
+        if verdict == _TOO_MANY:
+            exact = _has_long_digit_run(data)
+            if not exact:
+                # Fewer brackets than MAX_DEPTH (strings' included) cannot nest too deeply.
+                if data.count(b"[") + data.count(b"{") > MAX_DEPTH and _nested_too_deeply(
+                    obj, exact=False
+                ):
+                    raise FrameError(PARSE_ERROR, "not JSON: nested too deeply")
+                return obj
+    obj = _exact_loads(data)
+    if len(data) > 2 * MAX_DEPTH and _nested_too_deeply(obj, exact=True):
         raise FrameError(PARSE_ERROR, "not JSON: nested too deeply")
-    if exact and _SURROGATE_ESCAPE.search(data) is not None:
+    if _SURROGATE_ESCAPE.search(data) is not None:
         # orjson refuses lone surrogates itself; the stdlib parser lets them through.
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from trio_mcp_relay import _wsframes
 from trio_mcp_relay._wsframes import (
     Close,
     FrameParser,
@@ -167,3 +168,17 @@ def test_oversized_fragmented_message_counts_every_fragment() -> None:
         parse_all(data, limit=1000)
     assert error.value.code == 1009
     assert parse_all(data, limit=1200) == [Message(b"x" * 600 + b"y" * 600, binary=True)]
+
+
+@given(st.binary(max_size=3000), st.binary(min_size=4, max_size=4))
+def test_the_c_unmasking_and_the_python_one_agree(payload: bytes, mask: bytes) -> None:
+    """websockets' C apply_mask, and the XOR used where it is missing, undo RFC 6455 masking."""
+    masked_payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert _wsframes._apply_mask is not None  # the C one is installed here
+    assert _wsframes._unmask(memoryview(masked_payload), mask) == payload
+    c_mask = _wsframes._apply_mask
+    try:
+        _wsframes._apply_mask = None  # type: ignore[assignment]
+        assert _wsframes._unmask(memoryview(masked_payload), mask) == payload
+    finally:
+        _wsframes._apply_mask = c_mask

@@ -33,6 +33,7 @@ import enum
 import json
 import re
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Final, TypeAlias
 
 import attrs
@@ -66,6 +67,8 @@ class Missing(enum.Enum):
 
 
 MISSING: Final = Missing.MISSING
+#: "No override" for the ``to_json`` arguments (``None`` and MISSING are values there).
+KEEP: Final[Any] = object()
 
 #: A request id as JSON-RPC allows it: a string or a number (booleans excluded).
 Id: TypeAlias = str | int | float
@@ -106,12 +109,20 @@ class Request:
     params: Any = MISSING
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        """The frame as a JSON-ready dict."""
-        out: dict[str, Any] = {"jsonrpc": "2.0", "id": self.id, "method": self.method}
-        if self.params is not MISSING:
-            out["params"] = self.params
-        out.update(self.extra)
+    def to_json(self, id: Any = KEEP, params: Any = KEEP) -> dict[str, Any]:
+        """The frame as a JSON-ready dict; with ``id`` or ``params``, those instead of its own
+        (what forwarding writes, without building another frame first)."""
+        out: dict[str, Any] = {
+            "jsonrpc": "2.0",
+            "id": self.id if id is KEEP else id,
+            "method": self.method,
+        }
+        if params is KEEP:
+            params = self.params
+        if params is not MISSING:
+            out["params"] = params
+        if self.extra:
+            out.update(self.extra)
         return out
 
 
@@ -123,12 +134,15 @@ class Notification:
     params: Any = MISSING
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        """The frame as a JSON-ready dict."""
+    def to_json(self, params: Any = KEEP) -> dict[str, Any]:
+        """The frame as a JSON-ready dict; with ``params``, those instead of its own."""
         out: dict[str, Any] = {"jsonrpc": "2.0", "method": self.method}
-        if self.params is not MISSING:
-            out["params"] = self.params
-        out.update(self.extra)
+        if params is KEEP:
+            params = self.params
+        if params is not MISSING:
+            out["params"] = params
+        if self.extra:
+            out.update(self.extra)
         return out
 
 
@@ -140,13 +154,16 @@ class Result:
     result: Any
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        """The frame as a JSON-ready dict."""
+    def to_json(self, id: Any = KEEP) -> dict[str, Any]:
+        """The frame as a JSON-ready dict; with ``id``, that one instead of its own."""
         out: dict[str, Any] = {"jsonrpc": "2.0"}
-        if self.id is not MISSING:
-            out["id"] = self.id
+        if id is KEEP:
+            id = self.id
+        if id is not MISSING:
+            out["id"] = id
         out["result"] = self.result
-        out.update(self.extra)
+        if self.extra:
+            out.update(self.extra)
         return out
 
 
@@ -176,13 +193,16 @@ class ErrorResponse:
     error: ErrorObject
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        """The frame as a JSON-ready dict."""
+    def to_json(self, id: Any = KEEP) -> dict[str, Any]:
+        """The frame as a JSON-ready dict; with ``id``, that one instead of its own."""
         out: dict[str, Any] = {"jsonrpc": "2.0"}
-        if self.id is not MISSING:
-            out["id"] = self.id
+        if id is KEEP:
+            id = self.id
+        if id is not MISSING:
+            out["id"] = id
         out["error"] = self.error.to_json()
-        out.update(self.extra)
+        if self.extra:
+            out.update(self.extra)
         return out
 
 
@@ -365,7 +385,14 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _extra(obj: dict[str, Any]) -> dict[str, Any]:
+#: A frame's extra members when it has none (most frames): one shared, read-only mapping.
+_NO_EXTRA: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+def _extra(obj: dict[str, Any], known: int) -> Mapping[str, Any]:
+    """The members beyond the ``known`` reserved ones the frame has."""
+    if len(obj) == known:
+        return _NO_EXTRA
     return {k: v for k, v in obj.items() if k not in _RESERVED}
 
 
@@ -397,14 +424,15 @@ def parse_frame(data: str | bytes) -> Frame:
             raise FrameError(INVALID_REQUEST, f'"method" must be a string, not {_describe(method)}')
         if "result" in obj or "error" in obj:
             raise FrameError(INVALID_REQUEST, 'a request cannot carry "result" or "error"')
+        known = 2 if params is MISSING else 3  # jsonrpc, method, params
         if "id" not in obj:
-            return Notification(method=method, params=params, extra=_extra(obj))
+            return Notification(method=method, params=params, extra=_extra(obj, known))
         rid = obj["id"]
         if not _is_id(rid):
             raise FrameError(
                 INVALID_REQUEST, f'"id" must be a string or a number, not {_describe(rid)}'
             )
-        return Request(id=rid, method=method, params=params, extra=_extra(obj))
+        return Request(id=rid, method=method, params=params, extra=_extra(obj, known + 1))
     rid = obj.get("id", MISSING)
     if rid is not MISSING and rid is not None and not _is_id(rid):
         raise FrameError(
@@ -413,8 +441,9 @@ def parse_frame(data: str | bytes) -> Frame:
     has_result = "result" in obj
     if has_result and "error" in obj:
         raise FrameError(INVALID_REQUEST, 'a response has "result" or "error", not both')
+    known = 2 if rid is MISSING else 3  # jsonrpc, id, result or error
     if has_result:
-        return Result(id=rid, result=obj["result"], extra=_extra(obj))
+        return Result(id=rid, result=obj["result"], extra=_extra(obj, known))
     if "error" not in obj:
         raise FrameError(INVALID_REQUEST, 'no "method", "result" or "error" member')
     err = obj["error"]
@@ -432,7 +461,7 @@ def parse_frame(data: str | bytes) -> Frame:
         data=err.get("data", MISSING),
         extra={k: v for k, v in err.items() if k not in ("code", "message", "data")},
     )
-    return ErrorResponse(id=rid, error=error, extra=_extra(obj))
+    return ErrorResponse(id=rid, error=error, extra=_extra(obj, known))
 
 
 def error_frame(rid: Id | None, code: int, message: str, data: Any = MISSING) -> bytes:

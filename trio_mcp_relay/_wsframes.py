@@ -109,13 +109,13 @@ def _valid_close_code(code: int) -> bool:
     return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
-def _unmask(payload: bytes | bytearray | memoryview, mask: bytes) -> bytes:
+def _unmask(payload: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
     if _apply_mask is not None:
         return _apply_mask(payload, mask)
     n = len(payload)
     if not n:
         return b""
-    key = int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")
+    key = int.from_bytes((bytes(mask) * ((n >> 2) + 1))[:n], "little")
     return (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
 
 
@@ -150,14 +150,20 @@ class FrameParser:
 
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
-        self._buffer = bytearray()
+        #: What was read and not parsed yet: a read's bytes as they came, or a bytearray
+        #: holding the start of a frame, which later reads complete.
+        self._buffer: bytes | bytearray = b""
         self._parts: list[bytes] = []
         self._size = 0
         self._opcode: int | None = None  # of the fragmented message in progress
 
     def feed(self, data: bytes | bytearray) -> None:
         """Add bytes read from the client."""
-        self._buffer += data
+        if self._buffer:
+            self._buffer += data
+        else:
+            # Parsed where they are: most reads hold whole frames and leave nothing over.
+            self._buffer = data
 
     def events(self) -> list[Event]:
         """Every complete event in what was fed so far.
@@ -177,41 +183,47 @@ class FrameParser:
         buf = self._buffer
         pos = 0
         end = len(buf)
-        while end - pos >= 2:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
-            opcode = b0 & 0x0F
-            length = b1 & 0x7F
-            head = pos + 2
-            if length == 126:
-                if end - head < 2:
+        try:
+            while end - pos >= 2:
+                b0 = buf[pos]
+                b1 = buf[pos + 1]
+                opcode = b0 & 0x0F
+                length = b1 & 0x7F
+                head = pos + 2
+                if length == 126:
+                    if end - head < 2:
+                        break
+                    (length,) = _U16.unpack_from(buf, head)
+                    head += 2
+                    if length < 126:
+                        raise ProtocolError(PROTOCOL_ERROR, "length not minimally encoded")
+                elif length == 127:
+                    if end - head < 8:
+                        break
+                    (length,) = _U64.unpack_from(buf, head)
+                    head += 8
+                    if length >> 63:
+                        raise ProtocolError(PROTOCOL_ERROR, "64-bit length with the top bit set")
+                    if length < 65536:
+                        raise ProtocolError(PROTOCOL_ERROR, "length not minimally encoded")
+                self._check_header(b0, b1, opcode, length)
+                if end - head < 4 + length:
                     break
-                (length,) = _U16.unpack_from(buf, head)
-                head += 2
-                if length < 126:
-                    raise ProtocolError(PROTOCOL_ERROR, "length not minimally encoded")
-            elif length == 127:
-                if end - head < 8:
-                    break
-                (length,) = _U64.unpack_from(buf, head)
-                head += 8
-                if length >> 63:
-                    raise ProtocolError(PROTOCOL_ERROR, "64-bit length with the top bit set")
-                if length < 65536:
-                    raise ProtocolError(PROTOCOL_ERROR, "length not minimally encoded")
-            self._check_header(b0, b1, opcode, length)
-            if end - head < 4 + length:
-                break
-            mask = bytes(buf[head : head + 4])
-            start = head + 4
-            payload = _unmask(memoryview(buf)[start : start + length], mask)
-            pos = start + length
-            event = self._frame(b0 & 0x80, opcode, payload)
-            if event is not None:
-                out.append(event)
-            del buf[:pos]
-            end -= pos
-            pos = 0
+                start = head + 4
+                with memoryview(buf) as view:
+                    payload = _unmask(view[start : start + length], buf[head:start])
+                pos = start + length
+                event = self._frame(b0 & 0x80, opcode, payload)
+                if event is not None:
+                    out.append(event)
+        finally:
+            # Keep what is left (the start of a frame) for the next read; at most one copy.
+            if pos == end:
+                self._buffer = b""
+            elif pos:
+                self._buffer = bytearray(memoryview(buf)[pos:])
+            elif type(buf) is bytes:
+                self._buffer = bytearray(buf)
 
     def _check_header(self, b0: int, b1: int, opcode: int, length: int) -> None:
         if b0 & 0x70:

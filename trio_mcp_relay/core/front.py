@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 from .._frames import (
     CONNECTION_ERROR,
     LIMIT_EXCEEDED,
@@ -220,8 +218,7 @@ def forward(
         caller.subscriptions.add(params["uri"])
     elif method == "resources/unsubscribe":
         caller.subscriptions.discard(params["uri"])
-    out = Request(id=tool_id, method=method, params=params, extra=frame.extra)
-    return [Send(conn, dumps(out.to_json()), request=tool_id)]
+    return [Send(conn, dumps(frame.to_json(id=tool_id, params=params)), request=tool_id)]
 
 
 def run_request_middleware(session: Session, call: Call, seconds: float) -> bytes | None:
@@ -292,5 +289,4 @@ def response_from_caller(
     assert type(key) is int
     del session.tool_requests[key]
     caller.owes.discard(key)
-    out = attrs.evolve(frame, id=req.tool_id)
-    return [Send(req.server, dumps(out.to_json()))]
+    return [Send(req.server, dumps(frame.to_json(id=req.tool_id)))]

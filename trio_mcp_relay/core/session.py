@@ -613,7 +613,7 @@ class Session:
         self.tool_requests[key] = req
         self.deadlines.push(self.deadlines.tool_requests, (deadline, self, key, req))
         caller.owes.add(key)
-        return [Send(caller.conn, dumps(attrs.evolve(frame, id=key).to_json()))]
+        return [Send(caller.conn, dumps(frame.to_json(id=key)))]
 
     def tool_request_count(self) -> int:
         """Requests of this agent's servers awaiting a caller: here (those of servers on
@@ -665,8 +665,7 @@ class Session:
             else:
                 reply = Reply(error=frame.error.to_json())
             return self.reply(caller, entry.caller_id, entry.call, reply)
-        out = attrs.evolve(frame, id=entry.caller_id)
-        return [Send(caller.conn, dumps(out.to_json()))]
+        return [Send(caller.conn, dumps(frame.to_json(id=entry.caller_id)))]
 
     def _notification_from_server(
         self, server: Server, frame: Notification, now: float
@@ -680,8 +679,8 @@ class Session:
                 if entry is None or entry.token is MISSING or entry.server != server.conn:
                     log.debug("agent %s: progress for finished request dropped", self.name)
                     return []
-                out = attrs.evolve(frame, params={**params, "progressToken": entry.token})
-                return [Send(entry.caller.conn, dumps(out.to_json()))]
+                out = frame.to_json(params={**params, "progressToken": entry.token})
+                return [Send(entry.caller.conn, dumps(out))]
         if method == CANCELLED and isinstance(params, dict):
             return self._cancel_from_server(server, frame, params)
         kind = _LIST_CHANGED.get(method)
@@ -727,8 +726,8 @@ class Session:
         key, req = found
         del self.tool_requests[key]
         req.caller.owes.discard(key)
-        out = attrs.evolve(frame, params={**params, "requestId": key})
-        return [Send(req.caller.conn, dumps(out.to_json()))]
+        out = frame.to_json(params={**params, "requestId": key})
+        return [Send(req.caller.conn, dumps(out))]
 
     # ------------------------------------------------------------------ failures and time
 

@@ -111,6 +111,7 @@ class ServerWebSocket:
     __slots__ = (
         "_closed",
         "_direct",
+        "_drained",
         "_events",
         "_parser",
         "_ready_reads",
@@ -148,6 +149,7 @@ class ServerWebSocket:
         # What a direct write (send_now) left of a frame: written ahead of anything else.
         self._rest = b""
         self._ready_reads = 0
+        self._drained = False
         #: trio.current_time() of the last pong received (None: none yet).
         self.last_pong: float | None = None
 
@@ -286,32 +288,42 @@ class ServerWebSocket:
             self._events = deque(events) if events else None
 
     async def _read_socket(self, sock: trio.socket.SocketType) -> bytes:
-        """Read what the socket holds, waiting only when it holds nothing (``b""``: it ended).
+        """Read what the socket holds, waiting when it holds nothing (``b""``: it ended).
 
         ``SocketStream.receive_some`` yields to the scheduler even when the bytes are there
-        already, and its wrappers cost more than the read itself; this reads first. A read
-        that did not wait is followed by a checkpoint every ``_READS_PER_CHECKPOINT`` times,
-        so a peer that always has bytes ready cannot keep the other tasks from running.
+        already, and its wrappers cost more than the read itself. Here a read that filled the
+        buffer is followed by a read at once (more is likely there); a shorter one by a wait
+        first (the peer most likely awaits an answer: a read now would fail). Reads that did
+        not wait are followed by a checkpoint every ``_READS_PER_CHECKPOINT`` times, so a
+        peer that always has bytes ready cannot keep the other tasks from running.
         """
+        waited = False
         while True:
+            if self._drained or waited:
+                self._drained = False
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    return b""
+                waited = True
             fd = sock.fileno()  # asked each time: -1 once closed, never a reused number
             if fd < 0:
                 return b""
             try:
                 data = os.read(fd, _READ_SIZE)
             except BlockingIOError:
-                self._ready_reads = 0
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except trio.ClosedResourceError:
-                    return b""
+                waited = True
                 continue
             except OSError:
                 return b""
-            self._ready_reads += 1
-            if self._ready_reads >= _READS_PER_CHECKPOINT:
+            self._drained = len(data) < _READ_SIZE
+            if waited:
                 self._ready_reads = 0
-                await trio.lowlevel.checkpoint()
+            else:
+                self._ready_reads += 1
+                if self._ready_reads >= _READS_PER_CHECKPOINT:
+                    self._ready_reads = 0
+                    await trio.lowlevel.checkpoint()
             return data
 
     async def _on_close(self, event: wsframes.Close) -> None:

@@ -12,7 +12,6 @@ import itertools
 import re
 from typing import Any
 
-import attrs
 import pytest
 import trio
 from hypothesis import HealthCheck, Phase, given, settings
@@ -22,6 +21,7 @@ from tests.helpers import KEY, start_relay
 from trio_mcp_relay import _fuzz
 from trio_mcp_relay._auth import caller_url, tool_url
 from trio_mcp_relay._fuzz import PROBES
+from trio_mcp_relay.core.actions import Send
 from trio_mcp_relay.core.session import Session as RoutingSession
 from trio_mcp_relay.testing import (
     FAMILIES,
@@ -81,7 +81,7 @@ def test_checker_reports_a_planted_id_type_bug(monkeypatch: pytest.MonkeyPatch) 
 
     def stringly(self: RoutingSession, server: Any, frame: Any, now: float) -> Any:
         actions = original(self, server, frame, now)
-        return [attrs.evolve(a, data=INT_ID.sub(rb'"id":"\1",', a.data)) for a in actions]
+        return [Send(a.conn, INT_ID.sub(rb'"id":"\1",', a.data), a.request) for a in actions]
 
     monkeypatch.setattr(RoutingSession, "_response_from_server", stringly)
     found: list[Session] = []

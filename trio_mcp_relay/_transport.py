@@ -376,10 +376,21 @@ class ServerWebSocket:
         """
         if not self._direct or self._state != _OPEN or self._rest or self._writing:
             return None
+        sock = self._socket
         try:
-            written = self._try_write(memoryview(data))
+            if sock is not None:  # _try_write, inlined for the socket: every frame comes here
+                fd = sock.fileno()
+                if fd < 0:
+                    raise OSError("socket closed")
+                written = os.write(fd, data)
+            else:
+                written = self._try_write(memoryview(data))
+        except BlockingIOError:
+            written = 0
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             written = 0  # the next write will meet the error and end the connection
+        if written == len(data):
+            return b""
         self._rest = data[written:]
         return self._rest
 

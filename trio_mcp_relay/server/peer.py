@@ -101,7 +101,13 @@ class Peer:
             trio.WouldBlock: the outbox is full (in frames or bytes).
             trio.ClosedResourceError: the peer is closing.
         """
-        if self._may_write_now() and self._write_now(encode_text_frame(data)):
+        # _may_write_now(), inlined: this runs for every frame the relay sends.
+        if (
+            self.state is PeerState.OPEN
+            and type(self.ws) is ServerWebSocket
+            and self.outbox.idle
+            and self._write_now(encode_text_frame(data))
+        ):
             self.frames_out += 1
             return
         self.outbox.put_nowait(data, request=request)

@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -411,10 +412,12 @@ def free_port() -> int:
 
 
 def start(command: list[str], port: int, **popen: Any) -> subprocess.Popen[bytes]:
-    """Run ``command`` and wait until something listens on ``port`` (127.0.0.1)."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    """Run ``command`` and wait until something listens on ``port`` (127.0.0.1). Its stderr
+    goes to a temporary file, never a pipe: a pipe nobody reads would stop the relay the
+    moment it logs more than the pipe holds."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for the process's life
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, **popen)
     deadline = time.monotonic() + 20
-
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -422,9 +425,9 @@ def start(command: list[str], port: int, **popen: Any) -> subprocess.Popen[bytes
         except OSError:
             time.sleep(0.05)
     process.kill()
-    raise RuntimeError(
-        f"{command[0]} did not start: {process.stderr.read() if process.stderr else ''}"
-    )
+    process.wait()
+    log.seek(0)
+    raise RuntimeError(f"{command[0]} did not start: {log.read()[-2000:].decode(errors='replace')}")
 
 
 def relay_command(port: int, key: str) -> list[str]:

@@ -56,13 +56,22 @@ async def wait_listening(port: int, within: float = 15.0) -> None:
 
 
 async def open_idle(port: int, key: str, count: int) -> list[WsClient]:
+    """Half tools, half callers, one of each per agent. A tool answers the relay's
+    initialize and tools/list, as a real one does, then stays silent; a caller says nothing."""
     conns: list[WsClient] = []
     for i in range(count):
         token = token_for(key, f"idle-{i // 2}")
-        path = "mcp" if i % 2 == 0 else "call"
-        conns.append(
-            await connect("127.0.0.1", port, f"/mcp_endpoint/{path}/?token={token}", lambda _: None)
-        )
+        if i % 2 == 0:
+            ref: list[WsClient] = []
+            answer = echo_tool(ref)
+            tool = await connect("127.0.0.1", port, f"/mcp_endpoint/mcp/?token={token}", answer)
+            ref.append(tool)
+            for reply in answer.early:  # type: ignore[attr-defined]
+                tool.send(reply)
+            conns.append(tool)
+        else:
+            target = f"/mcp_endpoint/call/?token={token}"
+            conns.append(await connect("127.0.0.1", port, target, lambda _: None))
     return conns
 
 
@@ -111,11 +120,11 @@ async def main() -> None:
         for a in range(args.busy_agents):
             token = token_for(key, f"busy-{a}")
             ref: list[WsClient] = []
-            ref.append(
-                await connect(
-                    "127.0.0.1", port, f"/mcp_endpoint/mcp/?token={token}", echo_tool(ref)
-                )
-            )
+            answer = echo_tool(ref)
+            target = f"/mcp_endpoint/mcp/?token={token}"
+            ref.append(await connect("127.0.0.1", port, target, answer))
+            for reply in answer.early:  # type: ignore[attr-defined]
+                ref[0].send(reply)
             for c in range(args.callers):
                 caller = Caller(stats, args.window, args.size, f"b{a}c{c}")
                 caller.proto = await connect(

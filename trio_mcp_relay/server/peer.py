@@ -211,6 +211,9 @@ class Peer:
                 finally:
                     self._write_scope = None
                     outbox.written()
+                    # Not held while the next take waits: an idle connection would keep
+                    # its last frames (orjson's bytes take 4 KB each, whatever their length).
+                    del batch
             # The outbox was closed: everything queued is sent; now the close frame.
             if self.close_with is not None:
                 await ws.close(*self.close_with)

@@ -100,6 +100,15 @@ _SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_DEPTH: Final = 254
 
 
+def _with_params(out: dict[str, Any], params: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A request's or notification's dict finished: its params (unless absent), its extras."""
+    if params is not MISSING:
+        out["params"] = params
+    if extra:
+        out.update(extra)
+    return out
+
+
 @attrs.frozen
 class Request:
     """A call that expects exactly one response with the same ``id``."""
@@ -117,13 +126,7 @@ class Request:
             "id": self.id if id is KEEP else id,
             "method": self.method,
         }
-        if params is KEEP:
-            params = self.params
-        if params is not MISSING:
-            out["params"] = params
-        if self.extra:
-            out.update(self.extra)
-        return out
+        return _with_params(out, self.params if params is KEEP else params, self.extra)
 
 
 @attrs.frozen
@@ -137,13 +140,7 @@ class Notification:
     def to_json(self, params: Any = KEEP) -> dict[str, Any]:
         """The frame as a JSON-ready dict; with ``params``, those instead of its own."""
         out: dict[str, Any] = {"jsonrpc": "2.0", "method": self.method}
-        if params is KEEP:
-            params = self.params
-        if params is not MISSING:
-            out["params"] = params
-        if self.extra:
-            out.update(self.extra)
-        return out
+        return _with_params(out, self.params if params is KEEP else params, self.extra)
 
 
 @attrs.frozen

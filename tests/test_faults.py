@@ -844,3 +844,38 @@ async def test_a_burst_of_10000_notifications(nursery: trio.Nursery) -> None:
                 frame = await recv(a.victim_tool)
             await send(a.victim_tool, result(frame["id"], "ok"))
             assert await hostile.receive_json() == result("after-burst", "ok")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+async def test_messages_read_together_leave_together_and_in_order(
+    relay: RunningRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests that reach the relay in one read are routed, then leave for their tool in
+    one write (one system call there, one wake-up at the tool), in the order they came; the
+    tool's answers reach the caller in order, each with its own id."""
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def recording_write(fd: int, data: Any) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", recording_write)
+    with trio.fail_after(10):
+        async with (
+            tool_and_callers(relay, "batches", 0) as (tool, _),
+            raw_client(relay.port, target_of(relay.caller_url("batches"))) as caller,
+        ):
+            batch = [request(rid, CUSTOM, params={"n": n}) for n, rid in enumerate(["a", 7, 2**70])]
+            writes.clear()
+            frames = [masked_frame(OP_TEXT, json.dumps(f).encode()) for f in batch]
+            await caller.send_raw(b"".join(frames))  # one write: the relay reads them at once
+            forwarded = [await recv(tool) for _ in batch]
+            assert [f["params"]["n"] for f in forwarded] == [0, 1, 2]
+            assert len([w for w in writes if b'"n":' in w]) == 1, writes
+            for f in forwarded:
+                await send(tool, result(f["id"], {"n": f["params"]["n"]}))
+            answers = [await caller.receive_json() for _ in batch]
+            assert answers == [result(f["id"], {"n": f["params"]["n"]}) for f in batch]

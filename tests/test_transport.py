@@ -20,6 +20,8 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -413,3 +415,53 @@ async def test_a_peer_that_always_has_bytes_ready_cannot_keep_other_tasks_from_r
         assert scope.cancelled_caught
         assert 0 < received <= 16 * 1024 // len(frame) + 1, received
         await server.aclose()
+
+
+class Taking(trio.abc.Stream):
+    """A stream that takes ``room`` bytes at once (``try_write``), then no more."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.got = b""
+
+    def try_write(self, data: memoryview) -> int:
+        n = min(self.room, len(data))
+        self.got += bytes(data[:n])
+        self.room -= n
+        return n
+
+    async def wait_writable(self) -> None:
+        await trio.sleep_forever()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise AssertionError("not used")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        raise AssertionError("not used")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise AssertionError("not used")
+
+    async def aclose(self) -> None:
+        pass
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=6), st.data())
+def test_send_now_many_counts_the_frames_the_socket_began(
+    frames: list[bytes], data: st.DataObject
+) -> None:
+    """One write for several frames: the frames begun are those the socket took a byte of;
+    the WebSocket keeps the rest of the last of them only (the others are the caller's)."""
+    total = sum(map(len, frames))
+    room = data.draw(st.integers(0, total))
+    stream = Taking(room)
+    ws = ServerWebSocket(stream, remote="", max_message_size=1 << 20)
+    begun = ws.send_now_many(frames)
+    starts = [sum(map(len, frames[:i])) for i in range(len(frames))]
+    assert begun == sum(1 for start in starts if start < room) if room < total else len(frames)
+    assert stream.got == b"".join(frames)[:room]
+    if begun and room < total:
+        end = starts[begun - 1] + len(frames[begun - 1])
+        assert ws.unsent == max(0, end - room)
+    else:
+        assert ws.unsent == 0

@@ -265,6 +265,15 @@ class ServerWebSocket:
             self._events = None  # drained: an idle connection holds no deque while it waits
             await self._read()
 
+    def ready_message(self) -> bytes | None:
+        """The next message if it is already read and parsed (no I/O, no wait); None when
+        nothing is, or when a control frame comes first (:meth:`receive` handles those)."""
+        events = self._events
+        if events and type(events[0]) is wsframes.Message:
+            message: bytes = events.popleft().data  # type: ignore[union-attr]
+            return message
+        return None
+
     async def _read(self) -> None:
         data: bytes | bytearray
         if self._socket is not None:
@@ -393,6 +402,26 @@ class ServerWebSocket:
             return b""
         self._rest = data[written:]
         return self._rest
+
+    def send_now_many(self, frames: Sequence[bytes]) -> int | None:
+        """:meth:`send_now` for several encoded frames, in one write: how many frames the
+        socket began (took whole, or in part: this WebSocket keeps the rest of that one, as
+        send_now does); those after it are the caller's to queue. None: no attempt."""
+        data = b"".join(frames)
+        rest = self.send_now(data)
+        if rest is None:
+            return None
+        if not rest:
+            return len(frames)
+        written = len(data) - len(rest)
+        start = 0
+        for index, frame in enumerate(frames):
+            end = start + len(frame)
+            if written < end:
+                self._rest = data[written:end] if written > start else b""
+                return index + 1 if written > start else index
+            start = end
+        raise AssertionError("unreachable: the socket did not take it all")
 
     async def ping(self, payload: bytes = b"") -> None:
         """Send a ping frame."""

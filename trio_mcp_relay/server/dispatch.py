@@ -33,7 +33,7 @@ import trio
 
 from .._config import RelayConfig
 from .._routing import Action, Close, Role, Router, Send
-from .._transport import ConnectionClosed, WebSocket
+from .._transport import ConnectionClosed, ServerWebSocket, WebSocket, encode_text_frame
 from .access import log_access
 from .counts import CALLER, TOOL, ShellCounts
 from .outbox import ByteBudget, Outbox
@@ -77,6 +77,9 @@ class Dispatcher:
         #: Awaited before a caller of an agent is registered (cluster mode: the agent's
         #: servers on other nodes join first).
         self.before_caller: Callable[[str], Awaitable[None]] | None = None
+        #: While one read's messages are routed: the frames held back per peer, to leave in
+        #: one write each when they are all routed (None: write each at once).
+        self._corked: dict[Peer, list[Send]] | None = None
 
     def bind(self, nursery: trio.Nursery) -> None:
         """The nursery that runs closing handshakes (it outlives any one connection)."""
@@ -90,21 +93,53 @@ class Dispatcher:
         if self.router.take_deadline_change():
             self._wake_timer()
         peers = self.peers
+        corked = self._corked
         for action in actions:
             if type(action) is not Send:
                 assert isinstance(action, Close)
                 peer = peers.get(action.conn)
                 if peer is not None:
+                    if corked and peer in corked:
+                        self._uncork({peer: corked.pop(peer)})  # what it was sent goes first
                     self.close_peer(peer, action.code, action.reason)
                 continue
             peer = peers.get(action.conn)
             if peer is None:
                 continue
             self.recent.sent(peer.agent, peer.role.value, action.data)
-            if peer.role is Role.TOOL:
-                self._to_tool(peer, action)
-            else:
-                self._to_caller(peer, action.data)
+            if corked is not None:
+                held = corked.get(peer)
+                if held is not None or peer.may_write_now():
+                    # Held back, written with the others for this peer after the read.
+                    if held is None:
+                        held = corked[peer] = []
+                    held.append(action)
+                    continue
+            self._send(peer, action)
+
+    def _send(self, peer: Peer, action: Send) -> None:
+        if peer.role is Role.TOOL:
+            self._to_tool(peer, action)
+        else:
+            self._to_caller(peer, action.data)
+
+    def _uncork(self, corked: dict[Peer, list[Send]]) -> None:
+        """Write the frames held back for each peer while a read's messages were routed:
+        one write per peer, as far as its socket takes them; what it does not take goes
+        the ordinary way (queued, within the outbox's bounds), in order, after them."""
+        left: list[tuple[Peer, list[Send]]] = []
+        for peer, held in corked.items():
+            begun = peer.write_now_many([encode_text_frame(a.data) for a in held])
+            side = TOOL if peer.role is Role.TOOL else CALLER
+            counts = self.counts
+            counts.frames_out[side] += begun
+            counts.bytes_out[side] += sum(len(a.data) for a in held[:begun])
+            if begun < len(held):
+                left.append((peer, held[begun:]))
+        for peer, rest in left:
+            for action in rest:
+                if self.peers.get(peer.conn) is peer:
+                    self._send(peer, action)
 
     def _to_tool(self, peer: Peer, action: Send) -> None:
         try:
@@ -316,6 +351,7 @@ class Dispatcher:
         conn = peer.conn
         side = TOOL if peer.role is Role.TOOL else CALLER
         frames_in, bytes_in = self.counts.frames_in, self.counts.bytes_in
+        batches = type(ws) is ServerWebSocket
         while True:
             try:
                 message = await ws.receive()
@@ -323,6 +359,26 @@ class Dispatcher:
                 log.debug("connection %d closed: %d %s", conn, exc.code, exc.reason)
                 peer.received_close = exc.code
                 return
+            following = ws.ready_message() if batches else None  # type: ignore[attr-defined]
+            if following is not None:
+                # Several messages came in one read: route them all, then write what they
+                # made for each peer in one write (one system call, one wake-up there).
+                corked: dict[Peer, list[Send]] = {}
+                self._corked = corked
+                try:
+                    while message is not None:
+                        peer.frames_in += 1
+                        frames_in[side] += 1
+                        bytes_in[side] += len(message)
+                        self.dispatch(router.received(conn, message, trio.current_time()))
+                        message, following = following, None
+                        if message is None:
+                            break
+                        following = ws.ready_message()  # type: ignore[attr-defined]
+                finally:
+                    self._corked = None
+                    self._uncork(corked)
+                continue
             peer.frames_in += 1
             frames_in[side] += 1
             # A str is counted in UTF-8 bytes; isascii() is O(1) on a str, encode() is not.

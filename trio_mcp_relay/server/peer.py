@@ -101,7 +101,7 @@ class Peer:
             trio.WouldBlock: the outbox is full (in frames or bytes).
             trio.ClosedResourceError: the peer is closing.
         """
-        # _may_write_now(), inlined: this runs for every frame the relay sends.
+        # may_write_now(), inlined: this runs for every frame the relay sends.
         if (
             self.state is PeerState.OPEN
             and type(self.ws) is ServerWebSocket
@@ -117,12 +117,31 @@ class Peer:
     def ping_nowait(self) -> None:
         """Send a ping now, or queue it ahead of every queued frame (it never counts against
         the bounds). An idle connection's ping is written at once: no writer task for it."""
-        if self._may_write_now() and self._write_now(_PING_FRAME):
+        if self.may_write_now() and self._write_now(_PING_FRAME):
             return
         self.outbox.put_control(PING)
         self.start_writer()
 
-    def _may_write_now(self) -> bool:
+    def write_now_many(self, frames: list[bytes]) -> int:
+        """Write encoded frames straight to the socket, in one write, as far as it takes
+        them: how many it began (the rest of a begun one is the writer's, as with
+        :meth:`send_nowait`). 0 when the fast path is not open; the others are the caller's
+        to send the ordinary way (:meth:`send_nowait`), in order, after these."""
+        ws = self.ws
+        if not self.may_write_now():
+            return 0
+        assert type(ws) is ServerWebSocket
+        begun = ws.send_now_many(frames)
+        if begun is None:
+            return 0
+        if ws.unsent:
+            # The socket keeps the rest of one frame: the writer's next write sends it.
+            self.outbox.put_nowait(Encoded(b""), size=ws.unsent)
+            self.start_writer()
+        self.frames_out += begun
+        return begun
+
+    def may_write_now(self) -> bool:
         """The fast path keeps the order only when nothing is queued or being written."""
         ws = self.ws
         return self.state is PeerState.OPEN and self.outbox.idle and type(ws) is ServerWebSocket

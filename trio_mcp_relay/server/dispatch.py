@@ -129,6 +129,9 @@ class Dispatcher:
         the ordinary way (queued, within the outbox's bounds), in order, after them."""
         left: list[tuple[Peer, list[Send]]] = []
         for peer, held in corked.items():
+            if len(held) == 1:  # nothing to join: the ordinary way is the same write
+                left.append((peer, held))
+                continue
             begun = peer.write_now_many([encode_text_frame(a.data) for a in held])
             side = TOOL if peer.role is Role.TOOL else CALLER
             counts = self.counts

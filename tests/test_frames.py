@@ -597,6 +597,8 @@ large_values = st.recursive(
 @example(value=1e19, pad=600, many=0, where="result")  # a true float that large
 @example(value=2**64 - 1, pad=600, many=0, where="params")  # orjson keeps it exact
 @example(value="12345678901234567890123", pad=600, many=600, where="params")
+@example(value=10**400, pad=600, many=0, where="params")  # orjson refuses it: "infinity"
+@example(value=-(10**400), pad=0, many=600, where="result")
 def test_any_frame_parses_to_what_the_standard_library_reads(
     value: Any, pad: int, many: int, where: str
 ) -> None:

@@ -414,6 +414,9 @@ async def test_a_peer_that_always_has_bytes_ready_cannot_keep_other_tasks_from_r
         # Cancelled at the 16th read at the latest: 16 KB, about 80 of the 200 messages.
         assert scope.cancelled_caught
         assert 0 < received <= 16 * 1024 // len(frame) + 1, received
+        # ... and before a read: no byte is lost, the rest of the messages follow intact.
+        for _ in range(count - received):
+            assert await server.receive() == b"x" * 200
         await server.aclose()
 
 

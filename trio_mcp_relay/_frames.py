@@ -329,7 +329,12 @@ def _loads(data: bytes) -> Any:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
+            # orjson refuses integers of 309 digits and more ("infinity"): the stdlib's.
+            if len(data) <= 2 * MAX_DEPTH or not _has_long_digit_run(data):
+                raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
+            obj = None
+            exact = True
+    if not exact:
         if len(data) <= 2 * MAX_DEPTH:
             return obj
         verdict = _check_tree(obj, len(data) >> 5)

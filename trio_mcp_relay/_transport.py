@@ -302,9 +302,10 @@ class ServerWebSocket:
         ``SocketStream.receive_some`` yields to the scheduler even when the bytes are there
         already, and its wrappers cost more than the read itself. Here a read that filled the
         buffer is followed by a read at once (more is likely there); a shorter one by a wait
-        first (the peer most likely awaits an answer: a read now would fail). Reads that did
-        not wait are followed by a checkpoint every ``_READS_PER_CHECKPOINT`` times, so a
-        peer that always has bytes ready cannot keep the other tasks from running.
+        first (the peer most likely awaits an answer: a read now would fail). After
+        ``_READS_PER_CHECKPOINT`` reads in a row that did not wait, a checkpoint comes before
+        the next one (before: a cancellation there loses no bytes), so a peer that always has
+        bytes ready cannot keep the other tasks from running.
         """
         waited = False
         while True:
@@ -315,6 +316,10 @@ class ServerWebSocket:
                 except trio.ClosedResourceError:
                     return b""
                 waited = True
+            if self._ready_reads >= _READS_PER_CHECKPOINT:
+                # Before the read, so that a cancellation here loses no bytes.
+                self._ready_reads = 0
+                await trio.lowlevel.checkpoint()
             fd = sock.fileno()  # asked each time: -1 once closed, never a reused number
             if fd < 0:
                 return b""
@@ -330,9 +335,6 @@ class ServerWebSocket:
                 self._ready_reads = 0
             else:
                 self._ready_reads += 1
-                if self._ready_reads >= _READS_PER_CHECKPOINT:
-                    self._ready_reads = 0
-                    await trio.lowlevel.checkpoint()
             return data
 
     async def _on_close(self, event: wsframes.Close) -> None:

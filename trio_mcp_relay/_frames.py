@@ -300,7 +300,7 @@ def _has_long_digit_run(data: bytes) -> bool:
     return _LONG_DIGIT_RUN in data.translate(_DIGIT_TABLE)
 
 
-def _exact_loads(data: bytes) -> Any:
+def _stdlib_loads(data: bytes) -> Any:
     """The standard library's parse: integers of any size stay exact."""
     try:
         return json.loads(
@@ -314,6 +314,10 @@ def _exact_loads(data: bytes) -> Any:
         raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
 
 
+#: What :func:`_quick_loads` gives when only the standard library's parse is exact.
+_RETRY_EXACT: Final[Any] = object()
+
+
 def _loads(data: bytes) -> Any:
     """Parse JSON exactly: orjson normally, the stdlib for integers orjson would round.
 
@@ -322,36 +326,44 @@ def _loads(data: bytes) -> Any:
     be rounded integers (cheap when its bytes are mostly strings, as MCP frames are), with
     the scan as the fallback when it holds too many values for the walk.
     """
-    exact = False
-    if len(data) <= 2 * MAX_DEPTH:  # nesting deeper than MAX_DEPTH takes 2 bytes a level
-        exact = _has_long_digit_run(data)
-    if not exact:
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            # orjson refuses integers of 309 digits and more ("infinity"): the stdlib's.
-            if len(data) <= 2 * MAX_DEPTH or not _has_long_digit_run(data):
-                raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
-            obj = None
-            exact = True
-    if not exact:
-        if len(data) <= 2 * MAX_DEPTH:
-            return obj
-        verdict = _check_tree(obj, len(data) >> 5)
-        if verdict == _FITS:
-            return obj
-        if verdict == _TOO_DEEP:
-            raise FrameError(PARSE_ERROR, "not JSON: nested too deeply")
-        if verdict == _TOO_MANY:
-            exact = _has_long_digit_run(data)
-            if not exact:
-                # Fewer brackets than MAX_DEPTH (strings' included) cannot nest too deeply.
-                if data.count(b"[") + data.count(b"{") > MAX_DEPTH and _nested_too_deeply(
-                    obj, exact=False
-                ):
-                    raise FrameError(PARSE_ERROR, "not JSON: nested too deeply")
-                return obj
-    obj = _exact_loads(data)
+    obj = _quick_loads(data)
+    return _exact_loads(data) if obj is _RETRY_EXACT else obj
+
+
+def _quick_loads(data: bytes) -> Any:
+    """orjson's parse when it is exact and nests no deeper than MAX_DEPTH, else
+    :data:`_RETRY_EXACT`."""
+    small = len(data) <= 2 * MAX_DEPTH  # nesting deeper than MAX_DEPTH takes 2 bytes a level
+    if small and _has_long_digit_run(data):
+        return _RETRY_EXACT
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        # orjson refuses integers of 309 digits and more ("infinity"): the stdlib's.
+        if small or not _has_long_digit_run(data):
+            raise FrameError(PARSE_ERROR, f"not JSON: {exc}") from None
+        return _RETRY_EXACT
+    if small:
+        return obj
+    verdict = _check_tree(obj, len(data) >> 5)
+    if verdict == _FITS:
+        return obj
+    if verdict == _TOO_DEEP:
+        raise FrameError(PARSE_ERROR, "not JSON: nested too deeply")
+    if verdict == _INEXACT:
+        return _RETRY_EXACT
+    # Too many values for the walk: scan the bytes instead.
+    if _has_long_digit_run(data):
+        return _RETRY_EXACT
+    # Fewer brackets than MAX_DEPTH (strings' included) cannot nest too deeply.
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and _nested_too_deeply(obj, exact=False):
+        raise FrameError(PARSE_ERROR, "not JSON: nested too deeply")
+    return obj
+
+
+def _exact_loads(data: bytes) -> Any:
+    """The standard library's parse, held to what :func:`dumps` can write back."""
+    obj = _stdlib_loads(data)
     if len(data) > 2 * MAX_DEPTH and _nested_too_deeply(obj, exact=True):
         raise FrameError(PARSE_ERROR, "not JSON: nested too deeply")
     if _SURROGATE_ESCAPE.search(data) is not None:

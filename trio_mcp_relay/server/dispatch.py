@@ -349,49 +349,49 @@ class Dispatcher:
                 log_access(peer, remote, identity, trio.current_time() - started)
 
     async def _read(self, peer: Peer) -> None:
-        router = self.router
         ws = peer.ws
-        conn = peer.conn
         side = TOOL if peer.role is Role.TOOL else CALLER
-        frames_in, bytes_in = self.counts.frames_in, self.counts.bytes_in
-        batches = type(ws) is ServerWebSocket
+        # Messages read together are routed together (see below): a socket WebSocket's.
+        together = ws if type(ws) is ServerWebSocket else None
         while True:
             try:
                 message = await ws.receive()
             except ConnectionClosed as exc:
-                log.debug("connection %d closed: %d %s", conn, exc.code, exc.reason)
+                log.debug("connection %d closed: %d %s", peer.conn, exc.code, exc.reason)
                 peer.received_close = exc.code
                 return
-            following = ws.ready_message() if batches else None  # type: ignore[attr-defined]
-            if following is not None:
-                # Several messages came in one read: route them all, then write what they
-                # made for each peer in one write (one system call, one wake-up there).
-                corked: dict[Peer, list[Send]] = {}
-                self._corked = corked
-                try:
-                    while message is not None:
-                        peer.frames_in += 1
-                        frames_in[side] += 1
-                        bytes_in[side] += len(message)
-                        self.dispatch(router.received(conn, message, trio.current_time()))
-                        message, following = following, None
-                        if message is None:
-                            break
-                        following = ws.ready_message()  # type: ignore[attr-defined]
-                finally:
-                    self._corked = None
-                    self._uncork(corked)
+            following = together.ready_message() if together is not None else None
+            if following is None:
+                self._received(peer, side, message)
                 continue
-            peer.frames_in += 1
-            frames_in[side] += 1
-            # A str is counted in UTF-8 bytes; isascii() is O(1) on a str, encode() is not.
-            if type(message) is bytes or message.isascii():
-                bytes_in[side] += len(message)
-            else:
-                assert isinstance(message, str)
-                bytes_in[side] += len(message.encode())
-            actions = router.received(conn, message, trio.current_time())
-            if actions:
-                self.dispatch(actions)
-            elif router.take_deadline_change():
-                self._wake_timer()
+            # Several messages came in one read: route them all, then write what they made
+            # for each peer in one write (one system call, one wake-up there).
+            assert together is not None  # only it has messages ready
+            corked: dict[Peer, list[Send]] = {}
+            self._corked = corked
+            try:
+                self._received(peer, side, message)
+                while following is not None:
+                    self._received(peer, side, following)
+                    following = together.ready_message()
+            finally:
+                self._corked = None
+                self._uncork(corked)
+
+    def _received(self, peer: Peer, side: int, message: str | bytes) -> None:
+        """Count one message from ``peer`` and carry out what the router makes of it."""
+        peer.frames_in += 1
+        counts = self.counts
+        counts.frames_in[side] += 1
+        # A str is counted in UTF-8 bytes; isascii() is O(1) on a str, encode() is not.
+        if type(message) is bytes or message.isascii():
+            counts.bytes_in[side] += len(message)
+        else:
+            assert isinstance(message, str)
+            counts.bytes_in[side] += len(message.encode())
+        router = self.router
+        actions = router.received(peer.conn, message, trio.current_time())
+        if actions:
+            self.dispatch(actions)
+        elif router.take_deadline_change():
+            self._wake_timer()

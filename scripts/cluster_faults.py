@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,13 @@ class Run:
     lost: int = 0  # in flight on a caller connection that died with its node
     dead: set[str] = field(default_factory=set)
     stop: bool = False
+
+    def first_result(self, where: Callable[[Outcome], bool]) -> float | None:
+        """When the first of the calls ``where`` picks got a result (None: none did)."""
+        return min(
+            (o.answered for o in self.outcomes if o.kind == "result" and o.answered and where(o)),
+            default=None,
+        )
 
 
 def ids() -> Any:
@@ -389,17 +397,7 @@ async def main(args: argparse.Namespace) -> int:
                         + repr([(o.kind, o.answered and o.answered - killed) for o in late])
                     )
                 for agent in sorted(routed_to_a):
-                    back = min(
-                        (
-                            o.answered
-                            for o in run.outcomes
-                            if o.agent == agent
-                            and o.sent > killed
-                            and o.kind == "result"
-                            and o.answered
-                        ),
-                        default=None,
-                    )
+                    back = run.first_result(lambda o, a=agent: o.agent == a and o.sent > killed)
                     took = None if back is None else back - killed
                     print(
                         f"   agent {agent} (server was on A): calls succeed again "
@@ -457,17 +455,7 @@ async def main(args: argparse.Namespace) -> int:
                 or "-32002" not in {o.kind for o in cross}
             ):
                 failures.append(f"cross-node calls during the outage: {summary(cross, 0, 1e18)}")
-            resumed = min(
-                (
-                    o.answered
-                    for o in run.outcomes
-                    if o.sent >= back
-                    and o.node != server_node[o.agent]
-                    and o.kind == "result"
-                    and o.answered
-                ),
-                default=None,
-            )
+            resumed = run.first_result(lambda o: o.sent >= back and o.node != server_node[o.agent])
             took = None if resumed is None else resumed - back
             print(
                 f"   cross-node calls succeed again {took if took is None else round(took, 2)}"

@@ -616,3 +616,45 @@ async def test_a_tool_that_never_answers_initialize_is_closed_4003_after_init_ti
                 assert asked["method"] == "tools/call" and asked["params"] == {"name": "soup"}
                 await tool.send(result(asked["id"], {"content": []}))
                 assert await recv(caller) == result("late", {"content": []})
+
+
+# ------------------------------------------------------------------ accepting
+
+
+async def test_an_accept_out_of_descriptors_is_logged_and_retried(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # accept() failing for want of descriptors (EMFILE) must not end the relay: it waits
+    # and accepts again, and the connections that come then are served.
+    import errno
+    import os
+
+    net = MemoryNet(KEY)
+
+    class Starved(trio.abc.Listener[Any]):
+        failures = 3
+
+        async def accept(self) -> Any:
+            await trio.lowlevel.checkpoint()
+            if self.failures:
+                self.failures -= 1
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return await net.listener.accept()
+
+        async def aclose(self) -> None:
+            await net.listener.aclose()
+
+    config = RelayConfig(host="memory", port=0, key=KEY)
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(serve_relay, config, listeners=[Starved()]))
+            started = trio.current_time()
+            async with net.tool("starved") as tool, net.websocket("caller", "starved") as caller:
+                await send(caller, request(1, CUSTOM))
+                asked = await recv(tool)
+                await send(tool, result(asked["id"], "ok"))
+                assert await recv(caller) == result(1, "ok")
+            assert trio.current_time() - started >= 0.3  # three retries, 0.1 s apart
+            nursery.cancel_scope.cancel()
+    failed = [r.getMessage() for r in caplog.records if "accept failed" in r.getMessage()]
+    assert failed == ["accept failed: Too many open files; retrying in 0.1 s"] * 3

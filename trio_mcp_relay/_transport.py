@@ -41,7 +41,7 @@ __all__ = [
 ABNORMAL_CLOSURE: Final = 1006
 MESSAGE_TOO_BIG: Final = 1009
 _READ_SIZE: Final = 65536
-#: Reads that found bytes at once, in a row, between two checkpoints (see _read_socket).
+#: Reads that found bytes at once, in a row, between two checkpoints (see receive).
 _READS_PER_CHECKPOINT: Final = 16
 
 
@@ -263,7 +263,43 @@ class ServerWebSocket:
                     assert isinstance(event, wsframes.ProtocolError)
                     await self._fail(event.code, event.reason)
             self._events = None  # drained: an idle connection holds no deque while it waits
-            await self._read()
+            # Awaited here, not in a helper: each coroutine level is memory every idle
+            # connection holds while it waits.
+            data: bytes | bytearray | None
+            sock = self._socket
+            if sock is not None:
+                # ``SocketStream.receive_some`` yields to the scheduler even when the bytes
+                # are there already, and its wrappers cost more than the read itself. Here
+                # a read that filled the buffer is followed by a read at once (more is likely
+                # there); a shorter one by a wait first (the peer most likely awaits an
+                # answer: a read now would fail). After ``_READS_PER_CHECKPOINT`` reads in a
+                # row that did not wait, a checkpoint comes before the next one (before: a
+                # cancellation there loses no bytes), so a peer that always has bytes ready
+                # cannot keep the other tasks from running.
+                waited = False
+                while True:
+                    if self._drained or waited:
+                        self._drained = False
+                        try:
+                            await trio.lowlevel.wait_readable(sock)
+                        except trio.ClosedResourceError:
+                            data = b""
+                            break
+                        waited = True
+                    if self._ready_reads >= _READS_PER_CHECKPOINT:
+                        self._ready_reads = 0
+                        await trio.lowlevel.checkpoint()
+                    data = self._read_now(sock, waited)
+                    if data is not None:
+                        break
+                    waited = True
+            else:
+                try:
+                    data = await self._stream.receive_some(_READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            self._feed(data)
+            del data  # not held while the next read waits
 
     def ready_message(self) -> bytes | None:
         """The next message if it is already read and parsed (no I/O, no wait); None when
@@ -274,15 +310,8 @@ class ServerWebSocket:
             return message
         return None
 
-    async def _read(self) -> None:
-        data: bytes | bytearray
-        if self._socket is not None:
-            data = await self._read_socket(self._socket)
-        else:
-            try:
-                data = await self._stream.receive_some(_READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+    def _feed(self, data: bytes | bytearray) -> None:
+        """Parse what was read (``b""``: the connection ended) into :attr:`_events`."""
         if not data:
             self._state = _CLOSED
             self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "")
@@ -296,46 +325,24 @@ class ServerWebSocket:
         else:
             self._events = deque(events) if events else None
 
-    async def _read_socket(self, sock: trio.socket.SocketType) -> bytes:
-        """Read what the socket holds, waiting when it holds nothing (``b""``: it ended).
-
-        ``SocketStream.receive_some`` yields to the scheduler even when the bytes are there
-        already, and its wrappers cost more than the read itself. Here a read that filled the
-        buffer is followed by a read at once (more is likely there); a shorter one by a wait
-        first (the peer most likely awaits an answer: a read now would fail). After
-        ``_READS_PER_CHECKPOINT`` reads in a row that did not wait, a checkpoint comes before
-        the next one (before: a cancellation there loses no bytes), so a peer that always has
-        bytes ready cannot keep the other tasks from running.
-        """
-        waited = False
-        while True:
-            if self._drained or waited:
-                self._drained = False
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except trio.ClosedResourceError:
-                    return b""
-                waited = True
-            if self._ready_reads >= _READS_PER_CHECKPOINT:
-                # Before the read, so that a cancellation here loses no bytes.
-                self._ready_reads = 0
-                await trio.lowlevel.checkpoint()
-            fd = sock.fileno()  # asked each time: -1 once closed, never a reused number
-            if fd < 0:
-                return b""
-            try:
-                data = os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                waited = True
-                continue
-            except OSError:
-                return b""
-            self._drained = len(data) < _READ_SIZE
-            if waited:
-                self._ready_reads = 0
-            else:
-                self._ready_reads += 1
-            return data
+    def _read_now(self, sock: trio.socket.SocketType, waited: bool) -> bytes | None:
+        """Read what the socket holds, without waiting: None when it holds nothing yet,
+        ``b""`` when it ended (:meth:`receive` waits, see there)."""
+        fd = sock.fileno()  # asked each time: -1 once closed, never a reused number
+        if fd < 0:
+            return b""
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+        self._drained = len(data) < _READ_SIZE
+        if waited:
+            self._ready_reads = 0
+        else:
+            self._ready_reads += 1
+        return data
 
     async def _on_close(self, event: wsframes.Close) -> None:
         if self._state == _OPEN:

@@ -494,6 +494,11 @@ class _Listing:
     patterns: tuple[tuple[re.Pattern[str], Route], ...] = ()
 
 
+#: The listing of a kind no server lists: shared by every catalog, never changed (a listing
+#: is only filled while :meth:`Catalog._relist` builds it).
+_EMPTY_LISTING: Final = _Listing()
+
+
 class Catalog:
     """The servers of one agent and the merged lists callers see.
 
@@ -515,7 +520,7 @@ class Catalog:
         self._next_since = 0
         self._tool_filter = tool_filter
         self._server_filters: dict[str, ToolFilter] = dict(server_filters or {})
-        self._listings: dict[Kind, _Listing] = {kind: _Listing() for kind in Kind}
+        self._listings: dict[Kind, _Listing] = dict.fromkeys(Kind, _EMPTY_LISTING)
 
     # ------------------------------------------------------------------ servers
 
@@ -845,5 +850,7 @@ class Catalog:
             listing.patterns = tuple(
                 (_template_pattern(name), route) for name, route in listing.routes.items()
             )
+        if not assigned:
+            listing = _EMPTY_LISTING  # shared: most agents' servers list few kinds
         self._listings[kind] = listing
         return listing.items != old.items

@@ -153,7 +153,7 @@ def answer_here(
                 deadline = session.policy.init_timeout + now
                 req = RelayRequest(server, Purpose.FIRE, method, None, deadline)
                 session.relay_requests[rid] = req
-                server.relay_requests.add(rid)
+                server.relay_requests[rid] = None
                 session.deadlines.push(session.deadlines.relay, (deadline, session, rid, req))
                 out = Request(id=rid, method=method, params=params)
                 actions.append(Send(server.conn, dumps(out.to_json())))
@@ -215,9 +215,9 @@ def forward(
     caller.inflight[tool_id] = None
     method = frame.method
     if method == "resources/subscribe":
-        caller.subscriptions.add(params["uri"])
+        caller.subscriptions[params["uri"]] = None
     elif method == "resources/unsubscribe":
-        caller.subscriptions.discard(params["uri"])
+        caller.subscriptions.pop(params["uri"], None)
     return [Send(conn, dumps(frame.to_json(id=tool_id, params=params)), request=tool_id)]
 
 
@@ -288,5 +288,5 @@ def response_from_caller(
         return []
     assert type(key) is int
     del session.tool_requests[key]
-    caller.owes.discard(key)
+    caller.owes.pop(key, None)
     return [Send(req.server, dumps(frame.to_json(id=req.tool_id)))]

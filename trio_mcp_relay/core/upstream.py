@@ -144,7 +144,7 @@ class Server:
     connected_at: float = 0.0
     capabilities: dict[str, Any] = attrs.Factory(dict)
     fetches: dict[Kind, Fetch] = attrs.Factory(dict)
-    relay_requests: set[int] = attrs.Factory(set)
+    relay_requests: dict[int, None] = attrs.Factory(dict)
     #: A server on another relay node, reached through the cluster (cluster mode).
     remote: bool = False
 
@@ -225,7 +225,7 @@ def relay_request(
     rid = session.new_id()
     req = RelayRequest(server, purpose, method, fetch, now + session.policy.init_timeout)
     session.relay_requests[rid] = req
-    server.relay_requests.add(rid)
+    server.relay_requests[rid] = None
     session.deadlines.push(session.deadlines.relay, (req.deadline, session, rid, req))
     if purpose is Purpose.INITIALIZE:
         data = initialize_request(rid)
@@ -249,7 +249,7 @@ def relay_answer(
 ) -> list[Action]:
     del session.relay_requests[rid]
     server = req.server
-    server.relay_requests.discard(rid)
+    server.relay_requests.pop(rid, None)
     if req.purpose is Purpose.FIRE:
         return []
     if req.purpose is Purpose.INITIALIZE:
@@ -345,7 +345,7 @@ def expire(session: Session, rid: int, req: RelayRequest, now: float) -> list[Ac
         return []
     server = req.server
     del session.relay_requests[rid]
-    server.relay_requests.discard(rid)
+    server.relay_requests.pop(rid, None)
     if req.purpose is Purpose.FIRE:
         return []
     timeout = session.policy.init_timeout

@@ -7,7 +7,7 @@ Structure (every task has an owner)::
         ├── timer, keepalive          (lifecycle.py)
         ├── closer tasks              one per connection being closed, bounded by a timeout
         ├── embedded tools            one per agent served in-process
-        ├── accept loop (trio.serve_listeners, in its own cancel scope: shutdown stops it first)
+        ├── accept loops, one per listener (in their own cancel scope: shutdown stops them first)
         ├── one task per accepted stream: HTTP head -> a plain answer (routes.py),
         │   MCP over HTTP (mcp_http/: requests on a kept-alive connection, SSE streams),
         │   or the WebSocket handshake (handshake.py), then the peer (dispatch.py, peer.py)
@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -39,7 +41,7 @@ from .._routing import Router
 from ..core.middleware import Middleware
 from ..core.tally import Tally
 from .dispatch import Dispatcher
-from .handshake import Opened, PendingByAddress, open_websocket
+from .handshake import PendingByAddress, open_websocket
 from .lifecycle import EmbeddedTool, Lifecycle
 from .mcp_http import PATHS as MCP_HTTP_PATHS
 from .mcp_http import McpHttpFront
@@ -57,6 +59,12 @@ log = logging.getLogger("trio_mcp_relay.server")
 
 #: How long a refused connection is read from after its answer (see ``_linger``).
 _LINGER: Final = 1.0
+#: accept() errors that mean the system is out of something (descriptors, memory) for now:
+#: the accept loop logs them and tries again after ``_ACCEPT_RETRY`` seconds.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_RETRY: Final = 0.1
 
 
 def peer_address(stream: trio.abc.Stream) -> tuple[str, str]:
@@ -244,7 +252,32 @@ class _Relay:
         self, listeners: Sequence[trio.abc.Listener[Any]], nursery: trio.Nursery
     ) -> None:
         with self.accept_scope:
-            await trio.serve_listeners(self.handle_stream, list(listeners), handler_nursery=nursery)
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(self._accept_from, listener, nursery)
+
+    async def _accept_from(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
+        """Accept connections from ``listener``, each served by a task in ``nursery``.
+
+        What ``trio.serve_listeners`` does, less what an open connection holds: it wraps
+        each handler in a coroutine of its own and names each task with a new string, about
+        400 bytes per connection for as long as it is open (:meth:`handle_stream` closes its
+        stream itself, and every connection task shares one name).
+        """
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error(
+                        "accept failed: %s; retrying in %g s", os.strerror(exc.errno), _ACCEPT_RETRY
+                    )
+                    await trio.sleep(_ACCEPT_RETRY)
+                    continue
+                nursery.start_soon(self.handle_stream, stream, name="trio_mcp_relay.connection")
+                del stream
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """One accepted connection, from its first byte to its close."""
@@ -272,6 +305,7 @@ class _Relay:
             if scope.cancelled_caught:
                 log.debug("%s: no request head within the handshake timeout", remote)
                 return
+            del scope  # not held for the connection's life
             # The client's address: from a trusted proxy's header, else the peer's.
             client = self.proxies.client_address(host, request.headers)
             if client != host:
@@ -293,7 +327,21 @@ class _Relay:
                 self.pending.leave(host)
                 authenticating = False
                 if opened is not None:
-                    await self._serve_websocket(opened, remote)
+                    # Run here, not in a helper: each coroutine level is memory that every
+                    # open connection holds while it waits.
+                    role, agent = opened.role, opened.agent
+                    log.info("%s: %s connected for agent %s", remote, role.value, agent)
+                    try:
+                        await self.dispatcher.run_peer(
+                            opened.ws,
+                            role,
+                            agent,
+                            accept=opened.accept,
+                            server_id=opened.server_id,
+                            remote=remote,
+                        )
+                    finally:
+                        log.info("%s: %s for agent %s disconnected", remote, role.value, agent)
             elif request.path in MCP_HTTP_PATHS:
 
                 def authenticated() -> None:
@@ -319,21 +367,6 @@ class _Relay:
                 self.pending.leave(host)
             self._open_streams -= 1
             await trio.aclose_forcefully(stream)
-
-    async def _serve_websocket(self, opened: Opened, remote: str) -> None:
-        role, agent = opened.role, opened.agent
-        log.info("%s: %s connected for agent %s", remote, role.value, agent)
-        try:
-            await self.dispatcher.run_peer(
-                opened.ws,
-                role,
-                agent,
-                accept=opened.accept,
-                server_id=opened.server_id,
-                remote=remote,
-            )
-        finally:
-            log.info("%s: %s for agent %s disconnected", remote, role.value, agent)
 
 
 async def _linger(stream: trio.abc.Stream, seconds: float) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -16,53 +18,66 @@ from tests.test_shell import GUARD, memory_relay
 from trio_mcp_relay.server.outbox import BATCH_BYTES, PING, ByteBudget, Outbox
 
 
+def in_trio(test: Callable[[], None]) -> Callable[[], None]:
+    """Run a test that never waits inside Trio (the outbox stamps items with its clock)."""
+
+    @functools.wraps(test)
+    def run() -> None:
+        async def main() -> None:
+            test()
+
+        trio.run(main)
+
+    return run
+
+
 def outbox(capacity: int = 4, max_bytes: int = 100, budget: int = 1000) -> Outbox:
     return Outbox(capacity, max_bytes, ByteBudget(budget))
 
 
-async def test_bounds_in_frames_and_bytes_and_one_item_always_fits() -> None:
-    with trio.fail_after(5):
-        box = outbox(capacity=3, max_bytes=10)
-        box.put_nowait(b"x" * 50)  # empty: always room for one, however large
-        with pytest.raises(trio.WouldBlock):
-            box.put_nowait(b"y")
-        assert await box.take(10) == [b"x" * 50]
-        box.written()
-        for item in (b"aaaa", b"bbbb"):
-            box.put_nowait(item)
-        with pytest.raises(trio.WouldBlock):
-            box.put_nowait(b"ccc")  # 8 + 3 bytes > 10
-        box.put_nowait(b"cc")
-        with pytest.raises(trio.WouldBlock):
-            box.put_nowait(b"")  # 3 frames
-        assert (len(box), box.nbytes) == (3, 10)
+@in_trio
+def test_bounds_in_frames_and_bytes_and_one_item_always_fits() -> None:
+    box = outbox(capacity=3, max_bytes=10)
+    box.put_nowait(b"x" * 50)  # empty: always room for one, however large
+    with pytest.raises(trio.WouldBlock):
+        box.put_nowait(b"y")
+    assert box.take_nowait(10) == [b"x" * 50]
+    box.written()
+    for item in (b"aaaa", b"bbbb"):
+        box.put_nowait(item)
+    with pytest.raises(trio.WouldBlock):
+        box.put_nowait(b"ccc")  # 8 + 3 bytes > 10
+    box.put_nowait(b"cc")
+    with pytest.raises(trio.WouldBlock):
+        box.put_nowait(b"")  # 3 frames
+    assert (len(box), box.nbytes) == (3, 10)
 
 
-async def test_the_budget_is_shared_and_given_back() -> None:
-    with trio.fail_after(5):
-        budget = ByteBudget(10)
-        one, two = Outbox(10, 100, budget), Outbox(10, 100, budget)
-        one.put_nowait(b"a" * 6)
-        two.put_nowait(b"b" * 3)
-        one.put_nowait(b"a")
-        with pytest.raises(trio.WouldBlock):
-            two.put_nowait(b"bb")
-        assert budget.used == 10
-        assert one.clear() == []
-        assert budget.used == 3
-        assert await two.take(5) == [b"b" * 3]
-        assert budget.used == 3  # counted until written
-        two.written()
-        assert budget.used == 0
+@in_trio
+def test_the_budget_is_shared_and_given_back() -> None:
+    budget = ByteBudget(10)
+    one, two = Outbox(10, 100, budget), Outbox(10, 100, budget)
+    one.put_nowait(b"a" * 6)
+    two.put_nowait(b"b" * 3)
+    one.put_nowait(b"a")
+    with pytest.raises(trio.WouldBlock):
+        two.put_nowait(b"bb")
+    assert budget.used == 10
+    assert one.clear() == []
+    assert budget.used == 3
+    assert two.take_nowait(5) == [b"b" * 3]
+    assert budget.used == 3  # counted until written
+    two.written()
+    assert budget.used == 0
 
 
-async def test_a_ping_goes_first_and_never_counts() -> None:
-    with trio.fail_after(5):
-        box = outbox(capacity=2, max_bytes=10)
-        box.put_nowait(b"one")
-        box.put_nowait(b"two")
-        box.put_control(PING)
-        assert await box.take(10) == [PING, b"one", b"two"]
+@in_trio
+def test_a_ping_goes_first_and_never_counts() -> None:
+    box = outbox(capacity=2, max_bytes=10)
+    box.put_nowait(b"one")
+    box.put_nowait(b"two")
+    box.put_control(PING)
+    assert box.take_nowait(10) == [PING, b"one", b"two"]
 
 
 async def test_expire_gives_back_request_tags_in_order(
@@ -81,36 +96,37 @@ async def test_expire_gives_back_request_tags_in_order(
         assert box.oldest() is None and box.nbytes == 0
 
 
-async def test_idle_only_when_nothing_is_queued_or_being_written() -> None:
-    with trio.fail_after(5):
-        box = outbox()
-        assert box.idle
-        box.put_nowait(b"a")
-        assert not box.idle
-        await box.take(1)
-        assert not box.idle  # the writer holds a batch
-        box.written()
-        assert box.idle
-        box.close()
-        assert not box.idle
-        with pytest.raises(trio.ClosedResourceError):
-            box.put_nowait(b"b")
-        assert await box.take(1) is None
+@in_trio
+def test_idle_only_when_nothing_is_queued_or_being_written() -> None:
+    box = outbox()
+    assert box.idle
+    box.put_nowait(b"a")
+    assert not box.idle
+    box.take_nowait(1)
+    assert not box.idle  # the writer holds a batch
+    box.written()
+    assert box.idle
+    box.close()
+    assert not box.idle
+    with pytest.raises(trio.ClosedResourceError):
+        box.put_nowait(b"b")
+    assert box.take_nowait(1) is None
 
 
-async def test_a_batch_stops_growing_past_its_byte_size() -> None:
-    with trio.fail_after(5):
-        box = outbox(capacity=100, max_bytes=10 * BATCH_BYTES, budget=10 * BATCH_BYTES)
-        for _ in range(8):
-            box.put_nowait(b"z" * (BATCH_BYTES // 4))
-        assert len(await box.take(100) or []) == 4
-        box.written()
-        assert len(await box.take(100) or []) == 4
+@in_trio
+def test_a_batch_stops_growing_past_its_byte_size() -> None:
+    box = outbox(capacity=100, max_bytes=10 * BATCH_BYTES, budget=10 * BATCH_BYTES)
+    for _ in range(8):
+        box.put_nowait(b"z" * (BATCH_BYTES // 4))
+    assert len(box.take_nowait(100) or []) == 4
+    box.written()
+    assert len(box.take_nowait(100) or []) == 4
 
 
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=60))
 def test_what_is_taken_is_what_was_put_in_order(ops: list[tuple[bool, int]]) -> None:
-    async def main() -> None:
+    @in_trio
+    def check() -> None:
         box = outbox(capacity=8, max_bytes=200, budget=10_000)
         put: list[bytes] = []
         taken: list[bytes] = []
@@ -123,17 +139,17 @@ def test_what_is_taken_is_what_was_put_in_order(ops: list[tuple[bool, int]]) -> 
                     continue
                 put.append(item)
             elif len(box):
-                taken.extend(await box.take(3) or [])
+                taken.extend(box.take_nowait(3) or [])
                 box.written()
             assert box.nbytes == sum(map(len, put)) - sum(map(len, taken))
             assert box.budget.used == box.nbytes
         box.close()
-        while (batch := await box.take(3)) is not None:
+        while (batch := box.take_nowait(3)) is not None:
             taken.extend(batch)
             box.written()
         assert taken == put
 
-    trio.run(main)
+    check()
 
 
 async def test_the_fast_path_never_overtakes_queued_frames(
@@ -231,4 +247,59 @@ async def test_an_idle_connection_is_pinged_without_a_writer_task() -> None:
             down.buffer.clear()
             peer.ping_nowait()
             assert peer.writer_started
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_writer_and_the_watchdog_end_when_nothing_is_queued_and_start_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A connection that was busy once must go back to costing no task: the writer ends when
+    # the outbox is empty (and stops the watchdog), and both start again when the socket
+    # next keeps a frame, which still arrives whole and in order.
+    from tests.memnet import Pipe, PipeStream
+    from trio_mcp_relay._routing import Role
+    from trio_mcp_relay._transport import ServerWebSocket
+    from trio_mcp_relay.server.peer import Peer
+
+    watched: list[float] = []
+
+    async def watchdog(peer: Peer) -> None:
+        watched.append(trio.current_time())
+        await trio.sleep_forever()
+
+    async def drain(pipe: Pipe, size: int) -> bytes:
+        got = b""
+        while len(got) < size:
+            got += await pipe.read(None)
+        return got
+
+    with trio.fail_after(60):
+        up, down = Pipe(1000), Pipe(16)
+        ws = ServerWebSocket(PipeStream(down, up, ("x", 1)), remote="x", max_message_size=1000)
+        async with trio.open_nursery() as nursery:
+            peer = Peer(1, Role.CALLER, "a", ws, outbox(max_bytes=1000), nursery, 0.0)
+            peer.watchdog = watchdog
+            peer.opened()
+            for round_ in range(2):
+                first, second = (b'{"n":%d,"x":"%s"}' % (round_ * 2 + i, b"x" * 40) for i in (0, 1))
+                peer.send_nowait(first)  # the socket keeps most of it: the writer sends the rest
+                peer.send_nowait(second)  # queued behind it
+                assert peer.writer_started
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(nursery.child_tasks) == 2  # the writer (waiting) and the watchdog
+                assert len(watched) == round_ + 1
+                got = await drain(down, 2 * (len(first) + 2))
+                assert (
+                    got
+                    == b"\x81"
+                    + bytes([len(first)])
+                    + first
+                    + b"\x81"
+                    + bytes([len(second)])
+                    + second
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                assert not peer.writer_started
+                assert not nursery.child_tasks  # both ended: an idle connection has no task
+                await trio.sleep(10)
             nursery.cancel_scope.cancel()

@@ -188,15 +188,15 @@ class Dispatcher:
     async def _watch(self, peer: Peer) -> None:
         """Act on frames queued too long: requests to a tool after ``forward_timeout``
         (answered ``-32002``), anything to a caller after ``slow_caller_grace`` (closed 1013).
-        Runs from the first frame the peer's socket could not take at once."""
+        Runs while frames are queued: the peer starts it with its writer, and it returns
+        when nothing is queued."""
         tool = peer.role is Role.TOOL
         limit = self.config.forward_timeout if tool else self.config.slow_caller_grace
         outbox = peer.outbox
         while peer.state is PeerState.OPEN or peer.state is PeerState.HANDSHAKE:
             oldest = outbox.oldest()
             if oldest is None:
-                await outbox.wait_queued()
-                continue
+                return
             if trio.current_time() < oldest + limit:
                 await trio.sleep_until(oldest + limit)
                 continue
@@ -260,7 +260,7 @@ class Dispatcher:
             with trio.move_on_after(write_timeout):
                 await peer.close_sent.wait()
         with trio.move_on_after(CLOSE_TIMEOUT):
-            await peer.done.wait()
+            await peer.wait_done()
         peer.nursery.cancel_scope.cancel()
 
     def unregister(self, peer: Peer) -> None:
@@ -338,7 +338,38 @@ class Dispatcher:
                     accept = None  # an open connection keeps nothing of its handshake
                 peer.opened()
                 task_status.started(conn)
-                await self._read(peer)
+                # The read loop, here rather than in a method of its own: each coroutine
+                # level is memory that every open connection holds while it waits.
+                side = TOOL if peer.role is Role.TOOL else CALLER
+                # Messages read together are routed together (see below): a socket's.
+                together = ws if type(ws) is ServerWebSocket else None
+                while True:
+                    try:
+                        message = await ws.receive()
+                    except ConnectionClosed as exc:
+                        log.debug("connection %d closed: %d %s", conn, exc.code, exc.reason)
+                        peer.received_close = exc.code
+                        return
+                    following = together.ready_message() if together is not None else None
+                    if following is None:
+                        self._received(peer, side, message)
+                        del message  # not held while the next read waits
+                        continue
+                    # Several messages came in one read: route them all, then write what
+                    # they made for each peer in one write (one system call, one wake-up).
+                    assert together is not None  # only it has messages ready
+                    corked: dict[Peer, list[Send]] = {}
+                    self._corked = corked
+                    try:
+                        self._received(peer, side, message)
+                        del message
+                        while following is not None:
+                            self._received(peer, side, following)
+                            following = together.ready_message()
+                    finally:
+                        self._corked = None
+                        self._uncork(corked)
+                    del corked
             finally:
                 identity = self.router.identity_of(conn) or server_id
                 self.unregister(peer)
@@ -347,36 +378,6 @@ class Dispatcher:
                 peer.ended()
                 nursery.cancel_scope.cancel()
                 log_access(peer, remote, identity, trio.current_time() - started)
-
-    async def _read(self, peer: Peer) -> None:
-        ws = peer.ws
-        side = TOOL if peer.role is Role.TOOL else CALLER
-        # Messages read together are routed together (see below): a socket WebSocket's.
-        together = ws if type(ws) is ServerWebSocket else None
-        while True:
-            try:
-                message = await ws.receive()
-            except ConnectionClosed as exc:
-                log.debug("connection %d closed: %d %s", peer.conn, exc.code, exc.reason)
-                peer.received_close = exc.code
-                return
-            following = together.ready_message() if together is not None else None
-            if following is None:
-                self._received(peer, side, message)
-                continue
-            # Several messages came in one read: route them all, then write what they made
-            # for each peer in one write (one system call, one wake-up there).
-            assert together is not None  # only it has messages ready
-            corked: dict[Peer, list[Send]] = {}
-            self._corked = corked
-            try:
-                self._received(peer, side, message)
-                while following is not None:
-                    self._received(peer, side, following)
-                    following = together.ready_message()
-            finally:
-                self._corked = None
-                self._uncork(corked)
 
     def _received(self, peer: Peer, side: int, message: str | bytes) -> None:
         """Count one message from ``peer`` and carry out what the router makes of it."""

@@ -205,4 +205,4 @@ class Lifecycle:
         """Give the peers being closed ``CLOSE_TIMEOUT`` seconds to finish."""
         with trio.move_on_after(CLOSE_TIMEOUT):
             for peer in list(self.closing_peers):
-                await peer.done.wait()
+                await peer.wait_done()

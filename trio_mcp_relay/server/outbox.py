@@ -68,7 +68,6 @@ class Outbox:
         "_batch_bytes",
         "_closed",
         "_items",
-        "_queued",
         "_writing",
         "budget",
         "capacity",
@@ -88,7 +87,6 @@ class Outbox:
         self._closed = False
         self._writing = False
         self._batch_bytes = 0
-        self._queued: trio.Event | None = None
 
     def __len__(self) -> int:
         return len(self._items) if self._items else 0
@@ -130,8 +128,6 @@ class Outbox:
             raise trio.WouldBlock
         items.append((item, size, trio.current_time(), None if request is None else request))
         self._count(size)
-        if self._queued is not None:
-            self._queued.set()
 
     def put_control(self, item: bytes) -> None:
         """Queue a control item (a ping) ahead of every queued frame, whatever the bounds.
@@ -149,8 +145,6 @@ class Outbox:
         # Stamped like the item it goes before, so the queue stays in time order.
         stamp = items[0][2] if items else trio.current_time()
         items.appendleft((item, 0, stamp, None))
-        if self._queued is not None:
-            self._queued.set()
 
     def _count(self, size: int) -> None:
         self.nbytes += size
@@ -181,23 +175,14 @@ class Outbox:
     def close(self) -> None:
         """No more items; the writer finishes what is queued, then sees the end."""
         self._closed = True
-        if self._queued is not None:
-            self._queued.set()
 
-    async def wait_queued(self) -> None:
-        """Wait until something is queued or the outbox is closed (several tasks may wait)."""
-        while not self._items and not self._closed:
-            if self._queued is None or self._queued.is_set():
-                self._queued = trio.Event()
-            await self._queued.wait()
-
-    async def take(self, limit: int) -> list[bytes] | None:
+    def take_nowait(self, limit: int) -> list[bytes] | None:
         """The writer's next batch (at most ``limit`` items and about :data:`BATCH_BYTES`),
-        or None once closed and empty.
+        or None when nothing is queued (the writer then ends, or sends the close frame once
+        :attr:`closed`: it is started again when something is queued).
 
         The writer must call :meth:`written` when the batch is on the wire.
         """
-        await self.wait_queued()
         items = self._items
         if not items:
             return None

@@ -12,8 +12,9 @@ moves one way::
 * ``HANDSHAKE``: frames routed to it are queued; no ping, no direct write.
 * ``OPEN``: a frame goes straight to the socket when nothing is queued and the writer holds
   no batch (the *fast path*, which keeps the order only under that condition: see
-  :attr:`Outbox.idle`); otherwise it is queued for the writer task, which is started on first
-  need (an idle connection costs no task for it).
+  :attr:`Outbox.idle`); otherwise it is queued for the writer task, which is started when
+  something is queued and ends when nothing is (an idle connection costs no task for it).
+  The watchdog (the dispatcher's policy for frames queued too long) lives the same way.
 * ``CLOSING``: nothing more is accepted. The writer sends what is queued (or, when the peer is
   dropped for not reading, abandons it: see :meth:`Peer.close`), then the close frame.
 * ``CLOSED``: the connection task has ended.
@@ -63,7 +64,8 @@ class Peer:
         agent: the agent id from its token.
         ws: the WebSocket.
         outbox: frames waiting for the writer.
-        nursery: the connection's nursery (writer and watchdog run there).
+        nursery: the connection's nursery (writer and watchdog run there while something is
+            queued).
         last_ping: ``trio.current_time()`` of the last ping queued (or of the connection).
         ping_sent: when the ping whose pong is awaited was queued; None when none is owed.
     """
@@ -78,14 +80,19 @@ class Peer:
     ping_sent: float | None = None
     state: PeerState = PeerState.HANDSHAKE
     close_with: tuple[int, str] | None = None
+    #: Whether the writer task runs (or is started): from a frame queued until the outbox
+    #: is empty again, and for good once closing.
     writer_started: bool = False
-    #: Set when the connection task has ended (state CLOSED).
-    done: trio.Event = attrs.Factory(trio.Event)
+    #: Set when the connection task has ended (state CLOSED); created when first awaited.
+    _done: trio.Event | None = None
     #: Set once the close frame has been written (or could not be).
     close_sent: trio.Event | None = None
-    #: Started with the writer: watches how long frames stay queued (the dispatcher's policy).
+    #: Started with the writer: watches how long frames stay queued (the dispatcher's policy),
+    #: and returns when nothing is (it is started again with the writer).
     watchdog: Callable[[Peer], Awaitable[None]] | None = None
     _write_scope: trio.CancelScope | None = None
+    #: The running watchdog's scope (None: no watchdog runs).
+    _watch_scope: trio.CancelScope | None = None
     #: JSON frames received from it and sent (or queued) to it, for the access log.
     frames_in: int = 0
     frames_out: int = 0
@@ -160,12 +167,25 @@ class Peer:
         return True
 
     def start_writer(self) -> None:
-        """Start the writer task unless it runs (and never before the 101 has left)."""
-        if not self.writer_started and self.state is not PeerState.HANDSHAKE:
+        """Start the writer and the watchdog unless they run (never before the 101 has left)."""
+        if self.state is PeerState.HANDSHAKE:
+            return
+        if not self.writer_started:
             self.writer_started = True
             self.nursery.start_soon(self._writer)
-            if self.watchdog is not None:
-                self.nursery.start_soon(self.watchdog, self)
+        if self._watch_scope is None and self.watchdog is not None:
+            self._watch_scope = scope = trio.CancelScope()
+            self.nursery.start_soon(self._watch, self.watchdog, scope)
+
+    async def _watch(
+        self, watchdog: Callable[[Peer], Awaitable[None]], scope: trio.CancelScope
+    ) -> None:
+        try:
+            with scope:
+                await watchdog(self)
+        finally:
+            if self._watch_scope is scope:  # not already stopped (and maybe started again)
+                self._watch_scope = None
 
     def opened(self) -> None:
         """The 101 has been written: frames queued meanwhile may go."""
@@ -215,24 +235,44 @@ class Peer:
         self.state = PeerState.CLOSED
         if self.close_sent is not None:
             self.close_sent.set()
-        self.done.set()
+        if self._done is not None:
+            self._done.set()
+
+    async def wait_done(self) -> None:
+        """Wait until the connection task has ended."""
+        if self.state is PeerState.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._done is None:
+            self._done = trio.Event()  # an open connection holds none until it is awaited
+        await self._done.wait()
 
     # ------------------------------------------------------------------ writer
 
     async def _writer(self) -> None:
-        """Write what the outbox holds, in batches; after it is closed, the close frame."""
+        """Write what the outbox holds, in batches, until it is empty; once it is closed,
+        the close frame after what it holds."""
         ws, outbox = self.ws, self.outbox
         try:
-            while (batch := await outbox.take(_MAX_BATCH)) is not None:
+            while (batch := outbox.take_nowait(_MAX_BATCH)) is not None:
                 try:
                     with trio.CancelScope() as self._write_scope:
                         await _write_batch(ws, batch)
                 finally:
                     self._write_scope = None
                     outbox.written()
-                    # Not held while the next take waits: an idle connection would keep
-                    # its last frames (orjson's bytes take 4 KB each, whatever their length).
+                    # Not held past the write (orjson's bytes take 4 KB each, whatever their
+                    # length).
                     del batch
+            if not outbox.closed:
+                # Nothing queued: the writer ends, and the next frame that cannot go straight
+                # to the socket starts it again (an idle connection holds no task for it),
+                # with the watchdog, which has nothing left to watch until then.
+                self.writer_started = False
+                if self._watch_scope is not None:
+                    self._watch_scope.cancel()
+                    self._watch_scope = None
+                return
             # The outbox was closed: everything queued is sent; now the close frame.
             if self.close_with is not None:
                 await ws.close(*self.close_with)

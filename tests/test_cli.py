@@ -323,6 +323,40 @@ def test_serve_with_no_arguments_on_a_fresh_directory(tmp_path: Path) -> None:
             assert relay.wait(timeout=15) == 0
 
 
+def test_serve_does_not_import_hypothesis(tmp_path: Path) -> None:
+    """Importing Hypothesis makes Trio's scheduler deterministic (it sorts and shuffles every
+    batch of runnable tasks) and costs 0.4 s and megabytes: ``serve`` must not import it, nor
+    trio.testing, however it is started; only ``fuzz`` and the public strategies need them."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "PYTHONPROFILEIMPORTTIME": "1"}
+    for name in ("SERVER_KEY", "DATA_DIR", "ADMIN_KEY", "LOG_LEVEL"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "trio_mcp_relay", "serve"]
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as relay:
+        try:
+            assert relay.stdout is not None
+            health = [relay.stdout.readline().strip() for _ in range(2)][1].split()[-1]
+            with urllib.request.urlopen(health, timeout=5) as response:
+                assert response.status == 200
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            _, stderr = relay.communicate(timeout=15)
+    imported = {
+        line.split("|")[-1].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "trio_mcp_relay.server.serve" in imported  # the import log is there
+    assert not {name for name in imported if name.split(".")[0] == "hypothesis"}
+    assert "trio.testing" not in imported
+
+
 def test_version_prints_the_package_version() -> None:
     from trio_mcp_relay import __version__
 

@@ -8,7 +8,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 import trio
@@ -33,7 +33,9 @@ from ._endpoint import (
     describe_http_refusal,
     parse_endpoint_url,
 )
-from ._fuzz import Finding, FuzzerFailed, FuzzReport, describe_step, run_fuzz
+
+if TYPE_CHECKING:
+    from ._fuzz import Finding, FuzzReport
 
 __all__ = ["register"]
 
@@ -648,6 +650,9 @@ def fuzz_command(
 
     Example: trio-mcp-relay fuzz "http://127.0.0.1:8004/mcp_endpoint/health?key=0123..."
     """
+    # Here, not at the top: they import Hypothesis, which makes Trio's scheduler
+    # deterministic (slower) in the process; ``serve`` must not pay for that.
+    from ._fuzz import FuzzerFailed, run_fuzz
     from .testing import FAMILIES, CannotConnect
 
     given = url_argument or url or "http://127.0.0.1:8004"
@@ -707,6 +712,7 @@ def fuzz_command(
 
 
 def _print_finding(number: int, finding: Finding) -> None:
+    from ._fuzz import describe_step
     from .testing import FAMILIES
 
     session = finding.session

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -284,6 +286,24 @@ def test_serve_reports_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert result.stdout == ""
 
 
+def bare_serve(directory: Path, **env: str) -> subprocess.Popen[str]:
+    """``trio-mcp-relay serve`` with no arguments, in ``directory``, as a real process: only
+    the environment moves it off the default port (PORT=0, HOST=127.0.0.1), so that a test
+    can run beside anything else; ``env`` adds to that environment."""
+    environment = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", **env}
+    for name in ("SERVER_KEY", "DATA_DIR", "ADMIN_KEY", "LOG_LEVEL"):
+        environment.pop(name, None)
+    command = [sys.executable, "-m", "trio_mcp_relay", "serve"]
+    return subprocess.Popen(
+        command,
+        cwd=directory,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_serve_with_no_arguments_on_a_fresh_directory(tmp_path: Path) -> None:
     """`trio-mcp-relay serve` alone: generates and saves a key, prints the URLs, and they work.
 
@@ -291,18 +311,9 @@ def test_serve_with_no_arguments_on_a_fresh_directory(tmp_path: Path) -> None:
     test can run beside anything else; the command line has no arguments at all.
     """
     import json
-    import os
-    import subprocess
-    import sys
     import urllib.request
 
-    env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1"}
-    for name in ("SERVER_KEY", "DATA_DIR", "ADMIN_KEY", "LOG_LEVEL"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "trio_mcp_relay", "serve"]
-    with subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as relay:
+    with bare_serve(tmp_path) as relay:
         try:
             assert relay.stdout is not None
             lines = [relay.stdout.readline().strip() for _ in range(5)]
@@ -327,18 +338,9 @@ def test_serve_does_not_import_hypothesis(tmp_path: Path) -> None:
     """Importing Hypothesis makes Trio's scheduler deterministic (it sorts and shuffles every
     batch of runnable tasks) and costs 0.4 s and megabytes: ``serve`` must not import it, nor
     trio.testing, however it is started; only ``fuzz`` and the public strategies need them."""
-    import os
-    import subprocess
-    import sys
     import urllib.request
 
-    env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "PYTHONPROFILEIMPORTTIME": "1"}
-    for name in ("SERVER_KEY", "DATA_DIR", "ADMIN_KEY", "LOG_LEVEL"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "trio_mcp_relay", "serve"]
-    with subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as relay:
+    with bare_serve(tmp_path, PYTHONPROFILEIMPORTTIME="1") as relay:
         try:
             assert relay.stdout is not None
             health = [relay.stdout.readline().strip() for _ in range(2)][1].split()[-1]

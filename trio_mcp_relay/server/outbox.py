@@ -199,7 +199,7 @@ class Outbox:
         return batch
 
     def written(self) -> None:
-        """The batch from :meth:`take` has been written (or abandoned)."""
+        """The batch from :meth:`take_nowait` has been written (or abandoned)."""
         self._writing = False
         self._count(-self._batch_bytes)
         self._batch_bytes = 0

@@ -286,10 +286,12 @@ class _Relay:
             limit = self.config.max_pending_per_address
             log.warning("%s: refused: %d unauthenticated connections from %s", remote, limit, host)
             why = f"too many connections awaiting authentication from {host} (limit {limit})"
-            with contextlib.suppress(Exception):
-                await respond(stream, 503, {"error": why}, headers=[("retry-after", "1")])
-                await _linger(stream, min(_LINGER, self.config.handshake_timeout))
-            await trio.aclose_forcefully(stream)
+            try:
+                with contextlib.suppress(Exception):
+                    await respond(stream, 503, {"error": why}, headers=[("retry-after", "1")])
+                    await _linger(stream, min(_LINGER, self.config.handshake_timeout))
+            finally:  # a cancellation too: this task is the only one that closes it
+                await trio.aclose_forcefully(stream)
             return
         authenticating = True
         self._open_streams += 1
